@@ -1,0 +1,7 @@
+"""vlpeft: parameter-efficient fine-tuning of vision-language models on Hugging Face PEFT.
+
+``import vlpeft`` registers vlpeft's methods with PEFT, after which ``peft.get_peft_model(model, config)``
+works with the configs exported here.
+"""
+
+__version__ = "0.1.0"
