@@ -22,7 +22,7 @@ class VLPeftType(str, enum.Enum):
 
     PADAPTER = "PADAPTER"
     ROUTED_LORA = "ROUTED_LORA"
-    ADAPTER = "ADAPTER"
+    BOTTLENECK_ADAPTER = "BOTTLENECK_ADAPTER"
 
 
 REQUIRED_PEFT_DICTS = (
@@ -63,3 +63,8 @@ def register_method(peft_type: VLPeftType, config_cls: type, model_cls: type) ->
     _mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
     _mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
     _mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
+
+
+# Prefixes, derived from the types as transformers expects. No prefix is a substring of another one, so
+# PEFT's "prefix in parameter name" checks never confuse two vlpeft methods.
+PREFIXES = {member: f"{member.value.lower()}_" for member in VLPeftType}
