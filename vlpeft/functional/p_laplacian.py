@@ -377,7 +377,10 @@ def _release_rows(
         self_loop = cols == rows + diag_offset
         if drop_self_loops:
             edge = edge & ~self_loop
-    sq_q, sq_k, gram = _squared_distances(x_q, x_kv)
+    # Distances are translation invariant: centring on the key mean reduces the Gram cancellation error
+    # when the features share a large offset (e.g. a bias). The shift is a constant for autograd.
+    centre = x_kv.mean(dim=-2, keepdim=True).detach()
+    sq_q, sq_k, gram = _squared_distances(x_q - centre, x_kv - centre)
     s_min_sq = eps * eps * x_q.shape[-1]
     scaled_sq = ((torch.where(edge, attn, 1.0) + eps) * (sq_q + sq_k - 2.0 * gram)).clamp_min(s_min_sq)
     if self_graph and not drop_self_loops:

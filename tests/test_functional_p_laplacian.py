@@ -1,0 +1,602 @@
+"""Tests of vlpeft.functional.p_laplacian_aggregate against references written from the equations.
+
+References (p-adapter.md):
+- ``paper``: the full (N1 + N2) augmented graph [[0, M], [M^T, 0]] of Eq. 9, its degree matrix, explicit
+  pairwise differences sqrt(M_ij / D_i) V_i - sqrt(M_ij / D_j) V_j (Eq. 14), alpha/beta (Eq. 15) and the
+  dense update of Eq. 16 with diag matrices; the query rows are returned.
+- ``release``: explicit pairwise G_ij = sqrt(A_ij + eps) (F_j - F_i) (§2.4 C) as (n, n, d) tensors, alpha,
+  beta and diag_embed matmuls; with the documented floor s >= eps sqrt(d) ("floor" reference) or with the
+  released eps * 1 shift ("literal" reference).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vlpeft.functional import (
+    PBounds,
+    accumulate_column_degrees,
+    adaptive_bins,
+    mu_from_offset,
+    p_from_theta,
+    p_laplacian_aggregate,
+    pool_keys,
+    theta_from_p,
+)
+
+EPS = 1e-8
+FLOOR = 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Naive references
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _safe_inverse(values: torch.Tensor) -> torch.Tensor:
+    """1/x where x > 0 and 0 elsewhere (the GCN convention 1/D := 0)."""
+    return torch.where(values > 0, 1.0 / torch.where(values > 0, values, 1.0), 0.0)
+
+
+def naive_paper(v_q, v_k, m, p, mu, floor=FLOOR):
+    """Eqs. 9, 14-16 on the augmented graph; returns the query rows (B, H, N1, d)."""
+    n1, n2 = m.shape[-2:]
+    lead = m.shape[:-2]
+    nodes = torch.cat([v_q.expand(*lead, n1, -1), v_k.expand(*lead, n2, -1)], dim=-2)
+    adj = m.new_zeros(*lead, n1 + n2, n1 + n2)
+    adj[..., :n1, n1:] = m
+    adj[..., n1:, :n1] = m.transpose(-1, -2)
+    inv_deg = _safe_inverse(adj.sum(dim=-1))
+    left = torch.sqrt(adj * inv_deg.unsqueeze(-1)).unsqueeze(-1) * nodes.unsqueeze(-2)
+    right = torch.sqrt(adj * inv_deg.unsqueeze(-2)).unsqueeze(-1) * nodes.unsqueeze(-3)
+    norm_sq = ((left - right) ** 2).sum(dim=-1)
+    norm_sq = torch.maximum(norm_sq, adj * floor)  # ||y_i - y_j||^2 >= floor
+    safe = torch.where(adj > 0, norm_sq, 1.0)
+    m_bar = torch.where(adj > 0, adj * safe ** ((p - 2) / 2), 0.0)
+    c = 2 * mu / p
+    alpha = 1.0 / (m_bar.sum(dim=-1) * inv_deg + c)
+    beta = c * alpha
+    d_half = torch.diag_embed(torch.sqrt(inv_deg))
+    update = torch.diag_embed(alpha) @ d_half @ m_bar @ d_half @ nodes + torch.diag_embed(beta) @ nodes
+    return update[..., :n1, :]
+
+
+def naive_paper_causal(v_q, v_k, m, p, mu):
+    """Causal degrees: row q is the cache-free result on the graph of queries 0..q (§2.5)."""
+    rows = [naive_paper(v_q[..., : q + 1, :], v_k, m[..., : q + 1, :], p, mu)[..., q, :] for q in range(m.shape[-2])]
+    return torch.stack(rows, dim=-2)
+
+
+def _release_weights(nodes, adj, p, eps, literal):
+    diff = nodes.unsqueeze(-3) - nodes.unsqueeze(-2)  # (.., n, n, d): F_j - F_i
+    g = torch.sqrt(adj + eps).unsqueeze(-1) * diff
+    if literal:
+        g = g + eps
+        s = g.norm(dim=-1)
+    else:
+        s = torch.clamp(g.norm(dim=-1), min=eps * math.sqrt(nodes.shape[-1]))
+    return adj * s ** (p - 2)
+
+
+def naive_release_self(f, a, p, mu, eps=EPS, self_loop="release", literal=False):
+    """Self graph over n nodes f (B, H, n, d) with adjacency a (B, H, n, n), self loops included."""
+    w = _release_weights(f, a, p, eps, literal)
+    if self_loop == "drop":
+        w = w * (1 - torch.eye(a.shape[-1], dtype=a.dtype))
+    c = 2 * mu / p
+    alpha = 1.0 / (w.sum(dim=-1) + c)
+    beta = c * alpha
+    return torch.diag_embed(alpha) @ w @ f + torch.diag_embed(beta) @ f
+
+
+def naive_release_bipartite(f_q, f_k, a, p, mu, eps=EPS, literal=False):
+    """Augmented [F_q; F_k] graph with [[0, P], [P^T, 0]]; the beta term is the zero off-diagonal block."""
+    n1, n2 = a.shape[-2:]
+    lead = a.shape[:-2]
+    nodes = torch.cat([f_q.expand(*lead, n1, -1), f_k.expand(*lead, n2, -1)], dim=-2)
+    adj = a.new_zeros(*lead, n1 + n2, n1 + n2)
+    adj[..., :n1, n1:] = a
+    adj[..., n1:, :n1] = a.transpose(-1, -2)
+    w = _release_weights(nodes, adj, p, eps, literal)
+    c = 2 * mu / p
+    alpha = 1.0 / (w.sum(dim=-1) + c)
+    beta_matrix = torch.diag_embed(c * alpha)
+    update = torch.diag_embed(alpha) @ w @ nodes
+    return update[..., :n1, :] + beta_matrix[..., :n1, n1:] @ nodes[..., n1:, :]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_attention(batch, heads, n_q, n_k, *, dtype=torch.float64, causal=False, zero_rows=(), holes=0.0,
+                   offset=None, seed=0):
+    """Row-normalised attention with exact zeros for masks; rows listed in ``zero_rows`` are all zero."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, heads, n_q, n_k, generator=gen, dtype=torch.float64)
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    if causal:
+        shift = n_k - n_q if offset is None else offset
+        keep &= torch.ones(n_q, n_k, dtype=torch.bool).tril(diagonal=shift)
+    if holes:
+        keep &= torch.rand(batch, heads, n_q, n_k, generator=gen, dtype=torch.float64) > holes
+    for row in zero_rows:
+        keep[..., row, :] = False
+    weights = torch.exp(logits) * keep
+    attn = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-300)
+    return attn.to(dtype)
+
+
+def make_features(batch, heads, n, d, *, dtype=torch.float64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, heads, n, d, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def assert_close_rel(actual, expected, rel):
+    """Elementwise tolerance ``rel`` relative to the largest magnitude of ``expected``."""
+    scale = expected.abs().max().clamp_min(1e-30).item()
+    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rel, atol=rel * scale)
+
+
+CASES = {
+    "dense": {},
+    "holes": {"holes": 0.3},
+    "zero_rows": {"zero_rows": (0, 3), "holes": 0.2},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Efficient vs naive
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [1.0, 1.25, 1.5, 2.0])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_paper_matches_naive(p, case):
+    v_q, v_k = make_features(2, 3, 5, 6), make_features(2, 3, 7, 6, seed=2)
+    attn = make_attention(2, 3, 5, 7, **CASES[case])
+    expected = naive_paper(v_q, v_k, attn, p, 0.2)
+    assert_close_rel(p_laplacian_aggregate(v_q, v_k, attn, p, 0.2), expected, 1e-9)
+    got32 = p_laplacian_aggregate(v_q.float(), v_k.float(), attn.float(), p, 0.2)
+    assert got32.dtype == torch.float32
+    assert_close_rel(got32, expected, 1e-5)
+
+
+def test_paper_head_mean_attention_broadcasts_and_per_head_p():
+    v_q, v_k = make_features(2, 1, 4, 5), make_features(2, 1, 6, 5, seed=2)
+    attn = make_attention(2, 3, 4, 6, holes=0.2)
+    p = torch.tensor([1.25, 1.5, 2.0], dtype=torch.float64)
+    mu = torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
+    got = p_laplacian_aggregate(v_q, v_k, attn, p, mu)
+    assert got.shape == (2, 3, 4, 5)
+    for h in range(3):
+        expected = naive_paper(v_q, v_k, attn[:, h : h + 1], p[h].item(), mu[h].item())
+        assert_close_rel(got[:, h : h + 1], expected, 1e-9)
+
+
+@pytest.mark.parametrize("p", [1.25, 1.75])
+def test_paper_causal_degrees_match_prefix_graphs(p):
+    v = make_features(2, 2, 6, 4)
+    attn = make_attention(2, 2, 6, 6, causal=True, zero_rows=(2,))
+    expected = naive_paper_causal(v, v, attn, p, 0.3)
+    got = p_laplacian_aggregate(v, v, attn, p, 0.3, causal_degrees=True)
+    assert_close_rel(got, expected, 1e-9)
+    # Non-causal degrees leak future rows (H10): results differ.
+    assert not torch.allclose(p_laplacian_aggregate(v, v, attn, p, 0.3), expected)
+
+
+def test_paper_causal_cross_attention_rows_ignore_future_queries():
+    v_q, v_k = make_features(1, 2, 5, 4), make_features(1, 2, 9, 4, seed=2)
+    attn = make_attention(1, 2, 5, 9)
+    got = p_laplacian_aggregate(v_q, v_k, attn, 1.5, 0.2, causal_degrees=True)
+    assert_close_rel(got, naive_paper_causal(v_q, v_k, attn, 1.5, 0.2), 1e-9)
+
+
+def test_paper_cached_decoding_equals_cache_free():
+    n = 7
+    v = make_features(2, 2, n, 4)
+    attn = make_attention(2, 2, n, n, causal=True)
+    full = p_laplacian_aggregate(v, v, attn, 1.25, 0.2, causal_degrees=True)
+    past = None
+    prompt = 3
+    steps = [(0, prompt)] + [(t, t + 1) for t in range(prompt, n)]
+    for start, stop in steps:
+        rows = attn[..., start:stop, :stop]
+        out = p_laplacian_aggregate(
+            v[..., start:stop, :], v[..., :stop, :], rows, 1.25, 0.2, causal_degrees=True, past_column_degrees=past
+        )
+        assert_close_rel(out, full[..., start:stop, :], 1e-12)
+        past = accumulate_column_degrees(rows, past)
+    assert past.shape == (2, 2, n)
+
+
+@pytest.mark.parametrize("p", [1.0, 1.25, 1.5, 2.0])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("self_loop", ["release", "drop"])
+def test_release_self_matches_naive(p, case, self_loop):
+    f = make_features(2, 3, 6, 8)
+    attn = make_attention(2, 3, 6, 6, causal=True, **CASES[case])
+    expected = naive_release_self(f, attn, p, 0.2, self_loop=self_loop)
+    got = p_laplacian_aggregate(f, f, attn, p, 0.2, variant="release", graph="self", self_loop=self_loop)
+    assert_close_rel(got, expected, 1e-9)
+    got32 = p_laplacian_aggregate(f.float(), f.float(), attn.float(), p, 0.2, variant="release", graph="self",
+                                  self_loop=self_loop)
+    assert_close_rel(got32, expected, 1e-5)
+
+
+@pytest.mark.parametrize("p", [1.0, 1.25, 1.5, 2.0])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_release_bipartite_matches_naive(p, case):
+    f_q, f_k = make_features(2, 3, 5, 8), make_features(2, 3, 4, 8, seed=2)
+    attn = make_attention(2, 3, 5, 4, **CASES[case])
+    expected = naive_release_bipartite(f_q, f_k, attn, p, 0.2)
+    assert_close_rel(p_laplacian_aggregate(f_q, f_k, attn, p, 0.2, variant="release"), expected, 1e-9)
+    got32 = p_laplacian_aggregate(f_q.float(), f_k.float(), attn.float(), p, 0.2, variant="release")
+    assert_close_rel(got32, expected, 1e-5)
+
+
+@pytest.mark.parametrize("p", [1.25, 1.5, 1.75])
+def test_release_float32_accuracy_with_shared_feature_offset(p):
+    """Features with a large common offset (a bias): the centred Gram form keeps ~4e-7 relative accuracy."""
+    f_q, f_k = make_features(2, 3, 30, 8, seed=4) + 10.0, make_features(2, 3, 16, 8, seed=5) + 10.0
+    attn = make_attention(2, 3, 30, 16)
+    expected = naive_release_bipartite(f_q, f_k, attn, p, 0.1)
+    got = p_laplacian_aggregate(f_q.float(), f_k.float(), attn.float(), p, 0.1, variant="release")
+    assert_close_rel(got, expected, 1e-6)
+
+
+@pytest.mark.parametrize("p", [1.25, 1.5, 1.75])
+def test_release_matches_literal_transcription(p):
+    """Against the released eps * 1 shift (no floor): differences are O(eps) relative; tolerance 1e-6."""
+    f = make_features(2, 3, 6, 8)
+    attn = make_attention(2, 3, 6, 6, causal=True)
+    literal = naive_release_self(f, attn, p, 0.1, literal=True)
+    assert_close_rel(p_laplacian_aggregate(f, f, attn, p, 0.1, variant="release", graph="self"), literal, 1e-6)
+    f_q, f_k = make_features(2, 3, 5, 8, seed=3), make_features(2, 3, 4, 8, seed=4)
+    cross = make_attention(2, 3, 5, 4, seed=5)
+    literal = naive_release_bipartite(f_q, f_k, cross, p, 0.1, literal=True)
+    assert_close_rel(p_laplacian_aggregate(f_q, f_k, cross, p, 0.1, variant="release"), literal, 1e-6)
+
+
+def test_release_self_loops_dominate_as_documented():
+    """H2: at p = 1.25 the eps self loop takes almost all the mass, so U ~= F."""
+    f = make_features(1, 2, 30, 8)
+    attn = make_attention(1, 2, 30, 30, causal=True)
+    out = p_laplacian_aggregate(f, f, attn, 1.25, 0.1, variant="release", graph="self")
+    rel = (out - f).norm() / f.norm()
+    assert rel < 1e-3
+    dropped = p_laplacian_aggregate(f, f, attn, 1.25, 0.1, variant="release", graph="self", self_loop="drop")
+    assert (dropped - f).norm() / f.norm() > 0.1
+
+
+def test_release_self_query_offset_equals_cache_free():
+    n = 6
+    f = make_features(2, 2, n, 8)
+    attn = make_attention(2, 2, n, n, causal=True)
+    full = p_laplacian_aggregate(f, f, attn, 1.5, 0.2, variant="release", graph="self")
+    for t in range(n):
+        step = p_laplacian_aggregate(f[..., t : t + 1, :], f[..., : t + 1, :], attn[..., t : t + 1, : t + 1], 1.5,
+                                     0.2, variant="release", graph="self")
+        assert_close_rel(step, full[..., t : t + 1, :], 1e-12)
+    middle = p_laplacian_aggregate(f[..., 2:4, :], f, attn[..., 2:4, :], 1.5, 0.2, variant="release", graph="self",
+                                   query_offset=2)
+    assert_close_rel(middle, full[..., 2:4, :], 1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# p = 2 identities (§2.6) and zero-degree conventions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_release_p2_identities():
+    mu = 0.3
+    f = make_features(2, 2, 6, 8)
+    a = make_attention(2, 2, 6, 6, causal=True, holes=0.2)
+    expected_self = (a @ f + mu * f) / (a.sum(-1, keepdim=True) + mu)
+    got_self = p_laplacian_aggregate(f, f, a, 2.0, mu, variant="release", graph="self")
+    assert_close_rel(got_self, expected_self, 1e-12)
+    f_k = make_features(2, 2, 4, 8, seed=3)
+    b = make_attention(2, 2, 6, 4, holes=0.2)
+    expected_bip = (b @ f_k) / (b.sum(-1, keepdim=True) + mu)
+    assert_close_rel(p_laplacian_aggregate(f, f_k, b, 2.0, mu, variant="release"), expected_bip, 1e-12)
+
+
+def test_paper_p2_identity():
+    mu = 0.2
+    v_q, v_k = make_features(2, 2, 5, 6), make_features(2, 2, 7, 6, seed=2)
+    m = make_attention(2, 2, 5, 7, holes=0.2)  # unmasked rows sum to 1, so D_qq = 1
+    col = m.sum(dim=-2, keepdim=True)
+    expected = (m / col.sqrt()) @ v_k / (1 + mu) + mu / (1 + mu) * v_q
+    assert_close_rel(p_laplacian_aggregate(v_q, v_k, m, 2.0, mu), expected, 1e-12)
+
+
+def test_zero_degree_rows():
+    v_q, v_k = make_features(1, 2, 4, 6), make_features(1, 2, 5, 6, seed=2)
+    attn = make_attention(1, 2, 4, 5, zero_rows=(1,))
+    paper = p_laplacian_aggregate(v_q, v_k, attn, 1.25, 0.2)
+    torch.testing.assert_close(paper[..., 1, :], v_q[..., 1, :], rtol=0, atol=1e-15)
+    release = p_laplacian_aggregate(v_q, v_k, attn, 1.25, 0.2, variant="release")
+    assert torch.equal(release[..., 1, :], torch.zeros_like(release[..., 1, :]))
+    f = make_features(1, 2, 4, 6)
+    square = make_attention(1, 2, 4, 4, causal=True, zero_rows=(2,))
+    self_out = p_laplacian_aggregate(f, f, square, 1.25, 0.2, variant="release", graph="self")
+    torch.testing.assert_close(self_out[..., 2, :], f[..., 2, :], rtol=0, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gradients
+# ----------------------------------------------------------------------------------------------------------
+
+GRAD_BOUNDS = (0.5, 3.0)  # finite differences move p around p0; 2.0 + h must stay admissible
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+@pytest.mark.parametrize("p0", [1.25, 1.5, 1.75, 2.0])
+@pytest.mark.parametrize(
+    "setup",
+    ["paper", "paper_causal", "release_bipartite", "release_self", "release_self_drop"],
+)
+def test_gradcheck(p0, setup):
+    gen_h = 2
+    p = _leaf(torch.tensor([p0, p0 - 0.1], dtype=torch.float64))
+    mu = _leaf(torch.tensor(0.3, dtype=torch.float64))
+    if setup.startswith("release_self"):
+        x = _leaf(make_features(1, gen_h, 4, 3))
+        attn = _leaf(make_attention(1, gen_h, 4, 4) * 0.9 + 0.1 / 4)
+        policy = "drop" if setup.endswith("drop") else "release"
+
+        def fn(x, attn, p, mu):
+            return p_laplacian_aggregate(x, x, attn, p, mu, variant="release", graph="self", self_loop=policy,
+                                         p_bounds=GRAD_BOUNDS)
+
+        inputs = (x, attn, p, mu)
+    else:
+        x_q, x_kv = _leaf(make_features(1, gen_h, 3, 3)), _leaf(make_features(1, gen_h, 4, 3, seed=2))
+        attn = _leaf(make_attention(1, gen_h, 3, 4) * 0.9 + 0.1 / 4)
+        variant = "release" if setup.startswith("release") else "paper"
+        extra = {"causal_degrees": True} if setup == "paper_causal" else {}
+
+        def fn(x_q, x_kv, attn, p, mu):
+            return p_laplacian_aggregate(x_q, x_kv, attn, p, mu, variant=variant, p_bounds=GRAD_BOUNDS, **extra)
+
+        inputs = (x_q, x_kv, attn, p, mu)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Robustness: no NaN / inf
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _robust_inputs(variant, graph, dtype):
+    """Causal masks, an all-zero row, holes, duplicate tokens (zero distances) and self loops."""
+    n_q, n_k, d = 6, 6, 8
+    base = make_features(2, 2, n_k, d, dtype=torch.float32)
+    base[..., 3, :] = base[..., 1, :]  # duplicate tokens
+    x_kv = base
+    x_q = base if graph == "self" else torch.cat([base[..., :3, :], base[..., 1:4, :]], dim=-2)
+    attn = make_attention(2, 2, n_q, n_k, causal=True, zero_rows=(0, 4), holes=0.2, dtype=torch.float32)
+    attn[..., 2, :] = 0.0
+    attn[..., 2, 1] = 1.0  # a one-hot row onto a duplicate token
+    return x_q.to(dtype), x_kv.to(dtype), attn.to(dtype)
+
+
+ROBUST_SETUPS = [("paper", "bipartite", {}), ("paper", "bipartite", {"causal_degrees": True}),
+                 ("release", "bipartite", {}), ("release", "self", {}),
+                 ("release", "self", {"self_loop": "drop"})]
+
+
+def _check_finite_forward_backward(x_q, x_kv, attn, p, mu, variant, graph, options, autocast_dtype=None):
+    x_q, x_kv, attn = _leaf(x_q), _leaf(x_kv), _leaf(attn)
+    p_t = _leaf(torch.tensor(p))
+    mu_t = _leaf(torch.tensor(mu))
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        eye = torch.eye(x_kv.shape[-1], dtype=x_kv.dtype)
+        q = torch.nn.functional.linear(x_q, eye)  # upstream projections: bf16 outputs under autocast
+        kv = torch.nn.functional.linear(x_kv, eye)
+        out = p_laplacian_aggregate(q, kv, attn, p_t, mu_t, variant=variant, graph=graph, **options)
+    out.float().square().sum().backward()
+    assert torch.isfinite(out).all()
+    for tensor in (x_q, x_kv, attn, p_t, mu_t):
+        assert torch.isfinite(tensor.grad).all()
+    return out
+
+
+@pytest.mark.parametrize("p", [1.0, 1.25, 1.5, 2.0])
+@pytest.mark.parametrize("variant,graph,options", ROBUST_SETUPS)
+@pytest.mark.parametrize("precision", ["float32", "bf16_autocast", "bf16_inputs", "fp16_inputs"])
+def test_no_nan_or_inf(p, variant, graph, options, precision):
+    dtype = {"bf16_inputs": torch.bfloat16, "fp16_inputs": torch.float16}.get(precision, torch.float32)
+    autocast = torch.bfloat16 if precision == "bf16_autocast" else None
+    x_q, x_kv, attn = _robust_inputs(variant, graph, dtype)
+    out = _check_finite_forward_backward(x_q, x_kv, attn, p, 0.1, variant, graph, options, autocast)
+    expected_dtype = torch.bfloat16 if autocast is not None else dtype
+    assert out.dtype == expected_dtype
+    # The block itself runs in float32: same result as a float32 call on the rounded inputs.
+    with torch.no_grad():
+        rounding = dtype if autocast is None else torch.bfloat16
+        q, kv = x_q.to(rounding), x_kv.to(rounding)
+        reference = p_laplacian_aggregate(q.float(), kv.float(), attn.float(), p, 0.1, variant=variant,
+                                          graph=graph, **options)
+    torch.testing.assert_close(out.float(), reference.to(out.dtype).float(), rtol=0, atol=0)
+
+
+def test_masked_entries_get_finite_gradients_and_zero_weight():
+    x_q, x_kv, attn = _robust_inputs("release", "self", torch.float32)
+    for variant, graph, options in ROBUST_SETUPS:
+        a = _leaf(attn)
+        out = p_laplacian_aggregate(x_q, x_kv, a, 1.0, 0.1, variant=variant, graph=graph, **options)
+        out.sum().backward()
+        assert torch.isfinite(a.grad).all()
+        if variant == "release":
+            # Non-edges carry weight exactly 0: their gradient through the edge weight is 0.
+            assert torch.equal(a.grad[attn == 0], torch.zeros_like(a.grad[attn == 0]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chunked mode
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variant,graph,options",
+    [("paper", "bipartite", {}), ("paper", "bipartite", {"causal_degrees": True}),
+     ("release", "bipartite", {}), ("release", "self", {}), ("release", "self", {"self_loop": "drop"})],
+)
+def test_chunked_equals_unchunked(variant, graph, options):
+    n = 9
+    x = make_features(2, 2, n, 5)
+    x_q = x if graph == "self" else make_features(2, 2, n, 5, seed=7)
+    attn = make_attention(2, 2, n, n, causal=True, zero_rows=(4,))
+    results = []
+    for chunk in (None, 2, 4, 100):
+        leaves = [_leaf(t) for t in (x_q, x, attn)]
+        p = _leaf(torch.tensor(1.4, dtype=torch.float64))
+        mu = _leaf(torch.tensor(0.2, dtype=torch.float64))
+        out = p_laplacian_aggregate(*leaves, p, mu, variant=variant, graph=graph, chunk_size=chunk, **options)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append([out.detach()] + [t.grad for t in (*leaves, p, mu)])
+    for other in results[1:]:
+        for got, expected in zip(other, results[0]):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _inputs():
+    return make_features(1, 2, 3, 4), make_features(1, 2, 5, 4), make_attention(1, 2, 3, 5)
+
+
+def test_p_out_of_range_raises_with_name():
+    x_q, x_kv, attn = _inputs()
+    for bad in (0.9, 2.1):
+        with pytest.raises(ValueError, match=rf"p={bad}"):
+            p_laplacian_aggregate(x_q, x_kv, attn, bad, 0.2)
+    with pytest.raises(ValueError, match="p has out-of-range values"):
+        p_laplacian_aggregate(x_q, x_kv, attn, torch.tensor([1.5, 2.5]), 0.2)
+    with pytest.raises(ValueError, match="p=2.5"):
+        p_laplacian_aggregate(x_q, x_kv, attn, 2.5, 0.2, p_bounds=(1.0, 2.0))
+    assert torch.isfinite(p_laplacian_aggregate(x_q, x_kv, attn, 2.5, 0.2, p_bounds=None)).all()
+    with pytest.raises(ValueError, match="p=-1.0"):
+        p_laplacian_aggregate(x_q, x_kv, attn, -1.0, 0.2, p_bounds=None)
+    with pytest.raises(ValueError, match="p_min"):
+        p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, p_bounds=(2.0, 1.0))
+    with pytest.raises(ValueError, match="shape"):
+        p_laplacian_aggregate(x_q, x_kv, attn, torch.full((2, 2), 1.5), 0.2)
+
+
+def test_mu_must_be_positive():
+    x_q, x_kv, attn = _inputs()
+    with pytest.raises(ValueError, match="mu=0.0"):
+        p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.0)
+    with pytest.raises(ValueError, match="mu has out-of-range values"):
+        p_laplacian_aggregate(x_q, x_kv, attn, 1.5, torch.tensor([0.1, -0.1]))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"variant": "paper", "graph": "self"}, "requires graph='bipartite'"),
+        ({"variant": "other"}, "variant='other'"),
+        ({"graph": "ring"}, "graph='ring'"),
+        ({"eps": 1e-6}, r"\['eps'\]"),
+        ({"variant": "release", "dist_floor": 1e-9}, r"\['dist_floor'\]"),
+        ({"variant": "release", "self_loop": "drop"}, r"\['self_loop'\]"),
+        ({"variant": "release", "causal_degrees": True}, "causal_degrees"),
+        ({"past_column_degrees": torch.zeros(1, 2, 5)}, "causal_degrees=True"),
+        ({"variant": "release", "graph": "self", "self_loop": "keep"}, "self_loop='keep'"),
+        ({"chunk_size": 0}, "chunk_size=0"),
+        ({"variant": "release", "eps": 0.0}, "eps=0.0"),
+    ],
+)
+def test_option_errors(kwargs, match):
+    x_q, x_kv, attn = _inputs()
+    with pytest.raises(ValueError, match=match):
+        p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, **kwargs)
+
+
+def test_shape_errors():
+    x_q, x_kv, attn = _inputs()
+    with pytest.raises(ValueError, match="4-D"):
+        p_laplacian_aggregate(x_q[0], x_kv, attn, 1.5, 0.2)
+    with pytest.raises(ValueError, match="feature dims differ"):
+        p_laplacian_aggregate(x_q, x_kv[..., :3], attn, 1.5, 0.2)
+    with pytest.raises(ValueError, match=r"\(n_q, n_k\) = \(3, 5\)"):
+        p_laplacian_aggregate(x_q, x_kv, attn[..., :4], 1.5, 0.2)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        p_laplacian_aggregate(x_q, x_kv, make_attention(1, 3, 3, 5), 1.5, 0.2)
+    with pytest.raises(ValueError, match="n_q <= n_k"):
+        p_laplacian_aggregate(x_kv, x_q, make_attention(1, 2, 5, 3), 1.5, 0.2, variant="release", graph="self")
+    with pytest.raises(ValueError, match="query_offset"):
+        p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, variant="release", graph="self", query_offset=3)
+    with pytest.raises(ValueError, match="past_column_degrees"):
+        p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, causal_degrees=True, past_column_degrees=torch.zeros(1, 2, 6))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Key pooling and parametrisations
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_pool_keys_matches_explicit_bins():
+    x = make_features(2, 1, 197, 4)[:, 0]  # (batch, n_k, d) before the head split
+    attn = make_attention(2, 3, 5, 197)
+    pooled_x, pooled_attn = pool_keys(x, attn, 16)
+    assert pooled_x.shape == (2, 16, 4) and pooled_attn.shape == (2, 3, 5, 16)
+    bins = adaptive_bins(197, 16)
+    assert bins[0][0] == 0 and bins[-1][1] == 197
+    for i, (start, stop) in enumerate(bins):
+        torch.testing.assert_close(pooled_x[:, i], x[:, start:stop].mean(dim=1))
+        torch.testing.assert_close(pooled_attn[..., i], attn[..., start:stop].mean(dim=-1))
+    assert any(bins[i][1] > bins[i + 1][0] for i in range(15))  # neighbouring bins share a token
+    with pytest.raises(ValueError, match="k=198"):
+        pool_keys(x, attn, 198)
+    with pytest.raises(ValueError, match="key columns"):
+        pool_keys(x, attn[..., :100], 16)
+
+
+def test_pooled_cross_attention_pipeline():
+    x_kv = make_features(2, 1, 20, 8)[:, 0]
+    attn = make_attention(2, 3, 4, 20)
+    pooled_x, pooled_attn = pool_keys(x_kv, attn, 5)
+    f_q = make_features(2, 3, 4, 8, seed=9)
+    out = p_laplacian_aggregate(f_q, pooled_x.unsqueeze(1), pooled_attn, 1.5, 0.1, variant="release")
+    expected = naive_release_bipartite(f_q, pooled_x.unsqueeze(1), pooled_attn, 1.5, 0.1)
+    assert_close_rel(out, expected, 1e-9)
+
+
+def test_p_theta_round_trip_and_errors():
+    for p0 in (1.25, 1.5, 1.75):
+        theta = theta_from_p(p0)
+        assert p_from_theta(torch.tensor(theta, dtype=torch.float64)).item() == pytest.approx(p0, abs=1e-12)
+    bounds = PBounds(0.5, 3.0)
+    assert bounds.p_from_theta(torch.tensor(bounds.theta_from_p(2.0))).item() == pytest.approx(2.0, abs=1e-6)
+    theta = torch.linspace(-50, 50, 11, requires_grad=True)
+    p = p_from_theta(theta)
+    assert ((p >= 1.0) & (p <= 2.0)).all()
+    p.sum().backward()
+    assert torch.isfinite(theta.grad).all()
+    for p0 in (1.0, 2.0, 2.5):
+        with pytest.raises(ValueError, match=f"p0={p0}"):
+            theta_from_p(p0)
+    with pytest.raises(ValueError, match="0 < p_min < p_max"):
+        theta_from_p(1.5, 2.0, 1.0)
+    with pytest.raises(ValueError, match="0 < p_min < p_max"):
+        PBounds(0.0, 2.0)
+
+
+def test_mu_from_offset():
+    m = torch.tensor([0.0, 100.0, -100.0])
+    torch.testing.assert_close(mu_from_offset(m, 0.1), torch.tensor([0.2, 0.3, 0.1]))
+    with pytest.raises(ValueError, match="mu0=0.0"):
+        mu_from_offset(m, 0.0)
