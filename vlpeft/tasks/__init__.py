@@ -1,0 +1,53 @@
+"""Task data: datasets in the standard formats (VQAv2, SNLI-VE, COCO captions), lazy images, bad-input
+policy, offline tiny processors, and collators producing model inputs per family."""
+
+from vlpeft.tasks.bad_input import BAD_INPUT_REASONS, BadInputError, BadInputPolicy
+from vlpeft.tasks.captions import CaptionDataset, CaptionImage
+from vlpeft.tasks.collators import (
+    GENERATIVE_FAMILIES,
+    SEQUENCE_INFO_KEYS,
+    CaptionGenerativeCollator,
+    EntailmentClassificationCollator,
+    EntailmentGenerativeCollator,
+    SequenceEncoder,
+    VQAClassificationCollator,
+    VQAGenerativeCollator,
+    split_model_inputs,
+)
+from vlpeft.tasks.images import ImageFolderIndex, load_image, numeric_image_id
+from vlpeft.tasks.losses import weighted_sequence_loss
+from vlpeft.tasks.processors import ImageTextProcessor, build_tiny_processor, build_tiny_tokenizer
+from vlpeft.tasks.snli_ve import SNLI_VE_LABELS, SNLIVEDataset, SNLIVERecord
+from vlpeft.tasks.vqa import AnswerVocab, VQADataset, VQARecord, basic_answer_normalizer, vqa_soft_scores
+
+__all__ = [
+    "BAD_INPUT_REASONS",
+    "GENERATIVE_FAMILIES",
+    "SEQUENCE_INFO_KEYS",
+    "SNLI_VE_LABELS",
+    "AnswerVocab",
+    "BadInputError",
+    "BadInputPolicy",
+    "CaptionDataset",
+    "CaptionGenerativeCollator",
+    "CaptionImage",
+    "EntailmentClassificationCollator",
+    "EntailmentGenerativeCollator",
+    "ImageFolderIndex",
+    "ImageTextProcessor",
+    "SNLIVEDataset",
+    "SNLIVERecord",
+    "SequenceEncoder",
+    "VQAClassificationCollator",
+    "VQADataset",
+    "VQAGenerativeCollator",
+    "VQARecord",
+    "basic_answer_normalizer",
+    "build_tiny_processor",
+    "build_tiny_tokenizer",
+    "load_image",
+    "numeric_image_id",
+    "split_model_inputs",
+    "vqa_soft_scores",
+    "weighted_sequence_loss",
+]

@@ -1,0 +1,178 @@
+"""Processors built offline for tiny test models, and a minimal image+text processor bundle.
+
+Real checkpoints use ``transformers.AutoProcessor.from_pretrained(name)``; the collators accept those directly.
+Tests cannot download processor files, so :func:`build_tiny_processor` assembles the *same processor classes*
+(``BlipProcessor``, ``Blip2Processor``, ``LlavaProcessor``, ``PaliGemmaProcessor``, ``GitProcessor``) from
+
+- a word-level tokenizer trained with the ``tokenizers`` library on the given texts, wrapped as a
+  ``PreTrainedTokenizerFast`` whose special ids match ``vlpeft.testing``: ``[PAD]`` 0, ``[BOS]`` 1 (also CLS),
+  ``[EOS]`` 2 (also SEP), ``<image>`` 3, ``[UNK]`` 4, ordinary words from 5;
+- the PIL image-processor classes with 32x32 output (no torchvision).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from vlpeft.tasks.framing import (
+    DEFAULT_CAPTION_PROMPT,
+    DEFAULT_ENTAILMENT_PROMPT,
+    DEFAULT_LABEL_WORDS,
+)
+
+PAD, BOS, EOS, IMAGE, UNK = "[PAD]", "[BOS]", "[EOS]", "<image>", "[UNK]"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, IMAGE, UNK)  # ids 0..4, in this order
+
+#: Which special tokens the tokenizer itself adds around a text, per family.
+#: "cls_sep": [BOS] text [EOS] (BERT-like: BLIP, GIT, BERT/RoBERTa); "bos": [BOS] text (OPT, Llama, Gemma);
+#: "none": nothing (GPT-2).
+TOKENIZER_STYLE: dict[str, str] = {
+    "blip_caption": "cls_sep",
+    "blip_vqa": "cls_sep",
+    "git": "cls_sep",
+    "blip2": "bos",
+    "llava": "bos",
+    "paligemma": "bos",
+    "vision_encoder_decoder": "none",
+    "vit_bert": "cls_sep",
+    "vit_roberta": "cls_sep",
+    "vit_gpt2": "none",
+}
+
+#: Words of the default prompts, always added to the tokenizer's training texts.
+TEMPLATE_TEXTS: tuple[str, ...] = (
+    DEFAULT_CAPTION_PROMPT,
+    DEFAULT_ENTAILMENT_PROMPT.format(hypothesis=""),
+    *DEFAULT_LABEL_WORDS.values(),
+    "Question: Answer:",
+    "USER: ASSISTANT:",
+)
+
+
+@dataclass
+class ImageTextProcessor:
+    """A tokenizer and an image processor used together (for models without a transformers processor class,
+    e.g. the ViT + RoBERTa / GPT-2 composites). Collators read ``.tokenizer`` and ``.image_processor``."""
+
+    image_processor: Any
+    tokenizer: PreTrainedTokenizerFast
+
+
+def build_tiny_tokenizer(
+    texts: Iterable[str], vocab_size: int = 99, style: str = "cls_sep", image_token_attribute: bool = True
+) -> PreTrainedTokenizerFast:
+    """Train a lower-casing word-level tokenizer on ``texts`` (plus :data:`TEMPLATE_TEXTS`).
+
+    Args:
+        texts: training texts (questions, answers, captions, hypotheses ...).
+        vocab_size: maximum vocabulary size including the 5 special tokens; every id is below it.
+        style: special tokens added by ``tokenizer(text)``: ``"cls_sep"``, ``"bos"`` or ``"none"``.
+        image_token_attribute: register ``<image>`` as ``tokenizer.image_token`` (LLaVA / PaliGemma processors
+            read it). Blip2Processor in transformers 5 needs it *absent* (it then adds ``<image>`` itself, which
+            keeps id 3 because the token already exists).
+
+    Words beyond the vocabulary map to ``[UNK]`` (id 4).
+    """
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+    if style not in ("cls_sep", "bos", "none"):
+        raise ValueError(f"style must be 'cls_sep', 'bos' or 'none', got {style!r}")
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
+    corpus = [*TEMPLATE_TEXTS, *texts]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    for expected_id, token in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(token) != expected_id:
+            raise RuntimeError(f"special token {token} got id {tok.token_to_id(token)}, expected {expected_id}")
+    if style == "cls_sep":
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A {EOS}", pair=f"{BOS} $A {EOS} $B {EOS}", special_tokens=[(BOS, 1), (EOS, 2)]
+        )
+    elif style == "bos":
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, 1)]
+        )
+    extra = {"image_token": IMAGE} if image_token_attribute else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, cls_token=BOS, sep_token=EOS,
+        unk_token=UNK, extra_special_tokens=extra, model_max_length=512,
+    )
+
+
+def build_tiny_image_processor(kind: str, image_size: int = 32, image_seq_length: int | None = None) -> Any:
+    """A PIL image processor with ``image_size`` x ``image_size`` output.
+
+    ``kind``: ``"blip"`` (BlipImageProcessorPil), ``"clip"`` (CLIPImageProcessorPil: resize shortest edge +
+    centre crop), ``"siglip"`` (SiglipImageProcessorPil; ``image_seq_length`` is set for PaliGemma) or
+    ``"vit"`` (ViTImageProcessorPil).
+    """
+    from transformers import (
+        BlipImageProcessorPil,
+        CLIPImageProcessorPil,
+        SiglipImageProcessorPil,
+        ViTImageProcessorPil,
+    )
+
+    square = {"height": image_size, "width": image_size}
+    if kind == "blip":
+        return BlipImageProcessorPil(size=square)
+    if kind == "clip":
+        return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=square)
+    if kind == "siglip":
+        processor = SiglipImageProcessorPil(size=square)
+        if image_seq_length is not None:
+            processor.image_seq_length = image_seq_length
+        return processor
+    if kind == "vit":
+        return ViTImageProcessorPil(size=square)
+    raise ValueError(f"image processor kind must be 'blip', 'clip', 'siglip' or 'vit', got {kind!r}")
+
+
+def build_tiny_processor(
+    family: str,
+    texts: Iterable[str],
+    *,
+    vocab_size: int = 99,
+    image_size: int = 32,
+    patch_size: int = 8,
+    num_query_tokens: int = 4,
+) -> Any:
+    """A working processor for a tiny model of ``family`` (names of ``vlpeft.testing.FAMILIES`` plus the
+    composites ``vit_bert``, ``vit_roberta``, ``vit_gpt2``), built without any download.
+
+    The image-token counts match the tiny configs: BLIP-2 ``num_query_tokens`` (4); LLaVA and PaliGemma
+    ``(image_size / patch_size) ** 2`` (16; LLaVA's CLS is dropped by the "default" feature strategy).
+    """
+    from transformers import (
+        Blip2Processor,
+        BlipProcessor,
+        GitProcessor,
+        LlavaProcessor,
+        PaliGemmaProcessor,
+    )
+
+    if family not in TOKENIZER_STYLE:
+        raise ValueError(f"unknown family {family!r}; expected one of {sorted(TOKENIZER_STYLE)}")
+    tokenizer = build_tiny_tokenizer(texts, vocab_size, TOKENIZER_STYLE[family],
+                                     image_token_attribute=family != "blip2")
+    num_patches = (image_size // patch_size) ** 2
+    if family in ("blip_caption", "blip_vqa"):
+        return BlipProcessor(build_tiny_image_processor("blip", image_size), tokenizer)
+    if family == "blip2":
+        return Blip2Processor(build_tiny_image_processor("blip", image_size), tokenizer,
+                              num_query_tokens=num_query_tokens)
+    if family == "llava":
+        return LlavaProcessor(build_tiny_image_processor("clip", image_size), tokenizer, patch_size=patch_size,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    if family == "paligemma":
+        return PaliGemmaProcessor(build_tiny_image_processor("siglip", image_size, num_patches), tokenizer)
+    if family == "git":
+        return GitProcessor(build_tiny_image_processor("clip", image_size), tokenizer)
+    return ImageTextProcessor(build_tiny_image_processor("vit", image_size), tokenizer)
