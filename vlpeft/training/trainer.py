@@ -1,0 +1,117 @@
+"""The Hugging Face Trainer, specialised only where vlpeft needs it.
+
+- :class:`VLPeftTrainer.evaluate` runs the task's own inference (ranking/generation) and metric instead of a
+  loss-only loop, shards the examples across processes and gathers the predictions, then reports through the
+  usual callbacks (so best-checkpoint selection and early stopping work unchanged).
+- :meth:`VLPeftTrainer.get_decay_parameter_names` excludes biases, norm parameters and scalar parameters (p-adapter's
+  p and mu offsets) from weight decay.
+- :class:`CsvLoggerCallback` appends every logged value to ``logs.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from vlpeft.training.task_binding import TaskBinding
+
+__all__ = ["VLPeftTrainer", "CsvLoggerCallback", "decay_parameter_names", "gather_predictions"]
+
+_NORM_NAME_HINTS = ("layernorm", "layer_norm", "rmsnorm", "ln_", ".norm", "_norm", "norm.")
+
+
+def decay_parameter_names(model: nn.Module) -> list[str]:
+    """Names of trainable parameters that get weight decay: weight matrices only.
+
+    Excluded: biases; parameters of normalisation modules (any class whose name contains ``Norm``, or a name
+    hinting at a norm); parameters with at most one element (p-adapter's learnable p and mu offset m,
+    p-adapter.md H12 / ecosystem.md §6 item 6).
+    """
+    excluded: set[str] = set()
+    for module_name, module in model.named_modules():
+        if "norm" in type(module).__name__.lower():
+            excluded.update(f"{module_name}.{n}" if module_name else n for n, _ in module.named_parameters(recurse=False))
+    names = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad or name in excluded:
+            continue
+        lowered = name.lower()
+        if lowered.endswith("bias") or any(h in lowered for h in _NORM_NAME_HINTS) or param.numel() <= 1:
+            continue
+        names.append(name)
+    return names
+
+
+def gather_predictions(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """All processes' prediction records (identical list on every rank; a no-op without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return records
+    gathered: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, records)
+    return [r for part in gathered for r in part]
+
+
+class VLPeftTrainer(Trainer):
+    """Trainer whose evaluation is the task's inference + metric (see the module docstring)."""
+
+    def __init__(self, *args: Any, task: TaskBinding, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.task = task
+        self.last_predictions: list[dict[str, Any]] = []
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        return decay_parameter_names(model)
+
+    def predict_task(self, dataset: Any) -> list[dict[str, Any]]:
+        """Task predictions on ``dataset``; each process predicts every ``world_size``-th example."""
+        rank, world = self.args.process_index, self.args.world_size
+        indices = list(range(rank, len(dataset), world))
+        model = self.accelerator.unwrap_model(self.model)
+        return gather_predictions(self.task.predict(model, dataset, indices))
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an evaluation dataset (task.eval)")
+        start = time.time()
+        records = self.predict_task(dataset)
+        self.last_predictions = records
+        scores = self.task.score(records, dataset)
+        metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in scores.items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        metrics[f"{metric_key_prefix}_samples"] = len(records)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class CsvLoggerCallback(TrainerCallback):
+    """Append ``step, epoch, key, value`` rows to ``<output_dir>/logs.csv`` for every logged scalar."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return control
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(["step", "epoch", "key", "value"])
+            for key, value in logs.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    writer.writerow([state.global_step, state.epoch, key, value])
+                elif isinstance(value, torch.Tensor) and value.numel() == 1:
+                    writer.writerow([state.global_step, state.epoch, key, value.item()])
+        return control

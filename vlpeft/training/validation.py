@@ -1,0 +1,113 @@
+"""Cross-field and file-system checks of a :class:`TrainConfig`, run before any model or data is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlpeft.training.config import ConfigError, TrainConfig
+from vlpeft.training.methods import resolve_method_options
+from vlpeft.training.models import resolve_family
+from vlpeft.training.task_binding import BOS_REPLACING_FAMILIES, DEFAULT_METRICS, IMAGE_TOKEN_FAMILIES
+
+__all__ = ["ValidatedPlan", "validate_config", "INFERENCE_BY_TASK"]
+
+INFERENCE_BY_TASK = {"vqa": ("rank", "generate", "classify"), "snli_ve": ("rank", "classify"), "caption": ("generate",)}
+GENERATIVE_FAMILIES = BOS_REPLACING_FAMILIES + IMAGE_TOKEN_FAMILIES
+
+
+@dataclass
+class ValidatedPlan:
+    """What validation resolved: the model family, the method's config object, and the selection metric."""
+
+    family: str
+    method_config: Any
+    metric: str
+
+
+def _check_file(config: TrainConfig, key: str, value: str | None, *, folder: bool = False) -> None:
+    if value is None:
+        return
+    path = config.resolve_path(value)
+    ok = path.is_dir() if folder else path.is_file()
+    if not ok:
+        kind = "folder" if folder else "file"
+        raise ConfigError(f"{key}: {kind} {str(path)!r} does not exist")
+
+
+def validate_config(config: TrainConfig, *, for_training: bool = True) -> ValidatedPlan:
+    """Check everything that can be checked without loading a model.
+
+    Raises:
+        ConfigError: naming the offending key and the allowed values.
+    """
+    task, optim, ev, run = config.task, config.optim, config.eval, config.run
+    family = resolve_family(config)
+
+    # --- task and data
+    if for_training and task.train is None:
+        raise ConfigError("task.train: a training file is required for `vlpeft train`")
+    if ev.strategy != "no" and task.eval is None:
+        raise ConfigError(f"task.eval: eval.strategy={ev.strategy!r} needs an evaluation file (or eval.strategy: no)")
+    for key in ("train", "eval", "test", "train_annotations", "eval_annotations", "test_annotations", "answer_list"):
+        _check_file(config, f"task.{key}", getattr(task, key))
+    if task.images is None:
+        raise ConfigError("task.images: an image folder is required")
+    _check_file(config, "task.images", task.images, folder=True)
+    if task.inference is not None and task.inference not in INFERENCE_BY_TASK[task.type]:
+        raise ConfigError(
+            f"task.inference: {task.inference!r} is not available for task {task.type!r}; "
+            f"allowed: {list(INFERENCE_BY_TASK[task.type])}"
+        )
+    if task.framing == "generative" and family not in GENERATIVE_FAMILIES:
+        raise ConfigError(
+            f"task.framing: the generative framing needs a model family in {list(GENERATIVE_FAMILIES)}, "
+            f"got {family!r}"
+        )
+    if task.max_length < 2:
+        raise ConfigError(f"task.max_length: must be >= 2, got {task.max_length}")
+
+    # --- optimisation
+    for key in ("learning_rate", "num_epochs"):
+        if getattr(optim, key) <= 0 and not (key == "num_epochs" and optim.max_steps > 0):
+            raise ConfigError(f"optim.{key}: must be > 0, got {getattr(optim, key)}")
+    for key in ("batch_size", "gradient_accumulation_steps"):
+        if getattr(optim, key) < 1:
+            raise ConfigError(f"optim.{key}: must be >= 1, got {getattr(optim, key)}")
+    if not 0.0 <= optim.warmup_ratio < 1.0:
+        raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {optim.warmup_ratio}")
+    if optim.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay: must be >= 0, got {optim.weight_decay}")
+
+    # --- evaluation and checkpoints
+    metric = ev.metric or DEFAULT_METRICS[task.type]
+    if ev.strategy == "steps" and ev.steps < 1:
+        raise ConfigError(f"eval.steps: must be >= 1 with eval.strategy: steps, got {ev.steps}")
+    if ev.early_stopping_patience < 0:
+        raise ConfigError(f"eval.early_stopping_patience: must be >= 0, got {ev.early_stopping_patience}")
+    if ev.early_stopping_patience and ev.strategy == "no":
+        raise ConfigError("eval.early_stopping_patience: early stopping needs eval.strategy 'steps' or 'epoch'")
+    if ev.num_beams < 1 or ev.max_new_tokens < 1 or ev.rank_top_k < 1:
+        raise ConfigError("eval.num_beams, eval.max_new_tokens and eval.rank_top_k must be >= 1")
+    if run.save_total_limit < 2:
+        raise ConfigError(
+            f"run.save_total_limit: must be >= 2 so a corrupt last checkpoint has a fallback, got {run.save_total_limit}"
+        )
+    if ev.strategy == "steps" and run.save_steps and run.save_steps % ev.steps:
+        raise ConfigError(
+            f"run.save_steps: {run.save_steps} must be a multiple of eval.steps={ev.steps} (best-checkpoint selection)"
+        )
+    if run.resume not in ("auto", "never"):
+        _check_file(config, "run.resume", run.resume, folder=True)
+
+    # --- precision
+    if run.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("run.precision: fp16 needs a CUDA device; use fp32 or bf16 on this machine")
+    if run.precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError("run.precision: this GPU does not support bf16; use fp32 or fp16")
+
+    # --- method (also checks method/model compatibility)
+    method_config = resolve_method_options(config.method.type, config.method.options, task.type, family)
+    return ValidatedPlan(family=family, method_config=method_config, metric=metric)
