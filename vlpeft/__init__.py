@@ -4,4 +4,8 @@
 works with the configs exported here.
 """
 
+from vlpeft.tuners.p_adapter import PAdapterConfig, PAdapterModel
+
 __version__ = "0.1.0"
+
+__all__ = ["PAdapterConfig", "PAdapterModel", "__version__"]

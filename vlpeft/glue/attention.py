@@ -1,0 +1,279 @@
+"""Attention capture: give adapted attention blocks their post-softmax attention and projected queries/values.
+
+p-adapter (and any method that reads the attention graph) needs, for each adapted attention block and each
+forward call, the per-head post-softmax, pre-dropout attention ``probs`` (batch, heads, n_q, n_k), the projected
+queries (batch, heads, n_q, head_dim) and the projected values of **all** key positions, cached ones included
+(batch, heads, n_k, head_dim). Two routes provide them (``ecosystem.md`` §3.4):
+
+- **Interface models** (BLIP-2, LLaVA, PaliGemma, CLIP/SigLIP, GPT-2, BERT/RoBERTa, ...) dispatch attention through
+  transformers' ``AttentionInterface``. :data:`PADAPTER_ATTENTION` (``"padapter"``) is registered there, together
+  with an ``AttentionMaskInterface`` entry (the eager mask builder; without it transformers would build no mask).
+  The function runs the model's own ``eager_attention_forward`` (resolved from the attention module's Python
+  module, so GQA ``repeat_kv``, scaling and soft-capping stay model-exact) and, while a :func:`capture_attention`
+  context is open for that attention module, records the tensors in it.
+- **Inline models** (BLIP text and vision, ViLT, GIT text) compute attention inside the module; the wrapper opens
+  :func:`hook_module_outputs` to record what their submodules return (the query/value projections, the inner
+  self-attention's ``(context, probs)``).
+
+Methods whose cached decoding needs running state (p-adapter ``paper`` with causal degrees) keep it next to the
+KV cache with :func:`cache_layer_side_state`, which follows beam reordering and batch selection of the cache.
+
+Captures are per module and per call: the context is opened by the adapted block around its own base forward, so
+gradient-checkpoint recomputation (which re-runs that forward) re-creates it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+PADAPTER_ATTENTION = "padapter"
+
+__all__ = [
+    "PADAPTER_ATTENTION",
+    "AttentionCapture",
+    "MissingAttentionError",
+    "cache_layer_side_state",
+    "capture_attention",
+    "hook_module_outputs",
+    "padapter_attention_forward",
+    "register_attention_function",
+    "repeat_heads",
+]
+
+
+class MissingAttentionError(RuntimeError):
+    """An adapted attention block ran without producing attention weights (e.g. under sdpa/flash)."""
+
+
+@dataclass
+class AttentionCapture:
+    """Tensors recorded during one forward call of one attention module.
+
+    Attributes:
+        query: projected queries (batch, heads, n_q, head_dim), after RoPE where the model applies it.
+        value: projected values of all key positions (batch, heads, n_k, head_dim), repeated to the query heads
+            under grouped-query attention.
+        probs: post-softmax, pre-dropout attention (batch, heads, n_q, n_k).
+        calls: how many attention calls were recorded (an adapted block must see exactly one).
+        outputs: outputs of submodules recorded by :func:`hook_module_outputs`, by the names given there.
+    """
+
+    query: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    calls: int = 0
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, query: torch.Tensor, value: torch.Tensor, probs: torch.Tensor) -> None:
+        self.query, self.value, self.probs = query, value, probs
+        self.calls += 1
+
+
+_local = threading.local()
+
+
+def _active_captures() -> dict[int, AttentionCapture]:
+    captures = getattr(_local, "captures", None)
+    if captures is None:
+        captures = {}
+        _local.captures = captures
+    return captures
+
+
+@contextlib.contextmanager
+def capture_attention(attention_module: nn.Module) -> Iterator[AttentionCapture]:
+    """Record what :func:`padapter_attention_forward` computes for ``attention_module`` inside this context.
+
+    Nested contexts for the same module are not allowed (one block forward at a time per module and thread).
+    """
+    captures = _active_captures()
+    key = id(attention_module)
+    if key in captures:
+        raise RuntimeError(
+            f"An attention capture is already open for {type(attention_module).__name__} (id {key}); "
+            "re-entrant forwards of one attention module are not supported."
+        )
+    capture = AttentionCapture()
+    captures[key] = capture
+    try:
+        yield capture
+    finally:
+        del captures[key]
+
+
+@contextlib.contextmanager
+def hook_module_outputs(
+    record: dict[str, Any] | None = None,
+    modules: dict[str, nn.Module] | None = None,
+    replace: dict[nn.Module, Callable[[Any], Any]] | None = None,
+) -> Iterator[None]:
+    """Temporarily hook submodules: record their outputs and/or replace them.
+
+    Used to wrap inline-attention blocks without re-implementing their forward.
+
+    Args:
+        record: dict receiving ``record[name] = output`` for each entry of ``modules`` (the last call wins).
+        modules: name -> submodule whose forward output is recorded.
+        replace: submodule -> function mapping its output to a replacement output (e.g. to add an adapter branch
+            between an output projection's dropout and its LayerNorm).
+    """
+    handles = []
+    try:
+        for name, module in (modules or {}).items():
+            if record is None:
+                raise ValueError("hook_module_outputs: `modules` given without a `record` dict")
+
+            def store(_module: nn.Module, _args: Any, output: Any, _name: str = name) -> None:
+                record[_name] = output
+
+            handles.append(module.register_forward_hook(store))
+        for module, fn in (replace or {}).items():
+
+            def edit(_module: nn.Module, _args: Any, output: Any, _fn: Callable[[Any], Any] = fn) -> Any:
+                return _fn(output)
+
+            handles.append(module.register_forward_hook(edit))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def repeat_heads(states: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Repeat key/value heads (batch, kv_heads, n, d) to ``num_heads`` like transformers' ``repeat_kv``."""
+    kv_heads = states.shape[1]
+    if kv_heads == num_heads:
+        return states
+    if num_heads % kv_heads:
+        raise ValueError(f"cannot repeat {kv_heads} key/value heads to {num_heads} query heads")
+    return states.repeat_interleave(num_heads // kv_heads, dim=1)
+
+
+def _model_eager_function(module: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    source = sys.modules.get(type(module).__module__)
+    function = getattr(source, "eager_attention_forward", None)
+    if function is None:
+        raise RuntimeError(
+            f"{type(module).__name__} (module {type(module).__module__}) has no `eager_attention_forward`; the "
+            f"{PADAPTER_ATTENTION!r} attention implementation only supports models that dispatch through "
+            "transformers' AttentionInterface with an eager fallback."
+        )
+    return function
+
+
+def padapter_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AttentionInterface function: the model's eager attention, recording (query, value, probs) when captured.
+
+    Args:
+        module: the attention module calling the interface.
+        query: (batch, heads, n_q, head_dim); key/value: (batch, kv_heads, n_k, head_dim), cached positions
+            included; attention_mask: the eager (additive float) mask or ``None``.
+
+    Returns:
+        ``(attn_output, attn_weights)`` exactly as the model's eager function returns them (attention output
+        (batch, n_q, heads, head_dim) and post-dropout weights (batch, heads, n_q, n_k)).
+    """
+    eager = _model_eager_function(module)
+    capture = _active_captures().get(id(module))
+    if capture is None:
+        return eager(module, query, key, value, attention_mask, **kwargs)
+    dropout = float(kwargs.pop("dropout", 0.0) or 0.0)
+    attn_output, probs = eager(module, query, key, value, attention_mask, dropout=0.0, **kwargs)
+    value_states = repeat_heads(value, probs.shape[1])
+    if dropout > 0.0 and module.training:
+        dropped = nn.functional.dropout(probs, p=dropout, training=True)
+        attn_output = torch.matmul(dropped, value_states).transpose(1, 2).contiguous()
+        returned = dropped
+    else:
+        returned = probs
+    capture.record(query, value_states, probs)
+    return attn_output, returned
+
+
+_SIDE_STATE_ATTR = "_vlpeft_side_state"
+_STATEFUL_LAYER_CLASSES: dict[type, type] = {}
+
+
+def _map_side_state(layer: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    for entries in layer.__dict__.get(_SIDE_STATE_ATTR, {}).values():
+        for key in list(entries):
+            entries[key] = fn(entries[key])
+
+
+def _stateful_layer_class(base: type) -> type:
+    """A subclass of a cache-layer class whose batch reordering also reorders the attached side state."""
+    if base in _STATEFUL_LAYER_CLASSES:
+        return _STATEFUL_LAYER_CLASSES[base]
+
+    def reorder_cache(self: Any, beam_idx: torch.LongTensor) -> None:
+        base.reorder_cache(self, beam_idx)
+        _map_side_state(self, lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self: Any, repeats: int) -> None:
+        base.batch_repeat_interleave(self, repeats)
+        _map_side_state(self, lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self: Any, indices: torch.Tensor) -> None:
+        base.batch_select_indices(self, indices)
+        _map_side_state(self, lambda t: t[indices.to(t.device)])
+
+    def crop(self: Any, tokens_to_remove: int) -> None:
+        # Running sums cannot be un-accumulated: drop the state; a later cached step then raises.
+        base.crop(self, tokens_to_remove)
+        self.__dict__.get(_SIDE_STATE_ATTR, {}).clear()
+
+    def reset(self: Any) -> None:
+        base.reset(self)
+        self.__dict__.get(_SIDE_STATE_ATTR, {}).clear()
+
+    methods = {
+        "reorder_cache": reorder_cache,
+        "batch_repeat_interleave": batch_repeat_interleave,
+        "batch_select_indices": batch_select_indices,
+        "crop": crop,
+        "reset": reset,
+    }
+    stateful = type(f"SideState{base.__name__}", (base,), {k: v for k, v in methods.items() if hasattr(base, k)})
+    _STATEFUL_LAYER_CLASSES[base] = stateful
+    return stateful
+
+
+def cache_layer_side_state(layer: Any) -> dict[str, dict[int, torch.Tensor]]:
+    """Side state stored on one KV-cache layer object, kept in step with the cache's batch order.
+
+    The layer object's class is swapped (once) for a subclass whose ``reorder_cache`` / ``batch_select_indices`` /
+    ``batch_repeat_interleave`` also apply to the side tensors (batch axis 0); ``crop`` and ``reset`` clear them.
+
+    Returns:
+        A dict owner key -> {number of tokens processed: tensor (batch, ...)}, owned by the callers.
+    """
+    if _SIDE_STATE_ATTR not in layer.__dict__:
+        layer.__class__ = _stateful_layer_class(type(layer))
+        layer.__dict__[_SIDE_STATE_ATTR] = {}
+    return layer.__dict__[_SIDE_STATE_ATTR]
+
+
+def register_attention_function() -> None:
+    """Register :data:`PADAPTER_ATTENTION` with transformers' attention and mask interfaces (idempotent)."""
+    AttentionInterface.register(PADAPTER_ATTENTION, padapter_attention_forward)
+    AttentionMaskInterface.register(PADAPTER_ATTENTION, eager_mask)
+
+
+register_attention_function()

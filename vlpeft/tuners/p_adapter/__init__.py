@@ -1,0 +1,29 @@
+"""p-adapter as a PEFT method (registered with PEFT on import)."""
+
+from vlpeft.tuners._peft_registry import VLPeftType, register_method
+from vlpeft.tuners.p_adapter.config import TASK_DEFAULTS, PAdapterConfig
+from vlpeft.tuners.p_adapter.layer import (
+    MERGE_ERROR_MESSAGE,
+    AdapterScalar,
+    PAdapterAttention,
+    PAdapterFFN,
+    PAdapterLayer,
+    PAdapterMergeError,
+)
+from vlpeft.tuners.p_adapter.model import PRESETS, PAdapterModel, resolve_targets
+
+register_method(VLPeftType.PADAPTER, PAdapterConfig, PAdapterModel)
+
+__all__ = [
+    "MERGE_ERROR_MESSAGE",
+    "PRESETS",
+    "TASK_DEFAULTS",
+    "AdapterScalar",
+    "PAdapterAttention",
+    "PAdapterConfig",
+    "PAdapterFFN",
+    "PAdapterLayer",
+    "PAdapterMergeError",
+    "PAdapterModel",
+    "resolve_targets",
+]
