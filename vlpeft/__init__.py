@@ -4,8 +4,18 @@
 works with the configs exported here.
 """
 
+from vlpeft.tuners.adapter import AdapterConfig, BottleneckAdapterModel
 from vlpeft.tuners.p_adapter import PAdapterConfig, PAdapterModel
+from vlpeft.tuners.routed_lora import RoutedLoraConfig, RoutedLoraModel
 
 __version__ = "0.1.0"
 
-__all__ = ["PAdapterConfig", "PAdapterModel", "__version__"]
+__all__ = [
+    "AdapterConfig",
+    "BottleneckAdapterModel",
+    "PAdapterConfig",
+    "PAdapterModel",
+    "RoutedLoraConfig",
+    "RoutedLoraModel",
+    "__version__",
+]
