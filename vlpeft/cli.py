@@ -1,0 +1,51 @@
+"""The ``vlpeft`` command.
+
+Every sub-command lives in a module that exposes ``add_parser(subparsers)``; it registers its parser(s) and sets
+``handler`` (a function ``args -> exit code``) with ``set_defaults``. Adding a command is one line in
+:data:`COMMAND_MODULES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from vlpeft import __version__
+
+__all__ = ["COMMAND_MODULES", "build_parser", "main"]
+
+#: Modules registering sub-commands, in help order.
+COMMAND_MODULES: list[str] = [
+    "vlpeft.training.commands",  # train, eval, predict
+    "vlpeft.report",  # report
+    "vlpeft.data.synth",  # data synth
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlpeft", description="Parameter-efficient fine-tuning of vision-language models."
+    )
+    parser.add_argument("--version", action="version", version=f"vlpeft {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; configuration errors print ``config error: ...`` and exit with status 2."""
+    from vlpeft.training.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except ConfigError as error:
+        print(f"vlpeft {args.command}: config error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""``vlpeft train``, ``vlpeft eval`` and ``vlpeft predict`` sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vlpeft.training.config import load_config
+
+__all__ = ["add_parser"]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config (YAML), e.g. configs/blip_padapter_vqav2.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.learning_rate=2e-4 --set method.r=16 (repeatable)",
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from vlpeft.training.run import run_training
+    from vlpeft.training.validation import validate_config
+
+    config = load_config(args.config, args.overrides)
+    if args.check:
+        plan = validate_config(config)
+        print(f"config OK: family={plan.family} method={config.method.type} metric={plan.metric}")
+        return 0
+    result = run_training(config)
+    print(f"vlpeft train: {result.summary_line()} | output {result.output_dir}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from vlpeft.training.run import evaluate
+
+    metrics = evaluate(load_config(args.config, args.overrides), args.checkpoint, split=args.split)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from vlpeft.training.run import predict
+
+    records = predict(load_config(args.config, args.overrides), args.checkpoint, split=args.split,
+                      output=args.output)
+    print(f"vlpeft predict: wrote {len(records)} predictions to {args.output}", file=sys.stderr)
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``train``, ``eval`` and ``predict``."""
+    train = subparsers.add_parser("train", help="train (and evaluate) a config; resumes from the last checkpoint")
+    _common(train)
+    train.add_argument("--check", action="store_true", help="validate the config and exit (no model is loaded)")
+    train.set_defaults(handler=_train)
+
+    evaluation = subparsers.add_parser("eval", help="evaluate a trained run or checkpoint with the task metric")
+    _common(evaluation)
+    evaluation.add_argument("--checkpoint", required=True, help="run folder or checkpoint-N folder")
+    evaluation.add_argument("--split", default="eval", choices=("eval", "test"), help="which task file (default eval)")
+    evaluation.set_defaults(handler=_evaluate)
+
+    prediction = subparsers.add_parser(
+        "predict", help="write predictions in the official submission format (VQA / COCO / SNLI-VE JSON)"
+    )
+    _common(prediction)
+    prediction.add_argument("--checkpoint", required=True, help="run folder or checkpoint-N folder")
+    prediction.add_argument("--split", default="test", choices=("eval", "test"), help="which task file (default test)")
+    prediction.add_argument("--output", required=True, help="predictions JSON file to write")
+    prediction.set_defaults(handler=_predict)
