@@ -48,6 +48,7 @@ from transformers import (
     ViTConfig,
 )
 
+from vlpeft.models import VisionPrefixLMConfig, build_vision_prefix_lm
 from vlpeft.testing.images import random_pixel_values
 
 __all__ = [
@@ -263,7 +264,7 @@ class TinyModel:
             inputs = {"pixel_values": pixel_values, **_right_pad(text(seq_len), valid_lengths(seq_len), 0)}
             if with_labels:
                 assert self.num_labels is not None
-                if getattr(self.model.config, "problem_type", None) == "single_label":
+                if getattr(self.model.config, "problem_type", None) == "single_label_classification":
                     inputs["labels"] = torch.randint(0, self.num_labels, (batch_size,), generator=generator)
                 else:
                     scores = torch.rand((batch_size, self.num_labels), generator=generator)
@@ -499,6 +500,62 @@ def _build_git(sizes: dict[str, int], extra: dict[str, Any]) -> _Recipe:
     return config, GitForCausalLM, {"layout": "bos_caption"}
 
 
+# Config fields of the vlpeft composite that the ``vit_*`` families accept as overrides.
+_COMPOSITE_KEYS = (
+    "num_labels",
+    "problem_type",
+    "prefix_tokens",
+    "visual_features",
+    "use_visual_prefix",
+    "prefix_projector",
+    "head_pooling",
+    "classifier_hidden_size",
+    "classifier_dropout",
+    "skip_first_token_loss",
+    "vision_hidden_size",
+)
+
+
+def _composite_recipe(sizes: dict[str, int], extra: dict[str, Any], text_config: dict[str, Any]) -> _Recipe:
+    extra = dict(extra)
+    vision = _vision_dict(sizes)
+    vision["hidden_size"] = extra.pop("vision_hidden_size", vision["hidden_size"])
+    vision["model_type"] = "vit"
+    if text_config["model_type"] != "gpt2":
+        extra.setdefault("num_labels", 10)
+    config = VisionPrefixLMConfig(vision_config=vision, text_config=text_config, **extra)
+    info: dict[str, Any] = {"layout": "prefix_decoder" if config.task == "causal_lm" else "prefix_classifier"}
+    if config.task == "classification":
+        info["num_labels"] = config.num_labels
+    return config, build_vision_prefix_lm, info
+
+
+def _build_vit_bert(sizes: dict[str, int], extra: dict[str, Any]) -> _Recipe:
+    text = {**_text_dict(sizes), "model_type": "bert", "type_vocab_size": 2, **_SPECIAL_TOKENS}
+    return _composite_recipe(sizes, extra, text)
+
+
+def _build_vit_roberta(sizes: dict[str, int], extra: dict[str, Any]) -> _Recipe:
+    # RoBERTa positions start at pad_token_id + 1, hence the two extra positions.
+    text = {**_text_dict(sizes), "model_type": "roberta", "type_vocab_size": 1, **_SPECIAL_TOKENS}
+    text["max_position_embeddings"] += 2
+    return _composite_recipe(sizes, extra, text)
+
+
+def _build_vit_gpt2(sizes: dict[str, int], extra: dict[str, Any]) -> _Recipe:
+    text = {
+        "model_type": "gpt2",
+        "vocab_size": sizes["vocab_size"],
+        "n_embd": sizes["hidden_size"],
+        "n_inner": sizes["intermediate_size"],
+        "n_layer": sizes["num_hidden_layers"],
+        "n_head": sizes["num_attention_heads"],
+        "n_positions": sizes["max_position_embeddings"],
+        **_SPECIAL_TOKENS,
+    }
+    return _composite_recipe(sizes, extra, text)
+
+
 _BUILDERS: dict[str, Callable[[dict[str, int], dict[str, Any]], _Recipe]] = {
     "blip_vqa": _build_blip_vqa,
     "blip_caption": _build_blip_caption,
@@ -507,13 +564,18 @@ _BUILDERS: dict[str, Callable[[dict[str, int], dict[str, Any]], _Recipe]] = {
     "paligemma": _build_paligemma,
     "vision_encoder_decoder": _build_vision_encoder_decoder,
     "git": _build_git,
+    "vit_bert": _build_vit_bert,
+    "vit_roberta": _build_vit_roberta,
+    "vit_gpt2": _build_vit_gpt2,
 }
 
 # Family-specific override keys (beyond the common ones) accepted by each builder.
 _EXTRA_KEYS: dict[str, tuple[str, ...]] = {name: () for name in _BUILDERS}
+_EXTRA_KEYS.update({name: _COMPOSITE_KEYS for name in ("vit_bert", "vit_roberta", "vit_gpt2")})
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
-GENERATIVE_FAMILIES: tuple[str, ...] = FAMILIES
+#: Families whose models support ``generate()`` (all but the composite classifiers).
+GENERATIVE_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f not in ("vit_bert", "vit_roberta"))
 
 
 def _finalise_config(config: PreTrainedConfig, dropout: float, initializer_range: float | None) -> None:

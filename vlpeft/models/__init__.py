@@ -1,0 +1,46 @@
+"""vlpeft's own model classes: the routing paper's vision-prefix composite (ViT + RoBERTa/BERT/GPT-2).
+
+Importing this package registers :class:`VisionPrefixLMConfig` (``model_type="vlpeft_vision_prefix_lm"``) with
+``AutoConfig``, the classification model with ``AutoModelForSequenceClassification`` and the decoder with
+``AutoModelForCausalLM``, so saved checkpoints reload through the Auto classes.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from vlpeft.models.configuration_vision_prefix_lm import (
+    HEAD_POOLINGS,
+    PREFIX_PROJECTORS,
+    TASKS,
+    VISUAL_FEATURES,
+    VisionPrefixLMConfig,
+)
+from vlpeft.models.modeling_vision_prefix_lm import (
+    VisionPrefixCausalLMOutput,
+    VisionPrefixClassifierHead,
+    VisionPrefixClassifierOutput,
+    VisionPrefixLMForCausalLM,
+    VisionPrefixLMForClassification,
+    VisionPrefixLMPreTrainedModel,
+    build_vision_prefix_lm,
+)
+
+AutoConfig.register(VisionPrefixLMConfig.model_type, VisionPrefixLMConfig, exist_ok=True)
+AutoModelForSequenceClassification.register(
+    VisionPrefixLMConfig, VisionPrefixLMForClassification, exist_ok=True
+)
+AutoModelForCausalLM.register(VisionPrefixLMConfig, VisionPrefixLMForCausalLM, exist_ok=True)
+
+__all__ = [
+    "HEAD_POOLINGS",
+    "PREFIX_PROJECTORS",
+    "TASKS",
+    "VISUAL_FEATURES",
+    "VisionPrefixCausalLMOutput",
+    "VisionPrefixClassifierHead",
+    "VisionPrefixClassifierOutput",
+    "VisionPrefixLMConfig",
+    "VisionPrefixLMForCausalLM",
+    "VisionPrefixLMForClassification",
+    "VisionPrefixLMPreTrainedModel",
+    "build_vision_prefix_lm",
+]
