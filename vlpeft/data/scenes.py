@@ -32,6 +32,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 SIZES: tuple[str, ...] = ("small", "large")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: Random-stream names: the benchmark splits plus "pretrain" (the procedural pretraining corpus of the demo base).
+STREAMS: tuple[str, ...] = (*SPLITS, "pretrain")
 
 # Radius of the bounding circle of an object, as a fraction of the image side.
 _RADIUS_FRACTION = {"small": 0.085, "large": 0.15}
@@ -97,10 +99,11 @@ def heldout_combinations(count: int, seed: int) -> list[tuple[str, str]]:
 
 
 def scene_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
-    """The random generator of image ``index`` of ``split`` (``stream`` separates independent uses)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return np.random.default_rng([seed, SPLITS.index(split), index, stream])
+    """The random generator of image ``index`` of ``split`` (one of :data:`STREAMS`; ``stream`` separates
+    independent uses of one image)."""
+    if split not in STREAMS:
+        raise ValueError(f"split must be one of {STREAMS}, got {split!r}")
+    return np.random.default_rng([seed, STREAMS.index(split), index, stream])
 
 
 def sample_scene(
