@@ -69,7 +69,7 @@ def check_checkpointing_gradients(model: PeftModel, inputs: dict[str, torch.Tens
         base.gradient_checkpointing_disable()
     assert grads.keys() == reference.keys()
     for name in grads:
-        torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def check_save_load(model: PeftModel, tiny: TinyModel, inputs: dict[str, torch.Tensor], directory: Path) -> None:
@@ -80,7 +80,7 @@ def check_save_load(model: PeftModel, tiny: TinyModel, inputs: dict[str, torch.T
     loaded = PeftModel.from_pretrained(copy.deepcopy(tiny.model), directory)
     loaded.eval()
     with torch.no_grad():
-        torch.testing.assert_close(logits_of(loaded, inputs), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(logits_of(loaded, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
 def check_disable_and_unload(model: PeftModel, tiny: TinyModel, inputs: dict[str, torch.Tensor]) -> None:
@@ -116,7 +116,7 @@ def check_batch_equals_single(model: PeftModel, inputs: dict[str, torch.Tensor])
         batch = logits_of(model, inputs)
         for row in range(batch.shape[0]):
             alone = logits_of(model, {k: v[row : row + 1] for k, v in inputs.items()})
-            torch.testing.assert_close(batch[row : row + 1], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(batch[row : row + 1], alone, rtol=1e-4, atol=1e-4)
 
 
 def run_all_checks(tiny: TinyModel, config: Any, plain_config: Any, directory: Path, *, generate: bool = True) -> None:

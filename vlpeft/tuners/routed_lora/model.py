@@ -38,8 +38,10 @@ def apply_routed_lora_preset(config: RoutedLoraConfig, model: nn.Module) -> None
         separate = target_regex(family, config.towers, config.positions, ["query", "value"])
     except ValueError:
         separate = None
+    # Fused q/k/v projections exist in self-attention only (GPT-2's cross-attention c_attn is a fused k/v).
+    fused_positions = [p for p in config.positions if p == "self_attn"]
     try:
-        fused = target_regex(family, config.towers, config.positions, ["fused_qkv"])
+        fused = target_regex(family, config.towers, fused_positions, ["fused_qkv"]) if fused_positions else None
     except ValueError:
         fused = None
     alternatives = [regex for regex in (separate, fused) if regex is not None]

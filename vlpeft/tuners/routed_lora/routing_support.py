@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from vlpeft.functional import ROUTING_KINDS
+from vlpeft.glue import composite_families  # noqa: F401  (registers the composite's families)
 from vlpeft.glue.families import ModelFamily, detect_family
 from vlpeft.glue.visual_features import FEATURE_OUTPUTS, POOLINGS, VisualFeatureContext, VisualSource
 
