@@ -4,6 +4,7 @@
 works with the configs exported here.
 """
 
+from vlpeft import models  # registers the ViT+LM composite with transformers' Auto classes
 from vlpeft.tuners.adapter import AdapterConfig, BottleneckAdapterModel
 from vlpeft.tuners.p_adapter import PAdapterConfig, PAdapterModel
 from vlpeft.tuners.routed_lora import RoutedLoraConfig, RoutedLoraModel
@@ -17,5 +18,6 @@ __all__ = [
     "PAdapterModel",
     "RoutedLoraConfig",
     "RoutedLoraModel",
+    "models",
     "__version__",
 ]
