@@ -19,6 +19,11 @@ lies in [0, 1]; pairwise squared distances come from one batched Gram matmul, cl
 (n_q, n_k, d) tensor is ever built. Memory is O(batch * heads * n_q * n_k), or O(batch * heads * chunk * n_k)
 with ``chunk_size``.
 
+Resolution: squared distances come from the Gram identity (for ``release`` on features centred on the key
+mean), so pairs closer than about sqrt(machine eps) * ||x|| (~3e-4 ||x|| in float32) are not resolved: for
+them (e.g. exact duplicate tokens off the diagonal) the weight follows rounding, bounded by the floor,
+not the exact distance. ``release`` self loops are set to the floor exactly (§3.1 step 4).
+
 Edges: an attention entry is an edge iff it is > 0. Non-edges (padding/causal masks, zero blocks) get
 weight exactly 0; the gradient reaching them through the edge weight is 0 (the one-sided derivative of
 M^{p/2} at 0 is infinite for p < 2), and in the ``paper`` variant they still receive the gradient of the
