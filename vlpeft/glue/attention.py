@@ -42,6 +42,7 @@ __all__ = [
     "PADAPTER_ATTENTION",
     "AttentionCapture",
     "MissingAttentionError",
+    "attended_query_rows",
     "cache_layer_side_state",
     "capture_attention",
     "hook_module_outputs",
@@ -64,6 +65,8 @@ class AttentionCapture:
         value: projected values of all key positions (batch, heads, n_k, head_dim), repeated to the query heads
             under grouped-query attention.
         probs: post-softmax, pre-dropout attention (batch, heads, n_q, n_k).
+        mask: the attention mask the attention function received ((batch, 1, n_q, n_k) additive or boolean), or
+            ``None``.
         calls: how many attention calls were recorded (an adapted block must see exactly one).
         outputs: outputs of submodules recorded by :func:`hook_module_outputs`, by the names given there.
     """
@@ -71,11 +74,14 @@ class AttentionCapture:
     query: torch.Tensor | None = None
     value: torch.Tensor | None = None
     probs: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
     calls: int = 0
     outputs: dict[str, Any] = field(default_factory=dict)
 
-    def record(self, query: torch.Tensor, value: torch.Tensor, probs: torch.Tensor) -> None:
-        self.query, self.value, self.probs = query, value, probs
+    def record(
+        self, query: torch.Tensor, value: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> None:
+        self.query, self.value, self.probs, self.mask = query, value, probs, mask
         self.calls += 1
 
 
@@ -149,6 +155,31 @@ def hook_module_outputs(
             handle.remove()
 
 
+def attended_query_rows(mask: torch.Tensor | None, n_q: int, n_k: int) -> torch.Tensor | None:
+    """Which query rows may attend to at least one key, from an attention mask.
+
+    Under an additive mask, a query row whose keys are all masked (e.g. a left-padding position) gets a softmax
+    spread over every key, future ones included: an artefact that must not enter a graph built on the attention.
+
+    Args:
+        mask: additive float mask or boolean mask (True = attend), broadcastable to (batch, heads, n_q, n_k); the
+            key axis may be longer than ``n_k`` (only the first ``n_k`` keys are used); ``None`` means no mask.
+
+    Returns:
+        (batch or 1, 1 or heads, n_q, 1) boolean, or ``None`` when ``mask`` is ``None``.
+    """
+    if mask is None:
+        return None
+    if mask.dim() != 4:
+        raise ValueError(f"expected a 4-D attention mask (batch, heads, n_q, n_k), got shape {tuple(mask.shape)}")
+    mask = mask[..., -n_q:, :n_k] if mask.shape[-2] >= n_q else mask[..., :n_k]
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        allowed = mask > torch.finfo(mask.dtype).min / 2
+    return allowed.any(dim=-1, keepdim=True)
+
+
 def repeat_heads(states: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Repeat key/value heads (batch, kv_heads, n, d) to ``num_heads`` like transformers' ``repeat_kv``."""
     kv_heads = states.shape[1]
@@ -203,7 +234,7 @@ def padapter_attention_forward(
         returned = dropped
     else:
         returned = probs
-    capture.record(query, value_states, probs)
+    capture.record(query, value_states, probs, attention_mask)
     return attn_output, returned
 
 

@@ -44,6 +44,7 @@ from vlpeft.functional._precision import autocast_disabled
 from vlpeft.glue.attention import (
     PADAPTER_ATTENTION,
     MissingAttentionError,
+    attended_query_rows,
     cache_layer_side_state,
     capture_attention,
     hook_module_outputs,
@@ -186,7 +187,8 @@ class AttentionBlockSpec:
         out_dropout: (bert) the dropout whose output the adapter edits.
         query / value / fused_qkv: (inline) projections whose outputs give Q and V.
         is_cross: cross-attention block (keys/values from another sequence).
-        is_causal: block of a causal decoder.
+        is_causal: block of a decoder that can run with a KV cache (``paper`` then uses causal degrees by default,
+            so that cached decoding equals cache-free decoding).
     """
 
     style: str
@@ -206,6 +208,22 @@ def _child_name(module: nn.Module, candidates: tuple[str, ...]) -> str | None:
         if isinstance(getattr(module, name, None), nn.Module):
             return name
     return None
+
+
+def _runs_with_kv_cache(attention: nn.Module) -> bool:
+    """Whether an attention module belongs to a (causal or prefix-LM) decoder that can decode with a KV cache.
+
+    True if it declares ``is_causal`` or a decoder config, or if its forward takes ``past_key_values`` (PaliGemma's
+    Gemma has ``is_causal = False`` because of its bidirectional prefix, yet decodes with a cache).
+    """
+    config = getattr(attention, "config", None)
+    if getattr(attention, "is_causal", False) or getattr(config, "is_decoder", False):
+        return True
+    try:
+        parameters = inspect.signature(attention.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "past_key_values" in parameters or "past_key_value" in parameters
 
 
 def describe_attention_block(block: nn.Module, module_name: str) -> AttentionBlockSpec:
@@ -228,8 +246,6 @@ def describe_attention_block(block: nn.Module, module_name: str) -> AttentionBlo
         if query is None or value is None:
             raise ValueError(f"{module_name}: inner attention {type(inner).__name__} has no query/value projections.")
         capture = "interface" if _module_uses_attention_interface(type(inner).__module__) else "inline"
-        config = getattr(inner, "config", None)
-        causal = bool(getattr(inner, "is_causal", False) or getattr(config, "is_decoder", False))
         return AttentionBlockSpec(
             style="bert",
             capture=capture,
@@ -240,7 +256,7 @@ def describe_attention_block(block: nn.Module, module_name: str) -> AttentionBlo
             value=f"{inner_name}.{value}",
             fused_qkv=None,
             is_cross=is_cross,
-            is_causal=causal,
+            is_causal=_runs_with_kv_cache(inner),
         )
     out_proj = _child_name(block, _OUTPUT_PROJECTIONS)
     if out_proj is None:
@@ -255,8 +271,6 @@ def describe_attention_block(block: nn.Module, module_name: str) -> AttentionBlo
     fused = _child_name(block, _FUSED_QKV_NAMES)
     if capture == "inline" and fused is None and (query is None or value is None):
         raise ValueError(f"{module_name}: inline attention {type(block).__name__} exposes no query/value projections.")
-    config = getattr(block, "config", None)
-    causal = bool(getattr(block, "is_causal", False) or getattr(config, "is_decoder", False))
     return AttentionBlockSpec(
         style="projected",
         capture=capture,
@@ -267,7 +281,7 @@ def describe_attention_block(block: nn.Module, module_name: str) -> AttentionBlo
         value=value,
         fused_qkv=fused if query is None else None,
         is_cross=is_cross,
-        is_causal=causal,
+        is_causal=_runs_with_kv_cache(block),
     )
 
 
@@ -296,6 +310,12 @@ def _tokens_to_heads(states: torch.Tensor, heads: int) -> torch.Tensor:
     if width % heads:
         raise ValueError(f"feature width {width} is not divisible by the {heads} attention heads")
     return states.reshape(batch, n, heads, width // heads).transpose(1, 2)
+
+
+def _drop_unattended_rows(probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the attention rows of queries whose keys are all masked (their softmax is an artefact)."""
+    rows = attended_query_rows(mask, probs.shape[-2], probs.shape[-1])
+    return probs if rows is None else probs * rows.to(probs.dtype)
 
 
 @dataclass
@@ -406,6 +426,8 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
                 )
         cache = kwargs.get("past_key_values")
         record: dict[str, Any] = {}
+        if spec.capture == "inline" and not spec.is_cross:
+            record["mask"] = kwargs.get("attention_mask")
         watched: dict[str, nn.Module] = {}
         if spec.capture == "inline":
             if spec.style == "bert":
@@ -449,9 +471,8 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
                     f"during the block's forward, saw {capture.calls}; the adapter received no attention weights."
                 )
             record["adapted"] = True
-            return _GraphInputs(
-                _heads_to_tokens(capture.query), _heads_to_tokens(capture.value), capture.probs
-            )
+            probs = _drop_unattended_rows(capture.probs, capture.mask)
+            return _GraphInputs(_heads_to_tokens(capture.query), _heads_to_tokens(capture.value), probs)
         if spec.style == "bert":
             inner_out = record.get("attention")
             probs = inner_out[1] if isinstance(inner_out, tuple) and len(inner_out) > 1 else None
@@ -478,7 +499,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
                 f"{tuple(value.shape)}, attention {tuple(probs.shape)} ({heads} heads)."
             )
         record["adapted"] = True
-        return _GraphInputs(query, value, probs)
+        return _GraphInputs(query, value, _drop_unattended_rows(probs, record.get("mask")))
 
     def _layer_idx(self) -> int:
         attention = _submodule(self.base_layer, self.spec.attention)
