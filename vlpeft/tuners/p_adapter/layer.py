@@ -400,7 +400,10 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         if not settings.learnable_p:
             return settings.p_value
         raw = self.padapter_p[adapter_name]()
-        return raw if settings.p_bounds is None else p_from_theta(raw, *settings.p_bounds)
+        if settings.p_bounds is None:
+            return raw
+        # The clamp only removes float rounding past the bounds when sigmoid(theta) saturates.
+        return p_from_theta(raw, *settings.p_bounds).clamp(*settings.p_bounds)
 
     def mu_value(self, adapter_name: str) -> torch.Tensor | float:
         """Current mu of an adapter (a 0-d tensor when learnable)."""

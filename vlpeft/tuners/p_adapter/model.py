@@ -178,11 +178,18 @@ class PAdapterModel(BaseTuner):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._sync_attention_implementation()
 
-    def _interface_configs(self) -> dict[int, Any]:
-        """Configs of the attention modules that p-adapters read through the attention interface."""
+    def _interface_configs(self, active_only: bool) -> dict[int, Any]:
+        """Configs of the attention modules that p-adapters read through the attention interface.
+
+        With ``active_only``, only modules where one of the active adapters lives count.
+        """
+        active = set(self.active_adapters)
         configs: dict[int, Any] = {}
         for module in self.model.modules():
-            if isinstance(module, PAdapterAttention) and module.spec.capture == "interface" and module.padapter_settings:
+            if not (isinstance(module, PAdapterAttention) and module.spec.capture == "interface"):
+                continue
+            names = set(module.padapter_settings)
+            if names and (not active_only or names & active):
                 attention = module.base_layer if module.spec.attention == "" else module.base_layer.get_submodule(
                     module.spec.attention
                 )
@@ -220,21 +227,29 @@ class PAdapterModel(BaseTuner):
                     f"(it is {config._attn_implementation!r})."
                 )
 
-    def _sync_attention_implementation(self, enabled: bool = True) -> None:
-        """Use ``"padapter"`` attention on configs of adapted interface blocks (original ones when disabled)."""
+    def _sync_attention_implementation(self, enabled: bool | None = None) -> None:
+        """Use ``"padapter"`` attention where an active adapter reads it, the original implementation elsewhere.
+
+        Towers whose adapted blocks are all inactive or disabled run their original implementation (e.g. sdpa),
+        so their outputs are exactly those of the base model.
+        """
+        if enabled is not None:
+            self.__dict__["_padapter_enabled"] = enabled
+        enabled = self.__dict__.get("_padapter_enabled", True)
         originals: dict[int, tuple[Any, str]] = self.__dict__.setdefault("_padapter_original_attention", {})
-        configs = self._interface_configs()
-        for config_id, config in configs.items():
+        for config_id, config in self._interface_configs(active_only=False).items():
             if config_id not in originals:
                 current = config._attn_implementation
                 originals[config_id] = (config, "eager" if current in (None, PADAPTER_ATTENTION) else current)
+        configs = self._interface_configs(active_only=True)
         wanted: dict[int, tuple[Any, str]] = {}
         for config_id, (config, original) in originals.items():
             target = PADAPTER_ATTENTION if enabled and config_id in configs else original
             if config._attn_implementation != target:
                 wanted[config_id] = (config, target)
         self._set_attention_implementations(wanted)
-        for config_id in [cid for cid in originals if cid not in configs]:
+        adapted = self._interface_configs(active_only=False)
+        for config_id in [cid for cid in originals if cid not in adapted]:
             del originals[config_id]
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
@@ -243,6 +258,10 @@ class PAdapterModel(BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
+        self._sync_attention_implementation()
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
         self._sync_attention_implementation()
 
     # ------------------------------------------------------------------------------------------- merging
