@@ -114,7 +114,7 @@ class SynthConfig:
 
 
 PRESETS: dict[str, SynthConfig] = {
-    "tiny": SynthConfig(images=(48, 12, 24), ve_images=(32, 8, 16)),
+    "tiny": SynthConfig(images=(48, 12, 24), ve_images=(200, 8, 40)),
     "small": SynthConfig(images=(600, 100, 200), ve_images=(400, 60, 150)),
     "default": SynthConfig(),
 }

@@ -82,7 +82,11 @@ def method_specs(routing_kinds: Sequence[str]) -> list[MethodSpec]:
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How much data and training each run gets (``train_*``: training examples; ``test_*``: evaluated ones)."""
+    """How much data and training each run gets (``train_*``: training examples; ``test_*``: evaluated ones).
+
+    ``lr_scale`` multiplies every method's learning rate (1 for the real demo; short runs on an untrained smoke
+    base need larger steps).
+    """
 
     synth_preset: str
     base_preset: str
@@ -94,6 +98,7 @@ class DemoSize:
     test_caption: int
     steps: int
     batch_size: int
+    lr_scale: float = 1.0
 
 
 SIZES: dict[str, DemoSize] = {
@@ -157,7 +162,8 @@ def run_config(method: MethodSpec, task: str, seed: int, base_dir: Path, data_ro
         "model": {"name": str(base_dir)},
         "method": {"type": method.type, **method.options},
         "task": task_section(task, data_root, size),
-        "optim": {"learning_rate": method.learning_rate or PEFT_LEARNING_RATE, "max_steps": size.steps,
+        "optim": {"learning_rate": (method.learning_rate or PEFT_LEARNING_RATE) * size.lr_scale,
+                  "max_steps": size.steps,
                   "batch_size": size.batch_size, "eval_batch_size": 64, "warmup_ratio": 0.05,
                   "lr_scheduler": "linear", "weight_decay": 0.0},
         "eval": {"strategy": "no", "num_beams": 1, "max_new_tokens": 40, "rank_top_k": 8, "load_best_at_end": False},
@@ -226,7 +232,7 @@ def run_demo(
     *,
     data_dir: str | os.PathLike | None = None,
     base_dir: str | os.PathLike | None = None,
-    size_name: str = "default",
+    size_name: str | DemoSize = "default",
     seeds: Sequence[int] = (0,),
     routing_kinds: Sequence[str] = DEFAULT_ROUTING,
     methods: Sequence[str] | None = None,
@@ -238,6 +244,7 @@ def run_demo(
     """Run the demo and write ``results.md``, ``results.json`` and ``results.png`` into ``out_dir``.
 
     Args:
+        size_name: a key of :data:`SIZES` or a :class:`DemoSize`.
         methods: labels (or ``method.type`` names) to keep; default every method of :func:`method_specs`.
         tasks: subset of :data:`TASKS`.
 
@@ -246,14 +253,17 @@ def run_demo(
     from vlpeft.data.synth import PRESETS, ensure_benchmark
     from vlpeft.demo.base import BASE_PRESETS, ensure_base
 
-    if size_name not in SIZES:
+    if isinstance(size_name, DemoSize):
+        size, size_name = size_name, "custom"
+    elif size_name in SIZES:
+        size = SIZES[size_name]
+    else:
         raise ValueError(f"unknown demo size {size_name!r}; expected one of {sorted(SIZES)}")
     bad_tasks = sorted(set(tasks) - set(TASKS))
     if bad_tasks or not tasks:
         raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {list(tasks)}")
     if not seeds:
         raise ValueError("at least one seed is needed")
-    size = SIZES[size_name]
     specs = method_specs(routing_kinds)
     if methods is not None:
         wanted = set(methods)
