@@ -21,6 +21,8 @@ COMMAND_MODULES: list[str] = [
     "vlpeft.training.commands",  # train, eval, predict
     "vlpeft.report",  # report
     "vlpeft.data.synth",  # data synth
+    "vlpeft.demo.base",  # pretrain (the demo's base)
+    "vlpeft.demo.run",  # demo
 ]
 
 

@@ -351,7 +351,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register ``vlpeft demo`` on a ``vlpeft`` sub-parser set."""
     parser = subparsers.add_parser(
         "demo", help="offline demo: pretrain a small BLIP, fine-tune every method on the built-in benchmark",
-        description=__doc__.split("\n\n")[0],
+        description="The whole pipeline offline: generate the built-in benchmark, build (or load) the pretrained "
+                    "BLIP base, fine-tune every method on VQA, visual entailment and captioning, evaluate with the "
+                    "official metrics, and write a table (markdown + JSON) and a plot.",
     )
     parser.add_argument("--out", default="demo-results", help="output folder (default: demo-results)")
     parser.add_argument("--data", help="benchmark folder (default: OUT/data; generated when absent)")
