@@ -140,6 +140,10 @@ class CheckpointCompletionCallback(TrainerCallback):
     """Mark each checkpoint complete once the Trainer has written all of it (main process only)."""
 
     def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every process has written its part (e.g. its RNG state)
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():

@@ -151,7 +151,8 @@ class OptimConfig:
 
     Weight decay applies to weights only: biases, norms and p-adapter's p/m offsets are excluded
     (``vlpeft.tuners.param_groups``). ``batch_size`` is per device; the global batch is
-    ``batch_size * gradient_accumulation_steps * world_size``.
+    ``batch_size * gradient_accumulation_steps * world_size``. The loss is the target-token cross-entropy
+    averaged over every target token of that global batch (optional ``label_smoothing``).
     """
 
     learning_rate: float = 1e-4
@@ -168,6 +169,7 @@ class OptimConfig:
     batch_size: int = 8
     eval_batch_size: int | None = None
     gradient_accumulation_steps: int = 1
+    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -346,8 +348,10 @@ def _section_from_dict(name: str, cls: type, values: Any) -> Any:
     for key, value in values.items():
         if key not in allowed:
             raise ConfigError(f"unknown key {name}.{key}; allowed keys in {name}: {allowed}")
-        checked = _coerce(value, hints[key], f"{name}.{key}")
         choices = CHOICES.get((name, key))
+        if choices is not None and isinstance(value, bool):
+            value = "yes" if value else "no"  # YAML 1.1 reads a bare no/yes as a boolean
+        checked = _coerce(value, hints[key], f"{name}.{key}")
         if choices is not None and checked is not None and checked not in choices:
             raise ConfigError(f"{name}.{key}: {checked!r} is not one of {list(choices)}")
         if key == "report_to":

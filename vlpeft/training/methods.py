@@ -120,10 +120,10 @@ def _lora_targets(task: str, family_name: str | None) -> dict[str, Any]:
 
 
 def _p_adapter_defaults(task: str, family_name: str | None) -> dict[str, Any]:
-    """The tuner's per-task constants (p-adapter.md §5.1) when it offers them."""
-    module = importlib.import_module("vlpeft.tuners.p_adapter")
-    for_task = getattr(module, "task_defaults", None)
-    return dict(for_task(task)) if for_task is not None else {}
+    """The tuner's per-task constants (p-adapter.md §5.1: p init, mu0, key pooling, reduction 8)."""
+    from vlpeft.tuners.p_adapter.config import TASK_DEFAULTS
+
+    return dict(TASK_DEFAULTS[task])
 
 
 # ----------------------------------------------------------------------------------------- entries

@@ -31,7 +31,7 @@ from vlpeft.training.config import ConfigError, TrainConfig, config_to_dict, sav
 from vlpeft.training.methods import apply_method, count_parameters
 from vlpeft.training.models import load_model, load_processor
 from vlpeft.training.task_binding import TaskBinding, build_task, load_datasets, tokenizer_texts
-from vlpeft.training.trainer import CsvLoggerCallback, VLPeftTrainer
+from vlpeft.training.trainer import CsvLoggerCallback, TokenLoss, VLPeftTrainer
 from vlpeft.training.validation import ValidatedPlan, validate_config
 
 __all__ = ["RunResult", "run_training", "evaluate", "predict", "peak_memory_bytes", "format_summary"]
@@ -245,11 +245,19 @@ def _barrier() -> None:
 
 def _save_final(trainer: VLPeftTrainer, assembled: _Assembled, config: TrainConfig, output_dir: Path) -> None:
     """Write the trained model (PEFT adapter or full weights), processor and resolved config atomically:
-    everything goes to a temporary folder first, then each file is moved into place with ``os.replace``."""
+    everything goes to a temporary folder first, then each file is moved into place with ``os.replace``.
+
+    Called on every process (``Trainer.save_model`` may synchronise them); only the main process writes.
+    """
     staging = output_dir / ".final-tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    _barrier()
     trainer.save_model(str(staging))
+    if not main:
+        return
     if hasattr(assembled.processor, "save_pretrained"):
         assembled.processor.save_pretrained(str(staging))
     save_config(config, staging / CONFIG_FILE)
@@ -287,6 +295,7 @@ def run_training(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ())
         eval_dataset=task.eval_dataset,
         data_collator=task.collate,
         callbacks=all_callbacks,
+        compute_loss_func=TokenLoss(config.optim.label_smoothing),
         task=task,
     )
     with warnings.catch_warnings():
@@ -321,8 +330,8 @@ def run_training(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ())
         global_step=trainer.state.global_step,
         resumed_from=resume,
     )
+    _save_final(trainer, assembled, config, output_dir)
     if trainer.is_world_process_zero():
-        _save_final(trainer, assembled, config, output_dir)
         trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
         for split, records in predictions.items():
             atomic_write_text(output_dir / f"predictions_{split}.json", json.dumps(records, indent=1))

@@ -23,31 +23,49 @@ from transformers import Trainer, TrainerCallback
 
 from vlpeft.training.task_binding import TaskBinding
 
-__all__ = ["VLPeftTrainer", "CsvLoggerCallback", "decay_parameter_names", "gather_predictions"]
-
-_NORM_NAME_HINTS = ("layernorm", "layer_norm", "rmsnorm", "ln_", ".norm", "_norm", "norm.")
-
+__all__ = ["VLPeftTrainer", "CsvLoggerCallback", "TokenLoss", "decay_parameter_names", "gather_predictions"]
 
 def decay_parameter_names(model: nn.Module) -> list[str]:
-    """Names of trainable parameters that get weight decay: weight matrices only.
+    """Names of trainable parameters that get weight decay (``vlpeft.tuners.param_groups``): no decay for biases,
+    norm parameters, and p-adapter's p and mu offsets (p-adapter.md H12, ecosystem.md §6 item 6)."""
+    from vlpeft.tuners.param_groups import split_decay_parameters
 
-    Excluded: biases; parameters of normalisation modules (any class whose name contains ``Norm``, or a name
-    hinting at a norm); parameters with at most one element (p-adapter's learnable p and mu offset m,
-    p-adapter.md H12 / ecosystem.md §6 item 6).
+    return split_decay_parameters(model)[0]
+
+
+class TokenLoss:
+    """Next-token cross-entropy summed over target tokens and divided by the number of target tokens in the whole
+    (accumulated, all-process) batch, passed by the Trainer as ``num_items_in_batch``.
+
+    With this normalisation, ``n`` processes x batch ``b`` give the same gradient as one process with batch
+    ``n * b`` (and gradient accumulation is exact), which a per-device mean loss does not when sequences have
+    different numbers of target tokens. Logits may be longer than the labels (visual prefix positions); the last
+    ``labels.shape[1]`` positions are the text.
+
+    Args:
+        label_smoothing: cross-entropy label smoothing (0.1 in the p-adapter release).
     """
-    excluded: set[str] = set()
-    for module_name, module in model.named_modules():
-        if "norm" in type(module).__name__.lower():
-            excluded.update(f"{module_name}.{n}" if module_name else n for n, _ in module.named_parameters(recurse=False))
-    names = []
-    for name, param in model.named_parameters():
-        if not param.requires_grad or name in excluded:
-            continue
-        lowered = name.lower()
-        if lowered.endswith("bias") or any(h in lowered for h in _NORM_NAME_HINTS) or param.numel() <= 1:
-            continue
-        names.append(name)
-    return names
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        logits = logits[:, logits.shape[1] - labels.shape[1] :]
+        shifted_logits = logits[:, :-1].float()
+        shifted_labels = labels[:, 1:].to(logits.device)
+        total = torch.nn.functional.cross_entropy(
+            shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+            shifted_labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+            label_smoothing=self.label_smoothing,
+        )
+        if num_items_in_batch is None:
+            num_items_in_batch = shifted_labels.ne(-100).sum()
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
 
 
 def gather_predictions(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -78,6 +78,8 @@ def validate_config(config: TrainConfig, *, for_training: bool = True) -> Valida
             raise ConfigError(f"optim.{key}: must be >= 1, got {getattr(optim, key)}")
     if not 0.0 <= optim.warmup_ratio < 1.0:
         raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {optim.warmup_ratio}")
+    if not 0.0 <= optim.label_smoothing < 1.0:
+        raise ConfigError(f"optim.label_smoothing: must be in [0, 1), got {optim.label_smoothing}")
     if optim.weight_decay < 0:
         raise ConfigError(f"optim.weight_decay: must be >= 0, got {optim.weight_decay}")
 
