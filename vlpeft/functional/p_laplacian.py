@@ -16,8 +16,10 @@ Two variants:
 
 Both variants normalise in log space, L_q = logsumexp({log w_qj} U {log(2 mu / p)}), so every coefficient
 lies in [0, 1]; pairwise squared distances come from one batched Gram matmul, clamped, and no
-(n_q, n_k, d) tensor is ever built. Memory is O(batch * heads * n_q * n_k), or O(batch * heads * chunk * n_k)
-with ``chunk_size``.
+(n_q, n_k, d) tensor is ever built. Each variant is one autograd Function with a hand-written backward that
+recomputes the (n_q, n_k) intermediates instead of storing them: nothing of size n_q * n_k stays alive between
+forward and backward, and the working memory is O(batch * heads * n_q * n_k) during the call, or
+O(batch * heads * chunk * n_k) with ``chunk_size``.
 
 Resolution: squared distances come from the Gram identity (for ``release`` on features centred on the key
 mean), so pairs closer than about sqrt(machine eps) * ||x|| (~3e-4 ||x|| in float32) are not resolved: for
@@ -32,14 +34,12 @@ degree sums. Softmax-masked entries receive no gradient upstream anyway.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from vlpeft.functional._precision import autocast_disabled, compute_dtype, output_dtype
 from vlpeft.functional.parameters import DEFAULT_P_BOUNDS, check_p_bounds
@@ -99,7 +99,8 @@ def p_laplacian_aggregate(
             causality earlier queries put no mass on newer keys). With it, KV-cached decoding equals
             cache-free decoding; maintain it with :func:`accumulate_column_degrees`. Without it, the
             queries are taken to be the first ones of the sequence.
-        chunk_size: process query rows in blocks of this size with checkpoint recomputation (exact).
+        chunk_size: process query rows in blocks of this size, in the forward and (recomputed) in the backward
+            pass, bounding the working memory to O(batch * heads * chunk_size * n_k) (exact).
 
     Returns:
         (batch, heads, n_q, d) in the promoted dtype of x_q and x_kv. Computed in float32 (float64 if any
@@ -339,134 +340,343 @@ def _as_coefficient(value: Scalar, name: str, dtype: torch.dtype, device: torch.
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Row-block kernels (float32/float64, autocast off)
+# Fused kernels (float32/float64, autocast off)
+#
+# Each variant is one autograd Function with a hand-written backward. The forward saves only its inputs and the
+# per-row log-normaliser L (batch, heads, n_q, 1); the backward recomputes the (rows, n_k) intermediates block by
+# block (query rows in blocks of ``chunk_size``, or all rows at once) and applies the chain rule explicitly. So the
+# block keeps no (n_q, n_k) tensor alive between forward and backward, its working memory is O(rows * n_k), and
+# it runs a few dozen tensor operations instead of the hundred-odd autograd nodes of the op-by-op graph.
+#
+# Gradient conventions (as autograd gives for the op-by-op formulas): clamped distances (below the floor) and
+# ``release`` self loops forced to the floor pass no gradient to the distances; non-edges get no gradient through
+# their (zero) weight; the centring shift of ``release`` is a constant.
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _squared_distances(x_q: Tensor, x_kv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(||x_q||^2 (.., n_q, 1), ||x_kv||^2 (.., 1, n_k), Gram x_q x_kv^T (.., n_q, n_k)) from one matmul."""
-    sq_q = (x_q * x_q).sum(dim=-1, keepdim=True)
-    sq_k = (x_kv * x_kv).sum(dim=-1).unsqueeze(-2)
-    gram = torch.matmul(x_q, x_kv.transpose(-1, -2))
-    return sq_q, sq_k, gram
+def _row_block(tensor: Tensor, rows: slice) -> Tensor:
+    """Rows of a tensor broadcastable to (.., n_q, 1 or n_k); coefficients without a row axis pass through."""
+    return tensor[..., rows, :] if tensor.dim() >= 2 and tensor.shape[-2] != 1 else tensor
 
 
 def _log_normaliser(log_w: Tensor, log_c: Tensor) -> Tensor:
     """L = logsumexp({log_w[..., j]}_j U {log_c}) over the last axis, keepdim; log_w may hold -inf."""
-    shift = torch.maximum(log_w.amax(dim=-1, keepdim=True), log_c).detach()
+    shift = torch.maximum(log_w.amax(dim=-1, keepdim=True), log_c)
     total = torch.exp(log_w - shift).sum(dim=-1, keepdim=True) + torch.exp(log_c - shift)
     return shift + torch.log(total)
 
 
-def _safe_log(value: Tensor, positive: Tensor) -> Tensor:
-    """log(value) where ``positive``, 0 elsewhere, with finite gradients everywhere."""
-    return torch.log(torch.where(positive, value, torch.ones_like(value)))
+def _reduce_to(grad: Tensor | None, like: Tensor, needed: bool) -> Tensor | None:
+    if not needed or grad is None:
+        return None
+    return grad.sum_to_size(like.shape) if grad.shape != like.shape else grad
 
 
-def _release_rows(
-    x_q: Tensor,
-    x_kv: Tensor,
-    attn: Tensor,
-    p: Tensor,
-    mu: Tensor,
-    *,
-    eps: float,
-    self_graph: bool,
-    drop_self_loops: bool,
-    diag_offset: int,
-) -> Tensor:
-    edge = attn > 0
-    if self_graph:
-        rows = torch.arange(attn.shape[-2], device=attn.device).unsqueeze(-1)
-        cols = torch.arange(attn.shape[-1], device=attn.device)
-        self_loop = cols == rows + diag_offset
-        if drop_self_loops:
+def _add(total: Tensor | None, term: Tensor) -> Tensor:
+    return term if total is None else total + term
+
+
+def _write_rows(target: Tensor, rows: slice, grad: Tensor) -> None:
+    """target[..., rows, :] = grad summed over the axes that were broadcast against ``target``."""
+    view = target[..., rows, :]
+    view.copy_(grad.sum_to_size(view.shape) if grad.shape != view.shape else grad)
+
+
+def _concat_rows(blocks: list[Tensor]) -> Tensor:
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)
+
+
+def _coefficient_grads(need_p: bool, need_mu: bool, p: Tensor, mu: Tensor, grad_p_rows: list[Tensor],
+                       grad_log_c_rows: list[Tensor]) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of p and mu from per-row pieces: d/dp of the weights and of log c = log(2 mu / p)."""
+    grad_p = grad_mu = None
+    if need_p or need_mu:
+        grad_log_c = _concat_rows(grad_log_c_rows)
+        if need_p:
+            grad_p = (_concat_rows(grad_p_rows) - grad_log_c / p).sum_to_size(p.shape)
+        if need_mu:
+            grad_mu = (grad_log_c / mu).sum_to_size(mu.shape)
+    return grad_p, grad_mu
+
+
+class _ReleaseBlock:
+    """Intermediates of the ``release`` weights for one block of query rows (see module docstring).
+
+    Kept: ``attn_or_one`` (attention on edges, 1 elsewhere), ``dist_sq`` (squared distances), ``log_scaled_sq``
+    (log of the floored scaled norms) and ``log_w`` (log weights, -inf on non-edges); four (rows, n_k) tensors.
+    """
+
+    def __init__(self, xq_c: Tensor, xk_c: Tensor, sq_k: Tensor, attn: Tensor, half_pm2: Tensor, *,
+                 eps: float, s_min_sq: float, self_loop: Tensor | None, drop_self_loops: bool) -> None:
+        edge = attn > 0
+        if self_loop is not None and drop_self_loops:
             edge = edge & ~self_loop
-    # Distances are translation invariant: centring on the key mean reduces the Gram cancellation error
-    # when the features share a large offset (e.g. a bias). The shift is a constant for autograd.
-    centre = x_kv.mean(dim=-2, keepdim=True).detach()
-    sq_q, sq_k, gram = _squared_distances(x_q - centre, x_kv - centre)
-    s_min_sq = eps * eps * x_q.shape[-1]
-    scaled_sq = ((torch.where(edge, attn, 1.0) + eps) * (sq_q + sq_k - 2.0 * gram)).clamp_min(s_min_sq)
-    if self_graph and not drop_self_loops:
-        scaled_sq = torch.where(self_loop, s_min_sq, scaled_sq)
-    log_w = _safe_log(attn, edge) + 0.5 * (p - 2.0) * torch.log(scaled_sq)
-    log_w = torch.where(edge, log_w, -math.inf)
-    log_c = torch.log(2.0 * mu / p)
-    log_norm = _log_normaliser(log_w, log_c)
-    out = torch.matmul(torch.exp(log_w - log_norm), x_kv)
+        self.attn_or_one = attn.masked_fill(~edge, 1.0)
+        sq_q = (xq_c * xq_c).sum(dim=-1, keepdim=True)
+        self.dist_sq = torch.matmul(xq_c, xk_c.transpose(-1, -2)).mul_(-2.0).add_(sq_q).add_(sq_k)
+        scaled_sq = (self.attn_or_one + eps).mul_(self.dist_sq).clamp_min_(s_min_sq)
+        if self_loop is not None and not drop_self_loops:
+            scaled_sq = scaled_sq.masked_fill_(self_loop, s_min_sq)
+        self.log_scaled_sq = scaled_sq.log_()
+        log_w = torch.log(self.attn_or_one).add_(half_pm2 * self.log_scaled_sq)
+        self.log_w = log_w.masked_fill_(~edge, -math.inf)
+
+
+class _ReleaseAggregate(torch.autograd.Function):
+    """U = Σ_j ω_qj x_kv,j (+ β_q x_q for the self graph), ``release`` weights (§3.1)."""
+
+    @staticmethod
+    def forward(ctx: Any, x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, eps: float,
+                self_graph: bool, drop_self_loops: bool, query_offset: int, chunk_size: int | None) -> Tensor:
+        centre = x_kv.mean(dim=-2, keepdim=True)
+        xk_c = x_kv - centre
+        sq_k = (xk_c * xk_c).sum(dim=-1).unsqueeze(-2)
+        log_c = torch.log(2.0 * mu / p)
+        half_pm2 = 0.5 * (p - 2.0)
+        settings = (eps, eps * eps * x_q.shape[-1], self_graph, drop_self_loops, query_offset)
+        outputs, normalisers = [], []
+        for rows in _row_slices(x_q.shape[-2], chunk_size):
+            log_w = _release_block(x_q, xk_c, centre, sq_k, attn, half_pm2, rows, settings).log_w
+            log_c_rows = _row_block(log_c, rows)
+            log_norm = _log_normaliser(log_w, log_c_rows)
+            out = torch.matmul(log_w.sub_(log_norm).exp_(), x_kv)
+            del log_w
+            if self_graph:
+                out = out + torch.exp(log_c_rows - log_norm) * x_q[..., rows, :]
+            outputs.append(out)
+            normalisers.append(log_norm)
+        ctx.save_for_backward(x_q, x_kv, attn, p, mu, _concat_rows(normalisers))
+        ctx.settings = settings
+        ctx.chunk_size = chunk_size
+        return _concat_rows(outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x_q, x_kv, attn, p, mu, log_norm_all = ctx.saved_tensors
+        eps, s_min_sq, self_graph, drop_self_loops, query_offset = ctx.settings
+        needs = ctx.needs_input_grad
+        with autocast_disabled(grad_out.device.type):
+            centre = x_kv.mean(dim=-2, keepdim=True)
+            xk_c = x_kv - centre
+            sq_k = (xk_c * xk_c).sum(dim=-1).unsqueeze(-2)
+            log_c = torch.log(2.0 * mu / p)
+            half_pm2 = 0.5 * (p - 2.0)
+            log_floor = torch.log(torch.tensor(s_min_sq, dtype=x_q.dtype, device=x_q.device))
+            grad_xq_rows, grad_p_rows, grad_log_c_rows = [], [], []
+            grad_attn = torch.empty_like(attn) if needs[2] else None
+            grad_xk = None
+            for rows in _row_slices(x_q.shape[-2], ctx.chunk_size):
+                block = _release_block(x_q, xk_c, centre, sq_k, attn, half_pm2, rows, ctx.settings)
+                log_norm = log_norm_all[..., rows, :]
+                log_c_rows = _row_block(log_c, rows)
+                grad = grad_out[..., rows, :]
+                omega = block.log_w.sub_(log_norm).exp_()  # in place: log_w is not needed any more
+                beta = torch.exp(log_c_rows - log_norm)
+                grad_log_w = torch.matmul(grad, x_kv.transpose(-1, -2))  # d/d omega for now
+                total = (omega * grad_log_w).sum(dim=-1, keepdim=True)
+                grad_xq = None
+                if self_graph:
+                    grad_beta = (grad * x_q[..., rows, :]).sum(dim=-1, keepdim=True)
+                    total = total + beta * grad_beta
+                    grad_log_c_rows.append(beta * (grad_beta - total))
+                    grad_xq = beta * grad
+                else:
+                    grad_log_c_rows.append(-beta * total)
+                grad_log_w = grad_log_w.sub_(total).mul_(omega)  # exactly 0 on non-edges
+                grad_p_rows.append(0.5 * (grad_log_w * block.log_scaled_sq).sum(dim=-1, keepdim=True))
+                grad_xk = _add(grad_xk, torch.matmul(omega.transpose(-1, -2), grad))
+                del omega
+                # d/d(scaled_sq) where the norm is above the floor (forced self loops sit exactly on it).
+                grad_scaled = (grad_log_w * half_pm2).mul_(torch.exp(-block.log_scaled_sq))
+                grad_scaled = grad_scaled.masked_fill_(block.log_scaled_sq <= log_floor, 0.0)
+                del block.log_scaled_sq
+                if grad_attn is not None:
+                    chunk_grad = grad_log_w.div_(block.attn_or_one).addcmul_(grad_scaled, block.dist_sq)
+                    _write_rows(grad_attn, rows, chunk_grad)
+                    del chunk_grad
+                del grad_log_w, block.dist_sq
+                grad_dist = grad_scaled.mul_(block.attn_or_one.add_(eps))
+                del block
+                xq_c = x_q[..., rows, :] - centre
+                grad_xq = _add(grad_xq, 2.0 * grad_dist.sum(dim=-1, keepdim=True) * xq_c
+                               - 2.0 * torch.matmul(grad_dist, xk_c))
+                grad_xq_rows.append(grad_xq)
+                grad_xk = grad_xk + (2.0 * grad_dist.sum(dim=-2).unsqueeze(-1) * xk_c
+                                     - 2.0 * torch.matmul(grad_dist.transpose(-1, -2), xq_c))
+                del grad_dist
+            grad_p, grad_mu = _coefficient_grads(needs[3], needs[4], p, mu, grad_p_rows, grad_log_c_rows)
+            return (
+                _reduce_to(_concat_rows(grad_xq_rows), x_q, needs[0]),
+                _reduce_to(grad_xk, x_kv, needs[1]),
+                grad_attn,
+                grad_p,
+                grad_mu,
+                None, None, None, None, None,
+            )
+
+
+def _row_slices(n_q: int, chunk_size: int | None) -> list[slice]:
+    if chunk_size is None or n_q <= chunk_size:
+        return [slice(0, n_q)]
+    return [slice(start, min(start + chunk_size, n_q)) for start in range(0, n_q, chunk_size)]
+
+
+def _release_block(x_q: Tensor, xk_c: Tensor, centre: Tensor, sq_k: Tensor, attn: Tensor, half_pm2: Tensor,
+                   rows: slice, settings: tuple) -> _ReleaseBlock:
+    eps, s_min_sq, self_graph, drop_self_loops, query_offset = settings
+    self_loop = None
     if self_graph:
-        out = out + torch.exp(log_c - log_norm) * x_q
-    return out
+        row_ids = torch.arange(rows.start, rows.stop, device=attn.device).unsqueeze(-1)
+        self_loop = torch.arange(attn.shape[-1], device=attn.device) == row_ids + query_offset
+    return _ReleaseBlock(x_q[..., rows, :] - centre, xk_c, sq_k, attn[..., rows, :], _row_block(half_pm2, rows),
+                         eps=eps, s_min_sq=s_min_sq, self_loop=self_loop, drop_self_loops=drop_self_loops)
 
 
-def _paper_rows(
-    x_q: Tensor,
-    x_kv: Tensor,
-    attn: Tensor,
-    p: Tensor,
-    mu: Tensor,
-    column_base: Tensor,
-    *,
-    dist_floor: float,
-    causal: bool,
-) -> Tensor:
-    """``column_base``: full column degrees (.., 1, n_k) if not causal, else degrees of earlier queries."""
-    edge = attn > 0
-    row_deg = attn.sum(dim=-1, keepdim=True)
-    col_deg = column_base + torch.cumsum(attn, dim=-2) if causal else column_base
-    row_pos = row_deg > 0
-    col_pos = col_deg > 0
-    log_row = _safe_log(row_deg, row_pos)
-    log_col = _safe_log(col_deg, col_pos)
-    inv_sqrt_row = torch.where(row_pos, torch.exp(-0.5 * log_row), 0.0)
-    inv_sqrt_col = torch.where(col_pos, torch.exp(-0.5 * log_col), 0.0)
-    sq_q, sq_k, gram = _squared_distances(x_q, x_kv)
-    dist_sq = (
-        sq_q * inv_sqrt_row.square()
-        + sq_k * inv_sqrt_col.square()
-        - 2.0 * gram * (inv_sqrt_row * inv_sqrt_col)
-    ).clamp_min(dist_floor)
-    log_m_bar = 0.5 * p * _safe_log(attn, edge) + 0.5 * (p - 2.0) * torch.log(dist_sq)
-    log_w = torch.where(edge, log_m_bar - log_row, -math.inf)
-    log_c = torch.log(2.0 * mu / p)
-    log_norm = _log_normaliser(log_w, log_c)
-    coefficients = torch.exp(log_w - log_norm + 0.5 * (log_row - log_col))
-    return torch.matmul(coefficients, x_kv) + torch.exp(log_c - log_norm) * x_q
+class _PaperBlock:
+    """Intermediates of the ``paper`` weights for one block of query rows (§3.2)."""
+
+    def __init__(self, x_q: Tensor, x_kv: Tensor, sq_k: Tensor, attn: Tensor, col_deg: Tensor, p: Tensor,
+                 dist_floor: float) -> None:
+        edge = attn > 0
+        self.edge = edge
+        row_deg = attn.sum(dim=-1, keepdim=True)
+        self.row_pos = row_deg > 0
+        self.col_pos = col_deg > 0
+        self.log_row = row_deg.masked_fill(~self.row_pos, 1.0).log_()
+        self.log_col = col_deg.masked_fill(~self.col_pos, 1.0).log_()
+        self.inv_sqrt_row = torch.exp(-0.5 * self.log_row).masked_fill_(~self.row_pos, 0.0)
+        self.inv_sqrt_col = torch.exp(-0.5 * self.log_col).masked_fill_(~self.col_pos, 0.0)
+        self.sq_q = (x_q * x_q).sum(dim=-1, keepdim=True)
+        self.gram = torch.matmul(x_q, x_kv.transpose(-1, -2))
+        self.inv_sqrt_both = self.inv_sqrt_row * self.inv_sqrt_col
+        dist_sq = (self.sq_q * self.inv_sqrt_row.square() + sq_k * self.inv_sqrt_col.square()
+                   - 2.0 * self.gram * self.inv_sqrt_both)
+        self.free = dist_sq > dist_floor  # distances above the floor carry gradient
+        self.dist_sq = dist_sq.clamp_min_(dist_floor)
+        self.attn_or_one = attn.masked_fill(~edge, 1.0)
+        self.log_attn = torch.log(self.attn_or_one)
+        self.log_dist = torch.log(self.dist_sq)
+        log_w = 0.5 * p * self.log_attn + 0.5 * (p - 2.0) * self.log_dist - self.log_row
+        self.log_w = log_w.masked_fill_(~edge, -math.inf)
+        self.scale = torch.exp(0.5 * (self.log_row - self.log_col))  # sqrt(D_q / D_j) on edges
+
+
+class _PaperAggregate(torch.autograd.Function):
+    """Ū_q = Σ_j c_qj V̂_j + β_q V̂_q with the ``paper`` coefficients (§3.2); ``base``: see :func:`_run_paper`."""
+
+    @staticmethod
+    def forward(ctx: Any, x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, base: Tensor,
+                dist_floor: float, causal: bool, chunk_size: int | None) -> Tensor:
+        sq_k = (x_kv * x_kv).sum(dim=-1).unsqueeze(-2)
+        log_c = torch.log(2.0 * mu / p)
+        outputs, normalisers, bases = [], [], []
+        running = base
+        for rows in _row_slices(x_q.shape[-2], chunk_size):
+            attn_rows = attn[..., rows, :]
+            col_deg = running + torch.cumsum(attn_rows, dim=-2) if causal else running
+            block = _PaperBlock(x_q[..., rows, :], x_kv, sq_k, attn_rows, col_deg, _row_block(p, rows), dist_floor)
+            log_c_rows = _row_block(log_c, rows)
+            log_norm = _log_normaliser(block.log_w, log_c_rows)
+            coefficients = torch.exp(block.log_w - log_norm) * block.scale
+            outputs.append(torch.matmul(coefficients, x_kv) + torch.exp(log_c_rows - log_norm) * x_q[..., rows, :])
+            normalisers.append(log_norm)
+            bases.append(running)
+            if causal:
+                running = running + attn_rows.sum(dim=-2, keepdim=True)
+        ctx.save_for_backward(x_q, x_kv, attn, p, mu, _concat_rows(normalisers), *bases)
+        ctx.settings = (dist_floor, causal, chunk_size)
+        return _concat_rows(outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x_q, x_kv, attn, p, mu, log_norm_all, *bases = ctx.saved_tensors
+        dist_floor, causal, chunk_size = ctx.settings
+        with autocast_disabled(grad_out.device.type):
+            sq_k = (x_kv * x_kv).sum(dim=-1).unsqueeze(-2)
+            log_c = torch.log(2.0 * mu / p)
+            slices = _row_slices(x_q.shape[-2], chunk_size)
+            grad_xq_rows: list[Tensor] = [None] * len(slices)  # type: ignore[list-item]
+            grad_attn_full = torch.empty_like(attn) if ctx.needs_input_grad[2] else None
+            grad_p_rows: list[Tensor] = [None] * len(slices)  # type: ignore[list-item]
+            grad_log_c_rows: list[Tensor] = [None] * len(slices)  # type: ignore[list-item]
+            grad_xk = None
+            carry = None  # causal: gradient w.r.t. the running column degrees after the current block
+            for index in reversed(range(len(slices))):
+                rows = slices[index]
+                attn_rows = attn[..., rows, :]
+                col_deg = bases[index] + torch.cumsum(attn_rows, dim=-2) if causal else bases[index]
+                p_rows = _row_block(p, rows)
+                block = _PaperBlock(x_q[..., rows, :], x_kv, sq_k, attn_rows, col_deg, p_rows, dist_floor)
+                log_norm = log_norm_all[..., rows, :]
+                xq = x_q[..., rows, :]
+                grad = grad_out[..., rows, :]
+                omega = torch.exp(block.log_w - log_norm)
+                beta = torch.exp(_row_block(log_c, rows) - log_norm)
+                coefficients = omega * block.scale
+                grad_coef = torch.matmul(grad, x_kv.transpose(-1, -2))
+                grad_beta = (grad * xq).sum(dim=-1, keepdim=True)
+                # coefficients = omega * scale; t = dL/dscale * scale = dL/domega * omega.
+                t = grad_coef * coefficients
+                total = t.sum(dim=-1, keepdim=True) + beta * grad_beta
+                grad_log_w = t - omega * total  # exactly 0 on non-edges
+                grad_log_c_rows[index] = beta * (grad_beta - total)
+                grad_p_rows[index] = 0.5 * (grad_log_w * (block.log_attn + block.log_dist)).sum(dim=-1, keepdim=True)
+                grad_log_row = 0.5 * t.sum(dim=-1, keepdim=True) - grad_log_w.sum(dim=-1, keepdim=True)
+                grad_log_col = -0.5 * t
+                grad_dist = (grad_log_w * (0.5 * (p_rows - 2.0))).div_(block.dist_sq).masked_fill_(~block.free, 0.0)
+                # dist = sq_q r^2 + sq_k c^2 - 2 gram r c, with r = D_q^(-1/2), c = D_j^(-1/2).
+                ir, ic = block.inv_sqrt_row, block.inv_sqrt_col
+                grad_gram = -2.0 * grad_dist * block.inv_sqrt_both
+                grad_ir = (grad_dist * (2.0 * block.sq_q * ir - 2.0 * block.gram * ic)).sum(dim=-1, keepdim=True)
+                grad_ic = grad_dist * (2.0 * sq_k * ic - 2.0 * block.gram * ir)
+                # ir and ic are 0 where the degree is 0, so these terms vanish there as they should.
+                grad_row_deg = (-0.5 * grad_ir * ir + grad_log_row) * ir.square()
+                grad_col_deg = (-0.5 * grad_ic * ic + grad_log_col) * ic.square()
+                grad_attn = 0.5 * p_rows * grad_log_w / block.attn_or_one + grad_row_deg
+                if causal:
+                    # col_deg = base + cumsum(attn_rows): reverse cumulative sum over the rows, plus the later
+                    # blocks' dependence on this block's column sums.
+                    grad_attn = grad_attn + grad_col_deg.flip(-2).cumsum(-2).flip(-2)
+                    if carry is not None:
+                        grad_attn = grad_attn + carry
+                    block_sum = grad_col_deg.sum(dim=-2, keepdim=True)
+                    carry = block_sum if carry is None else carry + block_sum
+                else:
+                    block_sum = grad_col_deg.sum(dim=-2, keepdim=True)
+                    carry = block_sum if carry is None else carry + block_sum
+                if grad_attn_full is not None:
+                    _write_rows(grad_attn_full, rows, grad_attn)
+                grad_xq_rows[index] = (beta * grad + 2.0 * (grad_dist * ir.square()).sum(dim=-1, keepdim=True) * xq
+                                       + torch.matmul(grad_gram, x_kv))
+                grad_sq_k = (grad_dist * ic.square()).sum(dim=-2).unsqueeze(-1)
+                grad_xk = _add(grad_xk, torch.matmul(coefficients.transpose(-1, -2), grad) + 2.0 * grad_sq_k * x_kv
+                               + torch.matmul(grad_gram.transpose(-1, -2), xq))
+            needs = ctx.needs_input_grad
+            grad_p, grad_mu = _coefficient_grads(needs[3], needs[4], p, mu, grad_p_rows, grad_log_c_rows)
+            return (
+                _reduce_to(_concat_rows(grad_xq_rows), x_q, needs[0]),
+                _reduce_to(grad_xk, x_kv, needs[1]),
+                grad_attn_full,
+                grad_p,
+                grad_mu,
+                _reduce_to(carry, bases[0], needs[5]),
+                None, None, None,
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Drivers (whole block or query chunks with checkpoint recomputation)
+# Drivers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _call(fn: Callable[..., Tensor], chunked: bool, *args: Tensor) -> Tensor:
-    if chunked and torch.is_grad_enabled() and any(a.requires_grad for a in args):
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
-
-
-def _chunks(n_q: int, chunk_size: int | None) -> list[tuple[int, int]]:
-    if chunk_size is None or n_q <= 0:
-        return [(0, n_q)]
-    return [(start, min(start + chunk_size, n_q)) for start in range(0, n_q, chunk_size)]
 
 
 def _run_release(x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, options: dict) -> Tensor:
     self_graph = options["graph"] == "self"
-    chunked = options["chunk_size"] is not None
-    outputs = []
-    for start, stop in _chunks(x_q.shape[-2], options["chunk_size"]):
-        fn = functools.partial(
-            _release_rows,
-            eps=options["eps"],
-            self_graph=self_graph,
-            drop_self_loops=self_graph and options["self_loop"] == "drop",
-            diag_offset=(options["query_offset"] + start) if self_graph else 0,
-        )
-        rows = slice(start, stop)
-        outputs.append(_call(fn, chunked, x_q[..., rows, :], x_kv, attn[..., rows, :], p, mu))
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
+    return _ReleaseAggregate.apply(
+        x_q, x_kv, attn, p, mu, options["eps"], self_graph, self_graph and options["self_loop"] == "drop",
+        options["query_offset"] if self_graph else 0, options["chunk_size"],
+    )
 
 
 def _pad_past(past: Tensor, n_k: int) -> Tensor:
@@ -476,19 +686,10 @@ def _pad_past(past: Tensor, n_k: int) -> Tensor:
 def _run_paper(
     x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, past: Tensor | None, options: dict
 ) -> Tensor:
+    """``base``: full column degrees (.., 1, n_k) of all queries, or (causal) the degrees of earlier queries."""
     causal = options["causal_degrees"]
-    chunked = options["chunk_size"] is not None
-    n_k = attn.shape[-1]
     if causal:
-        base = attn.new_zeros(()) if past is None else _pad_past(past, n_k).unsqueeze(-2)
+        base = attn.new_zeros(()) if past is None else _pad_past(past, attn.shape[-1]).unsqueeze(-2)
     else:
         base = attn.sum(dim=-2, keepdim=True)
-    fn = functools.partial(_paper_rows, dist_floor=options["dist_floor"], causal=causal)
-    outputs = []
-    for start, stop in _chunks(x_q.shape[-2], options["chunk_size"]):
-        rows = slice(start, stop)
-        attn_rows = attn[..., rows, :]
-        outputs.append(_call(fn, chunked, x_q[..., rows, :], x_kv, attn_rows, p, mu, base))
-        if causal and stop < x_q.shape[-2]:
-            base = base + attn_rows.sum(dim=-2, keepdim=True)
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
+    return _PaperAggregate.apply(x_q, x_kv, attn, p, mu, base, options["dist_floor"], causal, options["chunk_size"])
