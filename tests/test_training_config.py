@@ -66,7 +66,7 @@ def test_key_and_type_errors(data, tmp_path, override, message):
         ({"method": {"type": "prefix"}}, "method.type: unknown method 'prefix'; allowed: ["),
         ({"run": {"precision": "fp16"}}, "fp16 needs a CUDA device"),
         ({"run": {"save_total_limit": 1}}, "run.save_total_limit: must be >= 2"),
-        ({"task": {"inference": "rank"}}, "task.inference: 'rank' is not available for task 'caption'; allowed: ['generate']"),
+        ({"task": {"inference": "rank"}}, "task.inference: 'rank' is not available for task 'caption' with model family 'blip_caption'; allowed: ['generate']"),
         ({"eval": {"early_stopping_patience": 2, "strategy": "no"}}, "early stopping needs eval.strategy"),
         ({"optim": {"batch_size": 0}}, "optim.batch_size: must be >= 1"),
     ],

@@ -15,7 +15,14 @@ family                      sequence layout (``labels`` = ids on target tokens a
                             ``[eos]``; ``token_type_ids`` 0 on the prefix, 1 on target + eos
 ``vision_encoder_decoder``  ``decoder_input_ids`` = ``[start] prompt target``; ``labels`` aligned to predict
                             ``prompt target [eos]`` (no shift inside the model), prompt masked
+``vit_gpt2``                ``prompt target [eos]`` (GPT-2 style, no begin token); the vlpeft composite prepends
+                            its visual prefix, whose last position predicts the first text token
 ==========================  ===================================================================================
+
+The same :class:`SequenceEncoder` is the inference-side prompt encoder (:class:`vlpeft.tasks.inference.PromptEncoder`):
+``encode_prompts`` returns exactly the prompt part of the training sequence, ``encode_target`` the target part
+(with its end token) as tokenised after a prompt, and ``text_inputs`` pads (prompt, target) rows the way the
+collator does, so ranking and generation see the layout the model was trained on.
 
 Padding is on the right, with ``attention_mask`` 0 and ``labels`` -100. ``max_length`` bounds the number of
 *text* tokens of a sequence (image placeholder tokens are not counted): when a sequence is longer, tokens are
@@ -53,8 +60,18 @@ from vlpeft.tasks.snli_ve import SNLI_VE_LABEL2ID, SNLI_VE_LABELS
 from vlpeft.tasks.vqa import AnswerNormalizer, AnswerVocab, basic_answer_normalizer
 
 GENERATIVE_FAMILIES: tuple[str, ...] = (
-    "blip_caption", "git", "blip_vqa", "blip2", "llava", "paligemma", "vision_encoder_decoder",
+    "blip_caption", "git", "blip_vqa", "blip2", "llava", "paligemma", "vision_encoder_decoder", "vit_gpt2",
 )
+#: Families whose text is one causal sequence (prompt then target in ``input_ids``): these support ranking by
+#: sequence likelihood. ``blip_vqa`` and ``vision_encoder_decoder`` put the target in ``decoder_input_ids``.
+DECODER_ONLY_FAMILIES: tuple[str, ...] = ("blip_caption", "git", "blip2", "llava", "paligemma", "vit_gpt2")
+#: Families whose ``generate`` returns only new tokens (the prompt is not echoed).
+_GENERATE_RETURNS_NEW_ONLY: tuple[str, ...] = ("vit_gpt2", "blip_vqa", "vision_encoder_decoder")
+#: Families whose visual prefix precedes the text inside the model: the prefix's last position predicts the
+#: first text token, so an empty prompt still trains (and scores) every target token.
+PREFIX_FAMILIES: tuple[str, ...] = ("vit_gpt2",)
+#: Dummy prompt used to tokenise a target as it appears after a prompt (BPE tokenisers mark a leading space).
+_TARGET_CONTEXT = "?"
 DEFAULT_LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 #: Keys of generative VQA batches that are not model inputs (pop them before ``model(**batch)``).
 SEQUENCE_INFO_KEYS: tuple[str, ...] = ("sequence_weights", "sequence_item_index")
@@ -139,6 +156,8 @@ class SequenceEncoder:
         self.num_truncated = 0
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else _config_id(model_config, "pad_token_id")
+        if self.pad_id is None and family == "vit_gpt2":
+            self.pad_id = tok.eos_token_id  # GPT-2 has no pad token; padded positions are masked anyway
         if self.pad_id is None:
             raise ValueError("the tokenizer has no pad token and the model config no pad_token_id")
         if family in ("blip_caption", "blip_vqa", "git"):
@@ -159,7 +178,9 @@ class SequenceEncoder:
         if family == "vision_encoder_decoder":
             start = getattr(model_config, "decoder_start_token_id", None) if model_config is not None else None
             self.bos_id = start if start is not None else self.bos_id
-        if self.eos_id is None or (self.bos_id is None and family not in ("blip2", "llava", "paligemma")):
+        if family == "vit_gpt2":
+            self.bos_id = None  # the released ViT + GPT-2 captions start right after the visual prefix
+        if self.eos_id is None or (self.bos_id is None and family not in ("blip2", "llava", "paligemma", "vit_gpt2")):
             raise ValueError(f"cannot determine begin/end token ids for family {family!r}")
         self.image_token_id: int | None = None
         self.num_query_tokens = 0
@@ -215,7 +236,7 @@ class SequenceEncoder:
     def _roles(self, prompt: str, target: str) -> tuple[list[int], list[str]]:
         """Token ids and roles ("image", "special", "template", "prompt", "target") of one full sequence."""
         fam = self.family
-        if fam in ("blip_caption", "git", "vision_encoder_decoder", "blip2"):
+        if fam in ("blip_caption", "git", "vision_encoder_decoder", "blip2", "vit_gpt2"):
             text = f"{prompt} {target}" if prompt else target
             ids, roles = self._text_roles(text, (0, len(prompt)), len(text) - len(target))
             head: list[tuple[int, str]] = []
@@ -264,6 +285,82 @@ class SequenceEncoder:
                              f"{self.family!r}")
         keep = [i for i in range(len(ids)) if i not in drop]
         return [ids[i] for i in keep], [roles[i] for i in keep]
+
+    # ------------------------------------------------------------------------------ inference (prompt encoder)
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.pad_id)
+
+    @property
+    def supports_ranking(self) -> bool:
+        """Whether candidates can be scored as ``prompt + target`` in ``input_ids`` (decoder-only layouts)."""
+        return self.family in DECODER_ONLY_FAMILIES
+
+    @property
+    def prefix_predicts_first_token(self) -> bool:
+        """Whether the model prepends visual positions whose last one predicts the first text token."""
+        return self.family in PREFIX_FAMILIES
+
+    def _prompt_row(self, prompt: str, n_image: int) -> list[int]:
+        ids, roles = self._roles(prompt, "")
+        if self.family == "llava":
+            ids, roles = _expand_image_tokens(ids, roles, self.image_token_id, n_image)
+        return [i for i, r in zip(ids, roles) if r != "target"]
+
+    def encode_prompts(self, items: Sequence[Mapping[str, Any]], prompts: Sequence[str]
+                       ) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+        """Inference inputs of ``items``: ``({"pixel_values": (batch, 3, H, W), ...}, prompt ids per item)``.
+
+        The prompt ids are the training sequence up to the first target token (begin, image placeholder and
+        template tokens included). For ``blip_vqa`` they are the question-encoder ids.
+        """
+        if len(items) != len(prompts):
+            raise ValueError(f"{len(items)} items but {len(prompts)} prompts")
+        extra = pixel_inputs(self.image_processor, [it["image"] for it in items])
+        if self.family == "blip_vqa":
+            return extra, [list(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+        if self.family == "vision_encoder_decoder":
+            raise ValueError("inference with a prompt encoder is not available for vision_encoder_decoder models")
+        n_image = self.num_image_tokens(extra["pixel_values"])
+        return extra, [self._prompt_row(p, n_image) for p in prompts]
+
+    def encode_target(self, text: str) -> list[int]:
+        """Target ids as trained after a prompt, ending with the end token (for ranking candidates)."""
+        if self.family == "blip_vqa":
+            ids, _ = self._tokenize(text)
+            return [*ids, self.eos_id]
+        ids, roles = self._roles(_TARGET_CONTEXT, text)
+        return [i for i, r in zip(ids, roles) if r == "target"]
+
+    def generation_ids(self, prompt_ids: list[int]) -> list[int]:
+        """``input_ids`` for ``model.generate`` (BLIP's caption ``generate`` drops the last id, so it gets the
+        end token appended)."""
+        if self.family == "blip_caption":
+            return [*prompt_ids, self.eos_id]
+        return list(prompt_ids)
+
+    def strip_prompt(self, generated: Sequence[int], prompt_ids: Sequence[int]) -> list[int]:
+        """The new tokens of one ``generate`` output row."""
+        out = list(generated)
+        if self.family in _GENERATE_RETURNS_NEW_ONLY:
+            return out
+        if out[: len(prompt_ids)] != list(prompt_ids):
+            raise ValueError(f"generate() did not return the prompt of family {self.family!r} as expected")
+        return out[len(prompt_ids):]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    def text_inputs(self, prompt_rows: Sequence[Sequence[int]], target_rows: Sequence[Sequence[int]]
+                    ) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids`` / ``attention_mask`` (rows, length) of ``prompt + target`` rows, padded
+        exactly as in training (PaliGemma also gets ``token_type_ids``: 0 on the prompt, 1 on the target)."""
+        if not self.supports_ranking:
+            raise ValueError(f"family {self.family!r} does not lay out prompt + target in input_ids")
+        rows = [([*p, *t], ["prompt"] * len(p) + ["target"] * len(t)) for p, t in zip(prompt_rows, target_rows)]
+        batch = self._pad(rows)
+        batch.pop("labels")
+        return batch
 
     def encode(self, prompts: Sequence[str], targets: Sequence[str], pixel_values: torch.Tensor
                ) -> dict[str, torch.Tensor]:

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from vlpeft.tasks.framing import clean_hypothesis, format_prompt
+
 __all__ = [
     "PromptEncoder",
     "sequence_log_likelihoods",
@@ -37,14 +39,20 @@ __all__ = [
 
 
 class PromptEncoder(Protocol):
-    """How one model family encodes inference inputs (implemented by the task collators).
+    """How one model family encodes inference inputs; implemented by
+    :class:`vlpeft.tasks.collators.SequenceEncoder`, the same object the training collators use.
 
-    ``encode_prompts(items, prompts)`` returns the batch's non-text model inputs (``pixel_values`` of shape
-    (batch, 3, H, W), plus e.g. ``token_type_ids``-free extras) and, per example, the exact prompt token ids the
-    model sees before the target during training (special and image tokens included). ``encode_target(text)``
-    returns the target token ids as trained (ending with the end-of-sequence token). ``generation_ids(prompt)``
-    returns what ``model.generate`` must receive as ``input_ids`` for that prompt (BLIP drops the last id).
-    ``decode(ids)`` turns generated ids into text.
+    - ``encode_prompts(items, prompts)``: the batch's non-text model inputs (``pixel_values`` (batch, 3, H, W))
+      and, per example, the exact prompt ids the model sees before the target in training (special and image
+      tokens included).
+    - ``encode_target(text)``: the target ids as trained after a prompt, ending with the end token.
+    - ``text_inputs(prompt_rows, target_rows)``: padded ``input_ids``/``attention_mask`` (+ family extras) of
+      ``prompt + target`` rows, as the collator pads them.
+    - ``generation_ids(prompt_ids)``: what ``model.generate`` receives as ``input_ids``;
+      ``strip_prompt(output_row, prompt_ids)``: the new tokens of one output row; ``decode(ids)``: text.
+    - ``supports_ranking``: whether candidates can be scored (decoder-only layouts);
+      ``prefix_predicts_first_token``: the model prepends visual positions, the last of which predicts the first
+      text token (so an empty prompt is allowed).
     """
 
     def encode_prompts(
@@ -53,12 +61,24 @@ class PromptEncoder(Protocol):
 
     def encode_target(self, text: str) -> list[int]: ...
 
+    def text_inputs(
+        self, prompt_rows: Sequence[Sequence[int]], target_rows: Sequence[Sequence[int]]
+    ) -> dict[str, torch.Tensor]: ...
+
     def generation_ids(self, prompt_ids: list[int]) -> list[int]: ...
+
+    def strip_prompt(self, generated: Sequence[int], prompt_ids: Sequence[int]) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
     @property
     def pad_token_id(self) -> int: ...
+
+    @property
+    def supports_ranking(self) -> bool: ...
+
+    @property
+    def prefix_predicts_first_token(self) -> bool: ...
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -70,38 +90,42 @@ def _select(extra: Mapping[str, torch.Tensor], rows: torch.Tensor, device: torch
     return {k: v.index_select(0, rows.to(v.device)).to(device) for k, v in extra.items()}
 
 
-def _right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
-def _text_logits(model: nn.Module, inputs: dict[str, torch.Tensor], length: int) -> torch.Tensor:
-    """Logits aligned with ``input_ids`` (batch, length, vocab); models that prepend visual positions to the
-    sequence (prefix models) return longer logits whose last ``length`` positions belong to the text."""
+def _predictive_logits(model: nn.Module, inputs: dict[str, torch.Tensor], length: int) -> torch.Tensor:
+    """(batch, length, vocab) logits where row ``j`` is the distribution of text token ``j`` given everything
+    before it. Models that prepend visual positions return longer logits; their last prefix position predicts
+    token 0. Without a prefix, row 0 has no predictor and is filled with NaN."""
     logits = model(**inputs).logits
-    if logits.shape[1] < length:
+    extra = logits.shape[1] - length
+    if extra < 0:
         raise ValueError(f"model returned logits for {logits.shape[1]} positions, fewer than the {length} input ids")
-    return logits[:, logits.shape[1] - length :]
+    if extra > 0:
+        return logits[:, extra - 1 : extra - 1 + length]
+    first = torch.full_like(logits[:, :1], float("nan"))
+    return torch.cat([first, logits[:, :-1]], dim=1)
+
+
+def _check_ranking(encoder: PromptEncoder, prompt_ids: Sequence[Sequence[int]]) -> None:
+    if not encoder.supports_ranking:
+        raise ValueError("this model family cannot score candidates (its target is not in input_ids); use "
+                         "generation instead of ranking")
+    if not encoder.prefix_predicts_first_token and any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("an empty prompt leaves the first target token without a predicting position")
 
 
 @torch.no_grad()
 def sequence_log_likelihoods(
     model: nn.Module,
+    encoder: PromptEncoder,
     extra: Mapping[str, torch.Tensor],
     prompt_ids: Sequence[Sequence[int]],
     targets: Sequence[Sequence[int]],
     example_index: Sequence[int],
-    pad_token_id: int,
     chunk_size: int = 64,
 ) -> torch.Tensor:
     """Sum of log p(target tokens | image, prompt) for each (example, target) row.
 
     Args:
+        encoder: pads ``prompt + target`` rows as in training (:meth:`PromptEncoder.text_inputs`).
         extra: batch-first non-text inputs of the examples (e.g. ``pixel_values`` (n_examples, 3, H, W)).
         prompt_ids: per-example prompt ids.
         targets: per-row target ids (non-empty).
@@ -113,47 +137,46 @@ def sequence_log_likelihoods(
     """
     if len(targets) != len(example_index):
         raise ValueError(f"{len(targets)} targets but {len(example_index)} example indices")
+    _check_ranking(encoder, prompt_ids)
     device = _model_device(model)
     scores = torch.empty(len(targets), dtype=torch.float32)
     for start in range(0, len(targets), chunk_size):
-        rows = range(start, min(start + chunk_size, len(targets)))
-        seqs = []
-        for r in rows:
-            if not targets[r]:
-                raise ValueError(f"target {r} is empty")
-            seqs.append(list(prompt_ids[example_index[r]]) + list(targets[r]))
-        ids, mask = _right_pad(seqs, pad_token_id)
+        rows = list(range(start, min(start + chunk_size, len(targets))))
+        if any(not targets[r] for r in rows):
+            raise ValueError("every target must hold at least one token")
+        text = encoder.text_inputs([prompt_ids[example_index[r]] for r in rows], [targets[r] for r in rows])
         index = torch.tensor([example_index[r] for r in rows])
-        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), **_select(extra, index, device)}
-        log_probs = _text_logits(model, inputs, ids.shape[1]).float().log_softmax(-1)
+        inputs = {**{k: v.to(device) for k, v in text.items()}, **_select(extra, index, device)}
+        log_probs = _predictive_logits(model, inputs, text["input_ids"].shape[1]).float().log_softmax(-1)
         for j, r in enumerate(rows):
             p = len(prompt_ids[example_index[r]])
             t = torch.tensor(targets[r], device=device)
-            # the token at position p + i is predicted by the logits at position p + i - 1
-            picked = log_probs[j, p - 1 : p - 1 + len(t)].gather(-1, t.unsqueeze(-1)).squeeze(-1)
+            picked = log_probs[j, p : p + len(t)].gather(-1, t.unsqueeze(-1)).squeeze(-1)
             scores[r] = picked.sum().cpu()
     return scores
 
 
 @torch.no_grad()
 def _next_token_log_probs(
-    model: nn.Module, extra: Mapping[str, torch.Tensor], prompt_ids: Sequence[Sequence[int]], pad_token_id: int
+    model: nn.Module, encoder: PromptEncoder, extra: Mapping[str, torch.Tensor], prompt_ids: Sequence[Sequence[int]]
 ) -> torch.Tensor:
     """(n_examples, vocab) log-distribution of the first target token after each prompt."""
     device = _model_device(model)
-    ids, mask = _right_pad(prompt_ids, pad_token_id)
-    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), **{k: v.to(device) for k, v in extra.items()}}
-    logits = _text_logits(model, inputs, ids.shape[1]).float()
-    last = torch.tensor([len(p) - 1 for p in prompt_ids], device=device)
-    return logits[torch.arange(len(prompt_ids), device=device), last].log_softmax(-1).cpu()
+    # one dummy target token per row keeps the layout (and PaliGemma's token types) as in scoring
+    dummy = [[encoder.pad_token_id]] * len(prompt_ids)
+    text = encoder.text_inputs(prompt_ids, dummy)
+    inputs = {**{k: v.to(device) for k, v in text.items()}, **{k: v.to(device) for k, v in extra.items()}}
+    logits = _predictive_logits(model, inputs, text["input_ids"].shape[1]).float()
+    first = torch.tensor([len(p) for p in prompt_ids], device=device)
+    return logits[torch.arange(len(prompt_ids), device=device), first].log_softmax(-1).cpu()
 
 
 def rank_candidates(
     model: nn.Module,
+    encoder: PromptEncoder,
     extra: Mapping[str, torch.Tensor],
     prompt_ids: Sequence[Sequence[int]],
     candidates: Sequence[Sequence[int]],
-    pad_token_id: int,
     top_k: int = 32,
 ) -> list[int]:
     """Pick one candidate per example: keep the ``top_k`` candidates whose first token is most likely after the
@@ -163,18 +186,22 @@ def rank_candidates(
     """
     if not candidates:
         raise ValueError("rank_candidates needs at least one candidate")
-    k = min(top_k, len(candidates))
-    if k < 1:
+    if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    first = torch.tensor([c[0] for c in candidates])
-    first_scores = _next_token_log_probs(model, extra, prompt_ids, pad_token_id)[:, first]  # (n, n_candidates)
-    keep = first_scores.topk(k, dim=-1).indices  # (n, k)
+    _check_ranking(encoder, prompt_ids)
+    k = min(top_k, len(candidates))
+    if k == len(candidates):
+        keep = torch.arange(k).expand(len(prompt_ids), k)
+    else:
+        first = torch.tensor([c[0] for c in candidates])
+        first_scores = _next_token_log_probs(model, encoder, extra, prompt_ids)[:, first]  # (n, n_candidates)
+        keep = first_scores.topk(k, dim=-1).indices  # (n, k)
     rows_target, rows_example = [], []
     for i in range(len(prompt_ids)):
         for c in keep[i].tolist():
             rows_target.append(candidates[c])
             rows_example.append(i)
-    scores = sequence_log_likelihoods(model, extra, prompt_ids, rows_target, rows_example, pad_token_id)
+    scores = sequence_log_likelihoods(model, encoder, extra, prompt_ids, rows_target, rows_example)
     best = scores.view(len(prompt_ids), k).argmax(-1)
     return [int(keep[i, best[i]]) for i in range(len(prompt_ids))]
 
@@ -206,11 +233,7 @@ def generate_texts(
             **generate_kwargs,
         )
         for row, i in enumerate(members):
-            seq = out[row].tolist()
-            prompt = list(prompt_ids[i])
-            if seq[: len(prompt)] == prompt:
-                seq = seq[len(prompt) :]
-            texts[i] = encoder.decode(seq).strip()
+            texts[i] = encoder.decode(encoder.strip_prompt(out[row].tolist(), prompt_ids[i]))
     return texts
 
 
@@ -275,10 +298,10 @@ def predict_vqa(
                     raise ValueError("VQA mode 'classify' needs classify_inputs")
                 answers = [answer_list[c] for c in classifier_argmax(model, classify_inputs(items))]
             else:
-                prompts = [prompt_template.format(**item) for item in items]
+                prompts = [format_prompt(prompt_template, question=item["question"].strip()) for item in items]
                 extra, prompt_ids = encoder.encode_prompts(items, prompts)
                 if mode == "rank":
-                    picks = rank_candidates(model, extra, prompt_ids, candidates, encoder.pad_token_id, top_k)
+                    picks = rank_candidates(model, encoder, extra, prompt_ids, candidates, top_k)
                     answers = [answer_list[c] for c in picks]
                 elif mode == "generate":
                     answers = generate_texts(model, encoder, extra, prompt_ids, **generate_kwargs)
@@ -307,8 +330,6 @@ def predict_entailment(
     ``mode="rank"`` scores the label words (e.g. Correct / Ambiguous / Incorrect) after the prompt and picks the most
     likely; ``mode="classify"`` takes the argmax of a 3-way classifier whose classes follow ``label_words`` order.
     """
-    from vlpeft.tasks.framing import clean_hypothesis
-
     training = _was_training(model)
     labels = list(label_words)
     indices = list(range(len(dataset))) if indices is None else list(indices)
@@ -320,10 +341,10 @@ def predict_entailment(
         for batch in _batches(indices, batch_size):
             items = [dataset[i] for i in batch]
             if mode == "rank":
-                prompts = [prompt_template.format(**{**item, "hypothesis": clean_hypothesis(item["hypothesis"])})
+                prompts = [format_prompt(prompt_template, hypothesis=clean_hypothesis(item["hypothesis"]))
                            for item in items]
                 extra, prompt_ids = encoder.encode_prompts(items, prompts)
-                picks = rank_candidates(model, extra, prompt_ids, candidates, encoder.pad_token_id, len(labels))
+                picks = rank_candidates(model, encoder, extra, prompt_ids, candidates, len(labels))
             elif mode == "classify":
                 if classify_inputs is None:
                     raise ValueError("entailment mode 'classify' needs classify_inputs")
@@ -357,7 +378,7 @@ def predict_captions(
     try:
         for batch in _batches(indices, batch_size):
             items = [dataset[i] for i in batch]
-            extra, prompt_ids = encoder.encode_prompts(items, [prompt] * len(items))
+            extra, prompt_ids = encoder.encode_prompts(items, [prompt.strip()] * len(items))
             texts = generate_texts(model, encoder, extra, prompt_ids, **generate_kwargs)
             results.extend({"image_id": it["image_id"], "caption": t} for it, t in zip(items, texts))
     finally:

@@ -12,9 +12,12 @@ Tests cannot download processor files, so :func:`build_tiny_processor` assembles
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -57,10 +60,57 @@ TEMPLATE_TEXTS: tuple[str, ...] = (
 @dataclass
 class ImageTextProcessor:
     """A tokenizer and an image processor used together (for models without a transformers processor class,
-    e.g. the ViT + RoBERTa / GPT-2 composites). Collators read ``.tokenizer`` and ``.image_processor``."""
+    e.g. the ViT + RoBERTa / GPT-2 composites). Collators read ``.tokenizer`` and ``.image_processor``.
+
+    :meth:`save_pretrained` writes both into one folder (``preprocessor_config.json``, the tokenizer files and
+    the marker :data:`MARKER_FILE`); :meth:`from_pretrained` reads them back offline.
+    """
 
     image_processor: Any
     tokenizer: PreTrainedTokenizerFast
+
+    MARKER_FILE: ClassVar[str] = "vlpeft_processor.json"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> list[str]:
+        """Save the image processor and the tokenizer to ``save_directory`` (created if needed)."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.image_processor.save_pretrained(str(folder))
+        self.tokenizer.save_pretrained(str(folder))
+        marker = {"processor_class": type(self).__name__,
+                  "image_processor_class": type(self.image_processor).__name__,
+                  "tokenizer_class": type(self.tokenizer).__name__}
+        (folder / self.MARKER_FILE).write_text(json.dumps(marker, indent=1))
+        return sorted(str(f) for f in folder.iterdir())
+
+    @classmethod
+    def is_saved_in(cls, source: str | os.PathLike | None) -> bool:
+        """Whether ``source`` is a local folder written by :meth:`save_pretrained`."""
+        return source is not None and (Path(source) / cls.MARKER_FILE).is_file()
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> ImageTextProcessor:
+        """Load a folder written by :meth:`save_pretrained` (the same image-processor class is rebuilt)."""
+        import transformers
+
+        folder = Path(folder)
+        if not cls.is_saved_in(folder):
+            raise ValueError(f"{folder} holds no {cls.MARKER_FILE}; it was not written by ImageTextProcessor")
+        marker = json.loads((folder / cls.MARKER_FILE).read_text())
+        image_class = getattr(transformers, marker["image_processor_class"], None)
+        if image_class is None:
+            raise ValueError(f"{folder}: unknown image processor class {marker['image_processor_class']!r}")
+        image_processor = image_class.from_pretrained(str(folder))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        return cls(image_processor, tokenizer)
+
+    @classmethod
+    def from_parts(cls, vision: str, text: str, **kwargs: Any) -> ImageTextProcessor:
+        """The vision model's image processor and the text model's (fast) tokenizer, by hub name or path."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        return cls(AutoImageProcessor.from_pretrained(vision, **kwargs),
+                   AutoTokenizer.from_pretrained(text, use_fast=True, **kwargs))
 
 
 def build_tiny_tokenizer(

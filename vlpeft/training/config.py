@@ -39,6 +39,7 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
     "save_config",
+    "use_tiny_twin",
     "TASK_TYPES",
     "PRECISIONS",
 ]
@@ -57,6 +58,9 @@ LR_SCHEDULERS = (
     "constant_with_warmup",
 )
 REPORTERS = ("tensorboard", "csv")
+#: ``model.options`` keys: fields of :class:`vlpeft.models.VisionPrefixLMConfig` a recipe may set.
+COMPOSITE_OPTIONS = ("prefix_tokens", "visual_features", "use_visual_prefix", "prefix_projector", "head_pooling",
+                     "classifier_hidden_size", "classifier_dropout", "skip_first_token_loss", "problem_type")
 
 
 class ConfigError(ValueError):
@@ -68,12 +72,18 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Which backbone to fine-tune.
 
-    Exactly one of ``name`` (a Hugging Face hub name or a local directory) and ``tiny`` (a tiny random-config
-    family from :func:`vlpeft.testing.build_tiny_model`) is set.
+    Exactly one of ``name`` (a Hugging Face hub name or a local directory), ``vision`` + ``text`` (the parts of
+    vlpeft's ViT + RoBERTa/BERT/GPT-2 composite) and ``tiny`` (a tiny random-config family from
+    :func:`vlpeft.testing.build_tiny_model`) is set.
 
     Attributes:
         name: hub name or local path, e.g. ``Salesforce/blip-image-captioning-base``.
+        vision / text: hub names or paths of the composite's parts, e.g. ``google/vit-base-patch16-224-in21k`` and
+            ``roberta-base`` (:meth:`vlpeft.models.VisionPrefixLMPreTrainedModel.from_pretrained_parts`).
+        options: :class:`vlpeft.models.VisionPrefixLMConfig` fields of the composite (``prefix_tokens``,
+            ``head_pooling``, ``classifier_hidden_size``...); also applied to its tiny twin.
         tiny: tiny-config family, e.g. ``blip_caption``.
+        tiny_twin: the tiny family that stands in for this model in smoke tests (``vlpeft train --tiny-twin``).
         tiny_overrides: keyword overrides for ``build_tiny_model`` (``hidden_size``, ``num_hidden_layers``...).
         family: vlpeft model family (``vlpeft.glue.families``); inferred from ``tiny``, a local ``config.json``
             or a well-known hub name when left empty.
@@ -83,7 +93,11 @@ class ModelConfig:
     """
 
     name: str | None = None
+    vision: str | None = None
+    text: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
     tiny: str | None = None
+    tiny_twin: str | None = None
     tiny_overrides: dict[str, Any] = field(default_factory=dict)
     family: str | None = None
     processor: str | None = None
@@ -116,8 +130,13 @@ class TaskConfig:
         train_annotations / eval_annotations / test_annotations: VQAv2 official annotation files that go with
             the question files above (unused by the other formats).
         images: image folder (searched one level deep, so ``train2014/`` and ``val2014/`` are both found).
-        answer_list: VQA candidate answers (JSON list) for ranking / the classifier vocabulary.
-        framing: ``generative`` (the LM writes the answer) or ``discriminative`` (a classifier head).
+        answer_list: VQA candidate answers (JSON list, or an ``ans2label`` mapping) for ranking / the classifier
+            vocabulary (default: built from the training answers).
+        framing: ``generative`` (the LM writes the answer) or ``discriminative`` (a classifier head); default:
+            ``discriminative`` for the classifier composites (``vit_roberta``, ``vit_bert``), else ``generative``.
+        answer_weighting: generative VQA training sequences: ``release`` (one sequence per distinct answer,
+            weighted count/10, loss divided by the number of questions; the BLIP / p-adapter release),
+            ``scores`` (weight = soft score) or ``most_common`` (one sequence per question, token-mean loss).
         inference: ``generate``, ``rank`` or ``classify`` (default: the task's usual one).
         prompt: text placed before the target (caption prompt, VQA/SNLI-VE template); empty: the task default.
         max_length: maximum text length in tokens.
@@ -135,7 +154,8 @@ class TaskConfig:
     test_annotations: str | None = None
     images: str | None = None
     answer_list: str | None = None
-    framing: str = "generative"
+    framing: str | None = None
+    answer_weighting: str = "release"
     inference: str | None = None
     prompt: str | None = None
     max_length: int = 40
@@ -263,6 +283,7 @@ _SECTIONS: dict[str, type] = {
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("task", "type"): TASK_TYPES,
     ("task", "framing"): FRAMINGS,
+    ("task", "answer_weighting"): ("release", "scores", "most_common"),
     ("task", "inference"): INFERENCE_MODES,
     ("task", "bad_input"): ("raise", "skip", "warn"),
     ("optim", "lr_scheduler"): LR_SCHEDULERS,
@@ -354,12 +375,37 @@ def _section_from_dict(name: str, cls: type, values: Any) -> Any:
         checked = _coerce(value, hints[key], f"{name}.{key}")
         if choices is not None and checked is not None and checked not in choices:
             raise ConfigError(f"{name}.{key}: {checked!r} is not one of {list(choices)}")
+        if (name, key) == ("model", "options"):
+            _check_composite_options(checked)
         if key == "report_to":
             bad = [r for r in checked if r not in REPORTERS]
             if bad:
                 raise ConfigError(f"run.report_to: unknown logger(s) {bad}; allowed: {list(REPORTERS)}")
         kwargs[key] = checked
     return cls(**kwargs)
+
+
+def _check_composite_options(options: dict[str, Any]) -> None:
+    allowed = sorted(COMPOSITE_OPTIONS)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"model.options.{unknown[0]}: unknown composite option; allowed: {allowed}")
+
+
+def use_tiny_twin(config: TrainConfig) -> TrainConfig:
+    """The same run with the model replaced by the tiny twin its recipe declares (``model.tiny_twin``).
+
+    Raises:
+        ConfigError: the recipe declares no tiny twin.
+    """
+    model = config.model
+    if model.tiny is not None:
+        return config
+    if model.tiny_twin is None:
+        raise ConfigError("model.tiny_twin: this config declares no tiny twin family (set model.tiny_twin)")
+    tiny = dataclasses.replace(model, name=None, vision=None, text=None, processor=None, revision=None,
+                               tiny=model.tiny_twin)
+    return dataclasses.replace(config, model=tiny)
 
 
 def config_from_dict(data: dict[str, Any], base_dir: str | os.PathLike = ".") -> TrainConfig:

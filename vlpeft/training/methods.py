@@ -97,12 +97,19 @@ def get_method(name: str) -> MethodEntry:
 
 
 # --------------------------------------------------------------------------------------------- defaults
+#: vlpeft.glue family of each training family that has a different name there (the composites).
+GLUE_FAMILIES = {"vit_roberta": "vit_prefix_encoder", "vit_bert": "vit_prefix_encoder", "vit_gpt2": "vit_prefix_decoder"}
+#: Families whose task head is trained and saved alongside any PEFT method.
+HEAD_MODULES = {"vit_roberta": ["classifier"], "vit_bert": ["classifier"]}
+
+
 def _family(name: str | None):
     if name is None:
         return None
+    import vlpeft.glue.composite_families  # noqa: F401  (registers the composite families)
     from vlpeft.glue.families import FAMILIES
 
-    return FAMILIES.get(name)
+    return FAMILIES.get(GLUE_FAMILIES.get(name, name))
 
 
 def _lora_targets(task: str, family_name: str | None) -> dict[str, Any]:
@@ -212,6 +219,9 @@ def resolve_method_options(method_type: str, options: dict[str, Any], task: str,
             raise ConfigError(f"method.freeze: expected a list of tower names or regexes, got {freeze!r}")
         return dict(options)
     merged = {**entry.defaults(task, family), **options}
+    head = HEAD_MODULES.get(family or "")
+    if head and "modules_to_save" in allowed and merged.get("modules_to_save") is None:
+        merged["modules_to_save"] = list(head)
     try:
         return cls(**merged)
     except (TypeError, ValueError) as error:

@@ -11,7 +11,7 @@ from torch import nn
 
 from vlpeft.training.config import ConfigError, TrainConfig
 
-__all__ = ["FAMILY_CLASSES", "KNOWN_HUB_FAMILIES", "resolve_family", "load_model", "load_processor"]
+__all__ = ["COMPOSITE_FAMILIES", "FAMILY_CLASSES", "KNOWN_HUB_FAMILIES", "resolve_family", "load_model", "load_processor"]
 
 # Model class per family for ``from_pretrained`` (module:Class).
 FAMILY_CLASSES: dict[str, str] = {
@@ -22,7 +22,13 @@ FAMILY_CLASSES: dict[str, str] = {
     "paligemma": "transformers:PaliGemmaForConditionalGeneration",
     "git": "transformers:GitForCausalLM",
     "vision_encoder_decoder": "transformers:VisionEncoderDecoderModel",
+    "vit_roberta": "vlpeft.models:VisionPrefixLMForClassification",
+    "vit_gpt2": "vlpeft.models:VisionPrefixLMForCausalLM",
 }
+#: Composite family of a (vision, text) pair, by the text model's name.
+COMPOSITE_TEXT_FAMILIES: dict[str, str] = {"roberta": "vit_roberta", "bert": "vit_bert", "gpt2": "vit_gpt2",
+                                           "gpt-2": "vit_gpt2"}
+COMPOSITE_FAMILIES: tuple[str, ...] = ("vit_roberta", "vit_bert", "vit_gpt2")
 
 # Hub-name prefixes whose family is known without reading a config (no download needed to validate).
 KNOWN_HUB_FAMILIES: dict[str, str] = {
@@ -39,8 +45,28 @@ def resolve_family(config: TrainConfig) -> str:
     """The model family, found without loading weights (tiny name, ``model.family``, a local ``config.json``, or a
     known hub-name prefix). Raises :class:`ConfigError` when it cannot be determined."""
     model = config.model
-    if (model.name is None) == (model.tiny is None):
-        raise ConfigError("model: set exactly one of model.name (hub name or path) and model.tiny (tiny family)")
+    parts = model.vision is not None or model.text is not None
+    if sum((model.name is not None, parts, model.tiny is not None)) != 1:
+        raise ConfigError("model: set exactly one of model.name (hub name or path), model.vision + model.text "
+                          "(composite parts) and model.tiny (tiny family)")
+    if parts:
+        if model.vision is None or model.text is None:
+            raise ConfigError("model.vision / model.text: the composite needs both parts")
+        if model.family is not None:
+            if model.family not in COMPOSITE_FAMILIES:
+                raise ConfigError(f"model.family: {model.family!r} is not a composite family {list(COMPOSITE_FAMILIES)}")
+            return model.family
+        base = model.text.rsplit("/", 1)[-1].lower()
+        for prefix, family in sorted(COMPOSITE_TEXT_FAMILIES.items(), key=lambda kv: -len(kv[0])):
+            if base.startswith(prefix):
+                return family
+        raise ConfigError(f"model.family: cannot infer the composite family of text model {model.text!r}; set "
+                          f"model.family to one of {list(COMPOSITE_FAMILIES)}")
+    if model.tiny_twin is not None:
+        from vlpeft.testing import FAMILIES as TINY_FAMILIES
+
+        if model.tiny_twin not in TINY_FAMILIES:
+            raise ConfigError(f"model.tiny_twin: unknown tiny family {model.tiny_twin!r}; allowed: {sorted(TINY_FAMILIES)}")
     if model.tiny is not None:
         from vlpeft.testing import FAMILIES
 
@@ -75,26 +101,43 @@ def _import(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def load_model(config: TrainConfig, family: str) -> nn.Module:
-    """Build the tiny twin (seeded with ``run.seed``) or ``from_pretrained`` the named checkpoint."""
+def load_model(config: TrainConfig, family: str, num_labels: int | None = None) -> nn.Module:
+    """Build the tiny twin (seeded with ``run.seed``), assemble the composite from its parts, or
+    ``from_pretrained`` the named checkpoint. ``num_labels``: classifier width (discriminative framing)."""
     model = config.model
     if model.tiny is not None:
         from vlpeft.testing import build_tiny_model
 
         overrides = dict(model.tiny_overrides)
+        if family in COMPOSITE_FAMILIES:
+            overrides = {**model.options, **overrides}
+        if num_labels is not None:
+            if overrides.get("num_labels", num_labels) != num_labels:
+                raise ConfigError(f"model.tiny_overrides.num_labels: {overrides['num_labels']} does not match the "
+                                  f"task's {num_labels} classes")
+            overrides["num_labels"] = num_labels
         if model.attn_implementation is not None:
             overrides["attn_implementation"] = model.attn_implementation
         try:
             return build_tiny_model(model.tiny, seed=config.run.seed, **overrides).model
         except ValueError as error:
             raise ConfigError(f"model.tiny_overrides: {error}") from error
-    if family not in FAMILY_CLASSES:
-        raise ConfigError(f"model.family: no model class known for family {family!r}; known: {sorted(FAMILY_CLASSES)}")
     kwargs: dict[str, Any] = {}
-    if model.revision is not None:
-        kwargs["revision"] = model.revision
     if model.attn_implementation is not None:
         kwargs["attn_implementation"] = model.attn_implementation
+    if model.vision is not None:
+        from vlpeft.models import VisionPrefixLMPreTrainedModel
+
+        labels = {"num_labels": num_labels} if num_labels is not None else {}
+        return VisionPrefixLMPreTrainedModel.from_pretrained_parts(
+            model.vision, model.text, task="causal_lm" if family == "vit_gpt2" else "classification",
+            vision_kwargs=kwargs, text_kwargs=kwargs, **model.options, **labels)
+    if family not in FAMILY_CLASSES:
+        raise ConfigError(f"model.family: no model class known for family {family!r}; known: {sorted(FAMILY_CLASSES)}")
+    if model.revision is not None:
+        kwargs["revision"] = model.revision
+    if num_labels is not None and family in COMPOSITE_FAMILIES:
+        kwargs["num_labels"] = num_labels
     return _import(FAMILY_CLASSES[family]).from_pretrained(model.name, **kwargs)
 
 
@@ -112,7 +155,14 @@ def load_processor(config: TrainConfig, family: str, texts: list[str]) -> Any:
             image_size=int(sizes.get("image_size", 32)),
             patch_size=int(sizes.get("patch_size", 8)),
         )
-    from transformers import AutoProcessor
+    from vlpeft.tasks.processors import ImageTextProcessor
 
     kwargs = {"revision": model.revision} if model.revision is not None else {}
-    return AutoProcessor.from_pretrained(model.processor or model.name, **kwargs)
+    if model.vision is not None and model.processor is None:
+        return ImageTextProcessor.from_parts(model.vision, model.text, **kwargs)
+    source = model.processor or model.name
+    if ImageTextProcessor.is_saved_in(source):
+        return ImageTextProcessor.from_pretrained(source)
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(source, **kwargs)

@@ -30,8 +30,15 @@ from vlpeft.training.checkpoints import (
 from vlpeft.training.config import ConfigError, TrainConfig, config_to_dict, save_config
 from vlpeft.training.methods import apply_method, count_parameters
 from vlpeft.training.models import load_model, load_processor
-from vlpeft.training.task_binding import TaskBinding, build_task, load_datasets, tokenizer_texts
-from vlpeft.training.trainer import CsvLoggerCallback, TokenLoss, VLPeftTrainer
+from vlpeft.training.task_binding import (
+    TaskBinding,
+    answer_list,
+    build_task,
+    load_datasets,
+    num_labels_for,
+    tokenizer_texts,
+)
+from vlpeft.training.trainer import CsvLoggerCallback, VLPeftTrainer
 from vlpeft.training.validation import ValidatedPlan, validate_config
 
 __all__ = ["RunResult", "run_training", "evaluate", "predict", "peak_memory_bytes", "format_summary"]
@@ -180,15 +187,16 @@ class _Assembled:
 def _assemble(config: TrainConfig, plan: ValidatedPlan, checkpoint: str | os.PathLike | None = None) -> _Assembled:
     """Datasets, processor, model (+ method or a saved adapter), task binding."""
     datasets = load_datasets(config)
-    processor = load_processor(config, plan.family, tokenizer_texts(datasets))
+    answers = answer_list(config, datasets[0]) if config.task.type == "vqa" else None
+    processor = load_processor(config, plan.family, tokenizer_texts(datasets) + list(answers or ()))
     set_seed(config.run.seed)
-    model = load_model(config, plan.family)
+    model = load_model(config, plan.family, num_labels_for(config, answers))
     _, total = count_parameters(model)
     if checkpoint is None:
         model = apply_method(model, config.method.type, plan.method_config, plan.family)
     else:
         model = _load_trained(model, config, Path(checkpoint))
-    task = build_task(config, processor, plan.family, model.config, datasets)
+    task = build_task(config, processor, plan.family, model.config, datasets, answers)
     return _Assembled(plan, model, processor, task, total)
 
 
@@ -295,7 +303,6 @@ def run_training(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ())
         eval_dataset=task.eval_dataset,
         data_collator=task.collate,
         callbacks=all_callbacks,
-        compute_loss_func=TokenLoss(config.optim.label_smoothing),
         task=task,
     )
     with warnings.catch_warnings():

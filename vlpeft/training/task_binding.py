@@ -1,15 +1,25 @@
-"""Bind a :class:`~vlpeft.training.config.TaskConfig` to datasets, a training collator, inference and a metric.
+"""Bind a :class:`~vlpeft.training.config.TaskConfig` to datasets, a collator, a training objective, inference and
+a metric.
 
-The generative framing (p-adapter.md §4) lays out every training sequence as ``prompt ids + target ids``, with
-the loss on the target only. :class:`ProcessorTextIO` implements that layout for processor-based families and
-is also the :class:`~vlpeft.tasks.inference.PromptEncoder` used at inference, so ranking/generation see exactly
-the prefix the model was trained on.
+There is one text layout per model family, :class:`vlpeft.tasks.collators.SequenceEncoder`: the training collator
+owns it and inference uses the same object as its prompt encoder, so ranking and generation see exactly the
+prefix the model was trained on. Each (framing, task) pair below is one small ``_bind_*`` function.
+
+=================  ==========================================  =====================================================
+framing            families                                    tasks (inference)
+=================  ==========================================  =====================================================
+generative         blip_caption, git, blip2, llava, paligemma,  vqa (rank, generate), snli_ve (rank), caption
+                   vit_gpt2                                    (generate)
+generative         blip_vqa                                    vqa (generate; the model computes its own loss)
+discriminative     vit_roberta, vit_bert                       vqa (classify: BCE on soft scores over the answer
+                                                               vocabulary), snli_ve (classify: 3-way CE)
+=================  ==========================================  =====================================================
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,111 +28,60 @@ import torch
 
 from vlpeft.training.config import ConfigError, TrainConfig
 
-__all__ = ["ProcessorTextIO", "TaskBinding", "build_task", "default_metric", "DEFAULT_METRICS", "tokenizer_texts"]
+__all__ = [
+    "TaskBinding",
+    "build_task",
+    "default_metric",
+    "DEFAULT_METRICS",
+    "CLASSIFIER_FAMILIES",
+    "RANKING_FAMILIES",
+    "GENERATIVE_TRAINING_FAMILIES",
+    "allowed_inference",
+    "default_framing",
+    "num_labels_for",
+    "tokenizer_texts",
+]
 
-# Main metric per task, and whether higher is better (all are).
+# Main metric per task (higher is better for all).
 DEFAULT_METRICS = {"vqa": "vqa_accuracy", "snli_ve": "accuracy", "caption": "CIDEr"}
 CAPTION_EVAL_METRICS = ("Bleu", "ROUGE_L", "CIDEr")
-# Families whose processor inserts the image placeholder tokens in the text.
-IMAGE_TOKEN_FAMILIES = ("blip2", "llava")
-BOS_REPLACING_FAMILIES = ("blip_caption",)
+#: Families with a classifier head (discriminative framing).
+CLASSIFIER_FAMILIES: tuple[str, ...] = ("vit_roberta", "vit_bert")
+#: Families that score candidates as ``prompt + target`` (ranking inference).
+RANKING_FAMILIES: tuple[str, ...] = ("blip_caption", "git", "blip2", "llava", "paligemma", "vit_gpt2")
+#: Families trained with the generative framing.
+GENERATIVE_TRAINING_FAMILIES: tuple[str, ...] = (*RANKING_FAMILIES, "blip_vqa")
 
 
 def default_metric(task_type: str) -> str:
     return DEFAULT_METRICS[task_type]
 
 
-class ProcessorTextIO:
-    """Prompt/target encoding for a family with a transformers processor (generative framing).
+def default_framing(family: str) -> str:
+    return "discriminative" if family in CLASSIFIER_FAMILIES else "generative"
 
-    - BLIP caption decoder: prompt ids = ``[bos] + words`` (BLIP replaces ``[CLS]`` by its decoder bos, as
-      ``generate`` does), target = ``words + [sep]``; ``generate`` drops the last input id, so generation ids
-      are ``prompt + [sep]``.
-    - LLaVA / BLIP-2: the processor expands the image placeholder; prompt ids = processor ids, target =
-      ``words + [eos]``.
 
-    Args:
-        processor: the model's processor (``.tokenizer`` and image processing through ``__call__``).
-        family: model family name.
-        model_config: the model's config (special-token ids).
-        max_length: maximum total sequence length (prompt + target); longer targets are truncated.
-    """
+def allowed_inference(task_type: str, framing: str, family: str) -> tuple[str, ...]:
+    """Inference modes for (task, framing, family), the default first."""
+    if framing == "discriminative":
+        return ("classify",) if task_type in ("vqa", "snli_ve") else ()
+    if task_type == "caption":
+        return ("generate",)
+    ranking = family in RANKING_FAMILIES
+    if task_type == "vqa":
+        return ("rank", "generate") if ranking else ("generate",)
+    return ("rank",) if ranking else ()
 
-    def __init__(self, processor: Any, family: str, model_config: Any, max_length: int) -> None:
-        if family not in BOS_REPLACING_FAMILIES + IMAGE_TOKEN_FAMILIES:
-            raise ConfigError(
-                f"the generative framing supports model families {list(BOS_REPLACING_FAMILIES + IMAGE_TOKEN_FAMILIES)}, "
-                f"got {family!r}"
-            )
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.family = family
-        self.max_length = max_length
-        text_config = getattr(model_config, "text_config", model_config)
-        if family in BOS_REPLACING_FAMILIES:
-            self.bos_id = text_config.bos_token_id
-            self.end_id = text_config.sep_token_id
-        else:
-            self.bos_id = None
-            self.end_id = self.tokenizer.eos_token_id
-        self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    @property
-    def pad_token_id(self) -> int:
-        return self._pad
-
-    def _prompt_text(self, prompt: str) -> str:
-        if self.family in IMAGE_TOKEN_FAMILIES:
-            token = getattr(self.processor, "image_token", None) or "<image>"
-            if token not in prompt:
-                return f"{token} {prompt}".strip()
-        return prompt
-
-    def encode_prompts(self, items: Sequence[Mapping[str, Any]], prompts: Sequence[str]):
-        images = [item["image"] for item in items]
-        batch = self.processor(images=images, text=[self._prompt_text(p) for p in prompts], padding=True,
-                               return_tensors="pt")
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        prompt_ids = []
-        for row, m in zip(ids.tolist(), mask.tolist()):
-            tokens = [t for t, keep in zip(row, m) if keep]
-            if self.family in BOS_REPLACING_FAMILIES:
-                tokens = [self.bos_id] + tokens[1:-1]  # [CLS] words [SEP] -> [bos] words
-            prompt_ids.append(tokens)
-        extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
-        return extra, prompt_ids
-
-    def encode_target(self, text: str) -> list[int]:
-        words = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return list(words) + [self.end_id]
-
-    def generation_ids(self, prompt_ids: list[int]) -> list[int]:
-        if self.family in BOS_REPLACING_FAMILIES:
-            return prompt_ids + [self.end_id]
-        return prompt_ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def collate(self, items: Sequence[Mapping[str, Any]], prompts: Sequence[str], targets: Sequence[str]):
-        """Training batch: ``input_ids``/``attention_mask``/``labels`` (batch, length) right-padded, loss on the
-        target tokens only, plus the processor's image inputs (``pixel_values`` (batch, 3, H, W))."""
-        extra, prompt_ids = self.encode_prompts(items, prompts)
-        rows, label_rows = [], []
-        for p, t in zip(prompt_ids, targets):
-            target = self.encode_target(t)
-            seq = (p + target)[: self.max_length]
-            rows.append(seq)
-            label_rows.append(([-100] * len(p) + target)[: self.max_length])
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for i, (r, lab) in enumerate(zip(rows, label_rows)):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-            labels[i, : len(lab)] = torch.tensor(lab)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, **extra}
+def num_labels_for(config: TrainConfig, answers: list[str] | None) -> int | None:
+    """Classifier width of the discriminative framing (answer vocabulary size or 3), else ``None``."""
+    if config.task.framing != "discriminative":
+        return None
+    if config.task.type == "snli_ve":
+        return 3
+    if not answers:
+        raise ConfigError("task.answer_list: the VQA classifier needs an answer vocabulary (answer_list or train)")
+    return len(answers)
 
 
 @dataclass
@@ -131,21 +90,23 @@ class TaskBinding:
 
     Attributes:
         train_dataset / eval_dataset / test_dataset: datasets (eval/test as evaluated: image-level for captions).
-        collate: list of dataset items -> model inputs with labels.
+        collate: list of dataset items -> model inputs with labels (a :mod:`vlpeft.tasks.collators` collator).
+        objective: the training loss (:class:`vlpeft.tasks.losses.TrainingObjective`).
         predict: (model, dataset, indices) -> submission records.
         score: (records, dataset) -> ``{metric name: value}`` (percent for accuracies, pycocoevalcap scale for
             caption metrics).
-        metric: the main metric name; text_io: the prompt encoder.
+        metric: the main metric name; encoder: the prompt encoder shared with the collator (generative framing).
     """
 
     train_dataset: Any
     eval_dataset: Any
     test_dataset: Any
     collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+    objective: Any
     predict: Callable[..., list[dict[str, Any]]]
     score: Callable[[list[dict[str, Any]], Any], dict[str, float]]
     metric: str
-    text_io: Any = None
+    encoder: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -231,12 +192,14 @@ def tokenizer_texts(datasets: Sequence[Any], limit: int = 2000) -> list[str]:
     return texts
 
 
-def _answer_list(config: TrainConfig, train: Any) -> list[str] | None:
+def answer_list(config: TrainConfig, train: Any) -> list[str] | None:
+    """VQA candidate answers / classifier vocabulary: ``task.answer_list`` (JSON list, or an ``ans2label`` dict),
+    else built from the training records (most frequent first), else ``None``."""
     path = config.resolve_path(config.task.answer_list)
     if path is not None:
-        data = json.loads(path.read_text())
+        data = json.loads(Path(path).read_text())
         if isinstance(data, dict):
-            data = list(data)
+            data = sorted(data, key=data.get) if all(isinstance(v, int) for v in data.values()) else list(data)
         if not isinstance(data, list) or not all(isinstance(a, str) for a in data) or not data:
             raise ConfigError(f"task.answer_list: {path} must hold a non-empty JSON list of answer strings")
         return data
@@ -285,68 +248,116 @@ def _caption_score(records: list[dict[str, Any]], dataset: Any, use_java: bool |
     return out
 
 
-def build_task(config: TrainConfig, processor: Any, family: str, model_config: Any,
-               datasets: tuple[Any, Any, Any]) -> TaskBinding:
-    """Wire datasets, collation, inference and scoring for ``config.task`` (generative framing)."""
-    from vlpeft.tasks import inference
-    from vlpeft.tasks.framing import (
-        DEFAULT_CAPTION_PROMPT,
-        DEFAULT_ENTAILMENT_PROMPT,
-        DEFAULT_LABEL_WORDS,
-        clean_hypothesis,
-        vqa_targets,
-    )
+def _generation_kwargs(config: TrainConfig) -> dict[str, Any]:
+    ev = config.eval
+    return {"num_beams": ev.num_beams, "max_new_tokens": ev.max_new_tokens, "min_new_tokens": ev.min_new_tokens}
+
+
+def _token_objective(config: TrainConfig, encoder: Any) -> Any:
+    from vlpeft.tasks.losses import ModelLossObjective, TokenObjective
+
+    if encoder.family == "blip_vqa":
+        return ModelLossObjective()
+    return TokenObjective(config.optim.label_smoothing, encoder.prefix_predicts_first_token)
+
+
+def _bind_generative(config: TrainConfig, processor: Any, family: str, model_config: Any,
+                     datasets: tuple[Any, Any, Any], answers: list[str] | None) -> TaskBinding:
+    from vlpeft.tasks import collators, inference
+    from vlpeft.tasks.framing import DEFAULT_CAPTION_PROMPT, DEFAULT_ENTAILMENT_PROMPT, DEFAULT_VQA_PROMPT
+    from vlpeft.tasks.losses import WeightedSequenceObjective
 
     task = config.task
-    if task.framing != "generative":
-        raise ConfigError("task.framing: only 'generative' is wired into the trainer in this version")
-    train, evaluation, test = datasets
-    text_io = ProcessorTextIO(processor, family, model_config, task.max_length)
-    gen_kwargs = {"num_beams": config.eval.num_beams, "max_new_tokens": config.eval.max_new_tokens,
-                  "min_new_tokens": config.eval.min_new_tokens}
+    mode = task.inference or allowed_inference(task.type, task.framing, family)[0]
     batch_size = config.optim.eval_batch_size or config.optim.batch_size
-
+    common = {"max_length": task.max_length, "model_config": model_config}
+    train, evaluation, test = datasets
     if task.type == "vqa":
-        template = task.prompt or "{question}"
-        mode = task.inference or "rank"
-        answers = _answer_list(config, train) if mode == "rank" else None
-
-        def collate(items):
-            targets = [vqa_targets(it, "most_common")[0][0] for it in items]
-            return text_io.collate(items, [template.format(**it) for it in items], targets)
+        template = task.prompt or DEFAULT_VQA_PROMPT
+        collate = collators.VQAGenerativeCollator(processor, family, answer_weighting=task.answer_weighting,
+                                                  prompt_template=template, **common)
+        encoder = collate.encoder
+        if task.answer_weighting == "most_common" or family == "blip_vqa":
+            objective = _token_objective(config, encoder)
+        else:
+            objective = WeightedSequenceObjective(config.optim.label_smoothing)
 
         def predict(model, dataset, indices=None):
-            return inference.predict_vqa(model, dataset, mode=mode, prompt_template=template, encoder=text_io,
+            return inference.predict_vqa(model, dataset, mode=mode, prompt_template=template, encoder=encoder,
                                          answer_list=answers, indices=indices, batch_size=batch_size,
-                                         top_k=config.eval.rank_top_k, **gen_kwargs)
+                                         top_k=config.eval.rank_top_k, **_generation_kwargs(config))
 
-        return TaskBinding(train, evaluation, test, collate, predict, _vqa_score, "vqa_accuracy", text_io,
+        return TaskBinding(train, evaluation, test, collate, objective, predict, _vqa_score, "vqa_accuracy", encoder,
                            {"answer_list": answers})
-
     if task.type == "snli_ve":
         template = task.prompt or DEFAULT_ENTAILMENT_PROMPT
-        words = dict(DEFAULT_LABEL_WORDS)
-
-        def collate(items):
-            prompts = [template.format(**{**it, "hypothesis": clean_hypothesis(it["hypothesis"])}) for it in items]
-            return text_io.collate(items, prompts, [words[it["label"]] for it in items])
+        collate = collators.EntailmentGenerativeCollator(processor, family, prompt_template=template, **common)
+        encoder = collate.encoder
 
         def predict(model, dataset, indices=None):
-            return inference.predict_entailment(model, dataset, mode=task.inference or "rank", label_words=words,
-                                                prompt_template=template, encoder=text_io, indices=indices,
+            return inference.predict_entailment(model, dataset, mode=mode, label_words=collate.label_words,
+                                                prompt_template=template, encoder=encoder, indices=indices,
                                                 batch_size=batch_size)
 
-        return TaskBinding(train, evaluation, test, collate, predict, _entailment_score, "accuracy", text_io)
-
+        return TaskBinding(train, evaluation, test, collate, _token_objective(config, encoder), predict,
+                           _entailment_score, "accuracy", encoder)
     prompt = DEFAULT_CAPTION_PROMPT if task.prompt is None else task.prompt
+    collate = collators.CaptionGenerativeCollator(processor, family, prompt=prompt, **common)
+    encoder = collate.encoder
 
-    def collate(items):
-        return text_io.collate(items, [prompt] * len(items), [it["caption"] for it in items])
-
-    def predict(model, dataset, indices=None):
-        return inference.predict_captions(model, dataset, encoder=text_io, prompt=prompt, indices=indices,
-                                          batch_size=batch_size, **gen_kwargs)
+    def predict_captions(model, dataset, indices=None):
+        return inference.predict_captions(model, dataset, encoder=encoder, prompt=prompt, indices=indices,
+                                          batch_size=batch_size, **_generation_kwargs(config))
 
     use_java = {"auto": None, "yes": True, "no": False}[config.eval.java]
-    return TaskBinding(train, evaluation, test, collate, predict,
-                       lambda records, dataset: _caption_score(records, dataset, use_java), "CIDEr", text_io)
+    return TaskBinding(train, evaluation, test, collate, _token_objective(config, encoder), predict_captions,
+                       lambda records, dataset: _caption_score(records, dataset, use_java), "CIDEr", encoder)
+
+
+def _bind_discriminative(config: TrainConfig, processor: Any, datasets: tuple[Any, Any, Any],
+                         answers: list[str] | None) -> TaskBinding:
+    from vlpeft.tasks import collators, inference
+    from vlpeft.tasks.framing import DEFAULT_VQA_PROMPT
+    from vlpeft.tasks.losses import ClassificationObjective
+    from vlpeft.tasks.snli_ve import SNLI_VE_LABELS
+    from vlpeft.tasks.vqa import AnswerVocab
+
+    task = config.task
+    batch_size = config.optim.eval_batch_size or config.optim.batch_size
+    train, evaluation, test = datasets
+    if task.type == "vqa":
+        vocab = AnswerVocab(answers or [])
+        collate = collators.VQAClassificationCollator(processor, vocab, max_length=task.max_length,
+                                                      prompt_template=task.prompt or DEFAULT_VQA_PROMPT)
+    else:
+        collate = collators.EntailmentClassificationCollator(processor, max_length=task.max_length)
+
+    def classify_inputs(items):
+        return {k: v for k, v in collate(items).items() if k != "labels"}
+
+    if task.type == "vqa":
+        def predict(model, dataset, indices=None):
+            return inference.predict_vqa(model, dataset, mode="classify", answer_list=vocab.label2ans,
+                                         classify_inputs=classify_inputs, indices=indices, batch_size=batch_size)
+
+        return TaskBinding(train, evaluation, test, collate, ClassificationObjective("multi_label"), predict,
+                           _vqa_score, "vqa_accuracy", None, {"answer_list": vocab.label2ans})
+
+    def predict_entailment(model, dataset, indices=None):
+        return inference.predict_entailment(model, dataset, mode="classify",
+                                            label_words={label: label for label in SNLI_VE_LABELS},
+                                            classify_inputs=classify_inputs, indices=indices, batch_size=batch_size)
+
+    return TaskBinding(train, evaluation, test, collate, ClassificationObjective("single_label"),
+                       predict_entailment, _entailment_score, "accuracy")
+
+
+def build_task(config: TrainConfig, processor: Any, family: str, model_config: Any,
+               datasets: tuple[Any, Any, Any], answers: list[str] | None = None) -> TaskBinding:
+    """Wire datasets, collation, the training objective, inference and scoring for ``config.task``.
+
+    ``answers``: the VQA candidate list / classifier vocabulary (:func:`answer_list`).
+    """
+    if config.task.framing == "discriminative":
+        return _bind_discriminative(config, processor, datasets, answers)
+    return _bind_generative(config, processor, family, model_config, datasets, answers)

@@ -3,6 +3,10 @@
 - :class:`VLPeftTrainer.evaluate` runs the task's own inference (ranking/generation) and metric instead of a
   loss-only loop, shards the examples across processes and gathers the predictions, then reports through the
   usual callbacks (so best-checkpoint selection and early stopping work unchanged).
+- :meth:`VLPeftTrainer.compute_loss` uses the task's :class:`~vlpeft.tasks.losses.TrainingObjective` (token CE,
+  the release VQA per-answer weighted loss, classifier BCE/CE), normalised over the global batch: the divisor
+  is summed over accumulated micro-batches and all processes, so ``n`` processes x batch ``b`` train exactly as
+  one process with batch ``n * b``.
 - :meth:`VLPeftTrainer.get_decay_parameter_names` excludes biases, norm parameters and scalar parameters (p-adapter's
   p and mu offsets) from weight decay.
 - :class:`CsvLoggerCallback` appends every logged value to ``logs.csv``.
@@ -23,7 +27,7 @@ from transformers import Trainer, TrainerCallback
 
 from vlpeft.training.task_binding import TaskBinding
 
-__all__ = ["VLPeftTrainer", "CsvLoggerCallback", "TokenLoss", "decay_parameter_names", "gather_predictions"]
+__all__ = ["VLPeftTrainer", "CsvLoggerCallback", "decay_parameter_names", "gather_predictions"]
 
 def decay_parameter_names(model: nn.Module) -> list[str]:
     """Names of trainable parameters that get weight decay (``vlpeft.tuners.param_groups``): no decay for biases,
@@ -31,41 +35,6 @@ def decay_parameter_names(model: nn.Module) -> list[str]:
     from vlpeft.tuners.param_groups import split_decay_parameters
 
     return split_decay_parameters(model)[0]
-
-
-class TokenLoss:
-    """Next-token cross-entropy summed over target tokens and divided by the number of target tokens in the whole
-    (accumulated, all-process) batch, passed by the Trainer as ``num_items_in_batch``.
-
-    With this normalisation, ``n`` processes x batch ``b`` give the same gradient as one process with batch
-    ``n * b`` (and gradient accumulation is exact), which a per-device mean loss does not when sequences have
-    different numbers of target tokens. Logits may be longer than the labels (visual prefix positions); the last
-    ``labels.shape[1]`` positions are the text.
-
-    Args:
-        label_smoothing: cross-entropy label smoothing (0.1 in the p-adapter release).
-    """
-
-    def __init__(self, label_smoothing: float = 0.0) -> None:
-        self.label_smoothing = label_smoothing
-
-    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        logits = logits[:, logits.shape[1] - labels.shape[1] :]
-        shifted_logits = logits[:, :-1].float()
-        shifted_labels = labels[:, 1:].to(logits.device)
-        total = torch.nn.functional.cross_entropy(
-            shifted_logits.reshape(-1, shifted_logits.shape[-1]),
-            shifted_labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-            label_smoothing=self.label_smoothing,
-        )
-        if num_items_in_batch is None:
-            num_items_in_batch = shifted_labels.ne(-100).sum()
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch
 
 
 def gather_predictions(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -78,12 +47,40 @@ def gather_predictions(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class VLPeftTrainer(Trainer):
-    """Trainer whose evaluation is the task's inference + metric (see the module docstring)."""
+    """Trainer whose loss is the task's objective and whose evaluation is the task's inference + metric (see the
+    module docstring)."""
+
+    loss_is_scaled_for_ga = True  # compute_loss already divides by the accumulated global batch
 
     def __init__(self, *args: Any, task: TaskBinding, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.task = task
         self.last_predictions: list[dict[str, Any]] = []
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """The objective's divisor summed over the accumulated micro-batches and all processes."""
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        total = sum(torch.as_tensor(self.task.objective.count(b)).reshape(()) for b in batch_samples)
+        total = total.to(device)
+        if self.args.world_size > 1:
+            total = self.accelerator.gather(total.reshape(1)).sum()
+        return total
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        from vlpeft.tasks.collators import split_model_inputs
+
+        objective = self.task.objective
+        model_inputs, info = split_model_inputs(inputs)
+        labels = model_inputs["labels"] if objective.model_computes_loss else model_inputs.pop("labels")
+        if num_items_in_batch is None:  # a lone forward (not the training loop): normalise locally
+            num_items_in_batch = objective.count({"labels": labels, **info})
+        outputs = model(**model_inputs)
+        loss = objective(outputs, labels, info, num_items_in_batch)
+        if self.args.world_size > 1:
+            loss = loss * self.args.world_size  # DDP averages gradients over processes; the divisor is global
+        return (loss, outputs) if return_outputs else loss
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         return decay_parameter_names(model)

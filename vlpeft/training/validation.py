@@ -10,12 +10,15 @@ import torch
 from vlpeft.training.config import ConfigError, TrainConfig
 from vlpeft.training.methods import resolve_method_options
 from vlpeft.training.models import resolve_family
-from vlpeft.training.task_binding import BOS_REPLACING_FAMILIES, DEFAULT_METRICS, IMAGE_TOKEN_FAMILIES
+from vlpeft.training.task_binding import (
+    CLASSIFIER_FAMILIES,
+    DEFAULT_METRICS,
+    GENERATIVE_TRAINING_FAMILIES,
+    allowed_inference,
+    default_framing,
+)
 
-__all__ = ["ValidatedPlan", "validate_config", "INFERENCE_BY_TASK"]
-
-INFERENCE_BY_TASK = {"vqa": ("rank", "generate", "classify"), "snli_ve": ("rank", "classify"), "caption": ("generate",)}
-GENERATIVE_FAMILIES = BOS_REPLACING_FAMILIES + IMAGE_TOKEN_FAMILIES
+__all__ = ["ValidatedPlan", "validate_config"]
 
 
 @dataclass
@@ -38,7 +41,7 @@ def _check_file(config: TrainConfig, key: str, value: str | None, *, folder: boo
 
 
 def validate_config(config: TrainConfig, *, for_training: bool = True) -> ValidatedPlan:
-    """Check everything that can be checked without loading a model.
+    """Check everything that can be checked without loading a model; fills in ``task.framing`` when unset.
 
     Raises:
         ConfigError: naming the offending key and the allowed values.
@@ -56,16 +59,30 @@ def validate_config(config: TrainConfig, *, for_training: bool = True) -> Valida
     if task.images is None:
         raise ConfigError("task.images: an image folder is required")
     _check_file(config, "task.images", task.images, folder=True)
-    if task.inference is not None and task.inference not in INFERENCE_BY_TASK[task.type]:
+    if task.framing is None:
+        task.framing = default_framing(family)
+    if task.framing == "generative" and family not in GENERATIVE_TRAINING_FAMILIES:
         raise ConfigError(
-            f"task.inference: {task.inference!r} is not available for task {task.type!r}; "
-            f"allowed: {list(INFERENCE_BY_TASK[task.type])}"
-        )
-    if task.framing == "generative" and family not in GENERATIVE_FAMILIES:
-        raise ConfigError(
-            f"task.framing: the generative framing needs a model family in {list(GENERATIVE_FAMILIES)}, "
+            f"task.framing: the generative framing needs a model family in {list(GENERATIVE_TRAINING_FAMILIES)}, "
             f"got {family!r}"
         )
+    if task.framing == "discriminative" and family not in CLASSIFIER_FAMILIES:
+        raise ConfigError(
+            f"task.framing: the discriminative framing needs a classifier model family in {list(CLASSIFIER_FAMILIES)}, "
+            f"got {family!r}"
+        )
+    modes = allowed_inference(task.type, task.framing, family)
+    if not modes:
+        raise ConfigError(f"task.type: task {task.type!r} is not available with the {task.framing} framing of "
+                          f"model family {family!r}")
+    if task.inference is not None and task.inference not in modes:
+        raise ConfigError(
+            f"task.inference: {task.inference!r} is not available for task {task.type!r} with model family "
+            f"{family!r}; allowed: {list(modes)}"
+        )
+    if family == "blip_vqa" and task.type == "vqa" and task.answer_weighting != "most_common":
+        raise ConfigError("task.answer_weighting: BlipForQuestionAnswering computes its own mean loss; use "
+                          "'most_common' with model family 'blip_vqa' (or a blip_caption model for 'release')")
     if task.max_length < 2:
         raise ConfigError(f"task.max_length: must be >= 2, got {task.max_length}")
 
