@@ -23,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "vlpeft.data.synth",  # data synth
     "vlpeft.demo.base",  # pretrain (the demo's base)
     "vlpeft.demo.run",  # demo
+    "vlpeft.benchmarking.suite",  # bench
 ]
 
 
@@ -38,14 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; configuration errors print ``config error: ...`` and exit with status 2."""
+    """Run the CLI; user errors (bad config, missing run folder) print ``error: ...`` without a traceback and
+    exit with status 2."""
     from vlpeft.training.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except ConfigError as error:
-        print(f"vlpeft {args.command}: config error: {error}", file=sys.stderr)
+        print(f"vlpeft {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 

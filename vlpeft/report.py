@@ -14,7 +14,13 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["RunRow", "read_run", "markdown_table", "plot_runs", "add_parser"]
+from vlpeft.training.config import ConfigError
+
+__all__ = ["RunFolderError", "RunRow", "read_run", "markdown_table", "plot_runs", "add_parser"]
+
+
+class RunFolderError(ConfigError):
+    """A folder given to ``vlpeft report`` is not a finished run (the CLI exits with status 2)."""
 
 
 @dataclass
@@ -34,14 +40,19 @@ class RunRow:
 
 
 def read_run(folder: str | os.PathLike) -> RunRow:
-    """Read ``metrics.json`` + ``config.yaml`` of a run folder (ValueError naming the missing file)."""
+    """Read ``metrics.json`` + ``config.yaml`` of a run folder (:class:`RunFolderError` naming the problem)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise RunFolderError(f"run folder {str(folder)!r} does not exist")
     metrics_file, config_file = folder / "metrics.json", folder / "config.yaml"
     for file in (metrics_file, config_file):
         if not file.is_file():
-            raise ValueError(f"{folder} is not a finished vlpeft run: {file.name} is missing")
-    metrics = json.loads(metrics_file.read_text())
-    config = yaml.safe_load(config_file.read_text())
+            raise RunFolderError(f"{folder} is not a finished vlpeft run: {file.name} is missing")
+    try:
+        metrics = json.loads(metrics_file.read_text())
+        config = yaml.safe_load(config_file.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise RunFolderError(f"{folder}: unreadable run files ({error})") from error
     model = config["model"].get("name") or f"tiny:{config['model'].get('tiny')}"
     return RunRow(
         name=folder.name,
@@ -117,6 +128,8 @@ def _run_report(args: argparse.Namespace) -> int:
         Path(args.output).write_text(table)
     print(table, end="")
     if args.plot:
+        if not any(r.value is not None for r in rows):
+            raise RunFolderError("no run has a metric value to plot (pass --plot '' to skip the plot)")
         plot_runs(rows, args.plot)
         print(f"plot written to {args.plot}")
     return 0

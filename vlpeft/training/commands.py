@@ -21,13 +21,26 @@ def _common(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set optim.learning_rate=2e-4 --set method.r=16 (repeatable)",
     )
+    parser.add_argument(
+        "--tiny-twin",
+        action="store_true",
+        help="swap the model for the tiny random-config twin the recipe declares (model.tiny_twin): a smoke test "
+        "of the whole pipeline without downloading the model",
+    )
+
+
+def _load(args: argparse.Namespace):
+    from vlpeft.training.config import use_tiny_twin
+
+    config = load_config(args.config, args.overrides)
+    return use_tiny_twin(config) if args.tiny_twin else config
 
 
 def _train(args: argparse.Namespace) -> int:
     from vlpeft.training.run import run_training
     from vlpeft.training.validation import validate_config
 
-    config = load_config(args.config, args.overrides)
+    config = _load(args)
     if args.check:
         plan = validate_config(config)
         print(f"config OK: family={plan.family} method={config.method.type} metric={plan.metric}")
@@ -40,7 +53,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from vlpeft.training.run import evaluate
 
-    metrics = evaluate(load_config(args.config, args.overrides), args.checkpoint, split=args.split)
+    metrics = evaluate(_load(args), args.checkpoint, split=args.split)
     print(json.dumps(metrics, indent=1))
     return 0
 
@@ -48,7 +61,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from vlpeft.training.run import predict
 
-    records = predict(load_config(args.config, args.overrides), args.checkpoint, split=args.split,
+    records = predict(_load(args), args.checkpoint, split=args.split,
                       output=args.output)
     print(f"vlpeft predict: wrote {len(records)} predictions to {args.output}", file=sys.stderr)
     return 0

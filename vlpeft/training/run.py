@@ -162,7 +162,7 @@ def _training_arguments(config: TrainConfig, plan: ValidatedPlan, has_eval: bool
         fp16=run.precision == "fp16",
         gradient_checkpointing=run.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if run.gradient_checkpointing else None,
-        report_to=["tensorboard"] if "tensorboard" in run.report_to else "none",
+        report_to=["tensorboard"] if "tensorboard" in run.report_to and _tensorboard_available() else "none",
         load_best_model_at_end=ev.load_best_at_end and eval_strategy != "no",
         metric_for_best_model=plan.metric if eval_strategy != "no" else None,
         greater_is_better=True,
@@ -173,6 +173,17 @@ def _training_arguments(config: TrainConfig, plan: ValidatedPlan, has_eval: bool
         use_cpu=not cuda,
         ddp_backend="gloo" if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
+
+
+def _tensorboard_available() -> bool:
+    """Whether a TensorBoard writer can be imported; warns (and the logger is skipped) when it cannot."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
+        return True
+    warnings.warn("run.report_to lists 'tensorboard' but TensorBoard is not installed (pip install "
+                  "'vlpeft[logging]'); skipping the TensorBoard logger", stacklevel=3)
+    return False
 
 
 @dataclass
