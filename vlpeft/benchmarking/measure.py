@@ -1,0 +1,103 @@
+"""Measurement primitives shared by the benchmarks: round-robin timing and peak memory of a callable.
+
+Timing. The callables of one comparison are run round-robin (one run of each per round) after warm-up runs, so
+that load from other processes on a shared machine affects all of them alike; the minimum over the rounds is the
+estimate least affected by that load and is what the ratios use. The median is reported alongside.
+
+Peak memory. On CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation before the call. On CPU, torch
+keeps no allocator statistics, so the allocation and free records of ``torch.profiler`` (``profile_memory=True``)
+are replayed in time order and the running sum's maximum is taken: the peak of tensor storage allocated *during*
+the call above what was live before it (exact for tensor storage; allocator caching and fragmentation are
+ignored). Memory is measured in a run of its own, never in a timed run (the profiler slows the call down).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Timing", "peak_memory_bytes", "time_round_robin", "synchronize"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per run of one callable: wall-clock and process CPU time of every run."""
+
+    seconds: tuple[float, ...]
+    cpu_seconds: tuple[float, ...] = ()
+
+    @property
+    def min_s(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def cpu_min_s(self) -> float:
+        """Minimum process CPU time (all threads) of a run; less sensitive than wall-clock to other processes."""
+        return min(self.cpu_seconds)
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued kernels on CUDA devices (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_round_robin(
+    fns: Sequence[Callable[[], object]], *, repeats: int, warmup: int = 2, device: str | torch.device = "cpu"
+) -> list[Timing]:
+    """Time each of ``fns`` ``repeats`` times, one run of each per round, after ``warmup`` runs of each.
+
+    Raises:
+        ValueError: ``repeats < 1`` or ``warmup < 0``.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    wall: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for index, fn in enumerate(fns):
+            synchronize(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            synchronize(device)
+            wall[index].append(time.perf_counter() - start)
+            cpu[index].append(time.process_time() - start_cpu)
+    return [Timing(tuple(w), tuple(c)) for w, c in zip(wall, cpu)]
+
+
+def peak_memory_bytes(fn: Callable[[], object], *, device: str | torch.device = "cpu") -> int:
+    """Peak bytes of tensor storage allocated during one call of ``fn``, above the level before it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = [event for event in prof.profiler.kineto_results.events() if event.name() == "[memory]"]
+    records.sort(key=lambda event: event.start_ns())
+    live = peak = 0
+    for record in records:
+        if record.device_type() != torch.autograd.DeviceType.CPU:
+            continue
+        live += record.nbytes()
+        peak = max(peak, live)
+    return int(peak)
