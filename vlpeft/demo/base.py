@@ -4,7 +4,8 @@
 classes and a tiny-but-real configuration (:class:`BaseSpec`), a word-level tokenizer built offline from the
 generator's vocabulary (:func:`vlpeft.tasks.processors.build_tiny_processor`), and trains all of it with the
 Hugging Face ``Trainer`` on image-caption pairs of :class:`~vlpeft.data.procedural.SceneCaptionDataset`
-(the "a picture of" prompt of BLIP, loss on the caption). It then scores greedy captions on a separate
+(the "a picture of" prompt of BLIP, loss on the caption, laid out by the task collator of
+:mod:`vlpeft.tasks.collators`). It then scores greedy captions on a separate
 procedural evaluation set with CIDEr-D, and saves model, processor and a ``vlpeft_base.json`` report
 (spec, CIDEr, training time) with ``save_pretrained`` into the user cache::
 
@@ -172,11 +173,11 @@ def caption_cider(model: Any, processor: Any, spec: BaseSpec, dataset: Any, *, b
     """Greedy captions of ``dataset`` (image-level items with ``image``, ``image_id`` and ``references``) scored
     with CIDEr-D / BLEU-4 (pycocoevalcap; official PTB tokenisation when Java is available)."""
     from vlpeft.metrics.captioning import UnofficialCaptionMetricsWarning, caption_scores
+    from vlpeft.tasks.collators import SequenceEncoder
     from vlpeft.tasks.inference import predict_captions
-    from vlpeft.training.task_binding import ProcessorTextIO
 
-    text_io = ProcessorTextIO(processor, "blip_caption", model.config, spec.max_length)
-    records = predict_captions(model, dataset, encoder=text_io, prompt=CAPTION_PROMPT, batch_size=batch_size,
+    encoder = SequenceEncoder(processor, "blip_caption", spec.max_length, model.config)
+    records = predict_captions(model, dataset, encoder=encoder, prompt=CAPTION_PROMPT, batch_size=batch_size,
                                num_beams=1, max_new_tokens=spec.max_length)
     predictions = {r["image_id"]: r["caption"] for r in records}
     references = {item_id: refs for item_id, refs in _references(dataset).items() if item_id in predictions}
@@ -226,17 +227,17 @@ def pretrain_base(spec: BaseSpec, out_dir: str | os.PathLike, *, progress: bool 
     from transformers import Trainer, TrainingArguments
 
     from vlpeft.data.procedural import SceneCaptionDataset
-    from vlpeft.training.task_binding import ProcessorTextIO
+    from vlpeft.tasks.collators import CaptionGenerativeCollator
 
     out_dir = Path(out_dir)
     processor = build_processor(spec)
     model = build_model(spec)
     corpus = SceneCaptionDataset(spec.pretrain_images, seed=spec.data_seed, heldout=_heldout(spec),
                                  image_size=spec.image_size)
-    text_io = ProcessorTextIO(processor, "blip_caption", model.config, spec.max_length)
-
-    def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return text_io.collate(items, [CAPTION_PROMPT] * len(items), [it["caption"] for it in items])
+    # the task collator's layout ([bos] prompt caption [sep], loss on the caption); BLIP computes its own
+    # shifted language-modelling loss from ``labels``
+    collate = CaptionGenerativeCollator(processor, "blip_caption", max_length=spec.max_length, prompt=CAPTION_PROMPT,
+                                        model_config=model.config)
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"pretraining the demo base: BLIP {spec.vision_layers}+{spec.text_layers} layers, width "
