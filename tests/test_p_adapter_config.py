@@ -21,6 +21,12 @@ from vlpeft.tuners.p_adapter import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Adapter initialisation draws from the global RNG: make every test independent of test order."""
+    torch.manual_seed(0)
+
+
 def test_import_registers_with_peft():
     assert peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[VLPeftType.PADAPTER] is PAdapterConfig
     assert peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[VLPeftType.PADAPTER] is PAdapterModel

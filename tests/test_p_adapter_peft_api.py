@@ -13,6 +13,12 @@ from vlpeft.tuners.p_adapter import layer as padapter_layer
 from vlpeft.tuners.param_groups import build_param_groups, split_decay_parameters
 
 
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Adapter initialisation draws from the global RNG: make every test independent of test order."""
+    torch.manual_seed(0)
+
+
 def _tiny(family="llava", seed=0):
     tiny = build_tiny_model(family, seed=seed)
     tiny.model.eval()

@@ -18,6 +18,12 @@ from torch.nn import functional as F
 from vlpeft.testing import build_tiny_model
 from vlpeft.tuners.p_adapter import PAdapterAttention, PAdapterConfig, PAdapterFFN
 
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Adapter initialisation draws from the global RNG: make every test independent of test order."""
+    torch.manual_seed(0)
+
 EPS = 1e-8
 
 

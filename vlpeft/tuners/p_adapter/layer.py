@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +119,19 @@ def _first_param_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _getattr_with_fallback(module: nn.Module, name: str) -> Any:
+    """``nn.Module`` attribute lookup, falling back to the wrapped block.
+
+    Model code may read attributes of the block it built (GIT reads ``layer[0].attention.self.image_patch_tokens``).
+    """
+    try:
+        return nn.Module.__getattr__(module, name)
+    except AttributeError:
+        if name == "base_layer":
+            raise
+        return getattr(nn.Module.__getattr__(module, "base_layer"), name)
+
+
 class PAdapterLayer(BaseTunerLayer):
     """Common base of the p-adapter tuner layers (PEFT's ``tuner_layer_cls``)."""
 
@@ -163,15 +175,18 @@ _FUSED_QKV_NAMES = ("qkv", "c_attn", "qkv_proj")
 
 
 @functools.cache
-def _module_uses_attention_interface(module_name: str) -> bool:
-    source_module = sys.modules.get(module_name)
-    if source_module is None:
-        return False
-    try:
-        source = inspect.getsource(source_module)
-    except (OSError, TypeError):
-        return False
-    return "ALL_ATTENTION_FUNCTIONS.get_interface(" in source
+def _class_uses_attention_interface(cls: type) -> bool:
+    """Whether an attention class dispatches through transformers' AttentionInterface (from its source)."""
+    for klass in cls.__mro__:
+        if klass is nn.Module or klass is object:
+            break
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        if "ALL_ATTENTION_FUNCTIONS.get_interface(" in source:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -245,7 +260,7 @@ def describe_attention_block(block: nn.Module, module_name: str) -> AttentionBlo
         value = _child_name(inner, _VALUE_NAMES)
         if query is None or value is None:
             raise ValueError(f"{module_name}: inner attention {type(inner).__name__} has no query/value projections.")
-        capture = "interface" if _module_uses_attention_interface(type(inner).__module__) else "inline"
+        capture = "interface" if _class_uses_attention_interface(type(inner)) else "inline"
         return AttentionBlockSpec(
             style="bert",
             capture=capture,
@@ -265,12 +280,15 @@ def describe_attention_block(block: nn.Module, module_name: str) -> AttentionBlo
             f"BERT-style block (self/attention + output.dense/dropout/LayerNorm) or an attention module with an "
             f"output projection named one of {_OUTPUT_PROJECTIONS}."
         )
-    capture = "interface" if _module_uses_attention_interface(type(block).__module__) else "inline"
+    capture = "interface" if _class_uses_attention_interface(type(block)) else "inline"
     query = _child_name(block, _QUERY_NAMES)
     value = _child_name(block, _VALUE_NAMES)
     fused = _child_name(block, _FUSED_QKV_NAMES)
-    if capture == "inline" and fused is None and (query is None or value is None):
-        raise ValueError(f"{module_name}: inline attention {type(block).__name__} exposes no query/value projections.")
+    if fused is None and (query is None or value is None):
+        raise ValueError(
+            f"{module_name} ({type(block).__name__}) is not an attention block p-adapter can wrap: it exposes no "
+            f"query/value projections (one of {_QUERY_NAMES} and {_VALUE_NAMES}, or fused {_FUSED_QKV_NAMES})."
+        )
     return AttentionBlockSpec(
         style="projected",
         capture=capture,
@@ -332,6 +350,8 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         base_layer: the attention block (see module docstring for supported layouts).
         module_name: its full name in the model (used for pattern-specific settings and error messages).
     """
+
+    __getattr__ = _getattr_with_fallback
 
     def __init__(self, base_layer: nn.Module, module_name: str) -> None:
         super().__init__()
@@ -680,6 +700,8 @@ class PAdapterFFN(nn.Module, PAdapterLayer):
     (the adapter of ``input_tensor`` is added before the LayerNorm), and MLP blocks ``mlp(x)`` (the adapter of
     ``x`` is added to the block output; the caller adds the residual).
     """
+
+    __getattr__ = _getattr_with_fallback
 
     def __init__(self, base_layer: nn.Module, module_name: str) -> None:
         super().__init__()
