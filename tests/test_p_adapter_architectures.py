@@ -90,3 +90,15 @@ def test_layout_generation_with_cache_equals_without(case, variant):
         assert torch.equal(runs[0].sequences, runs[1].sequences)
         for cached, uncached in zip(runs[0].scores, runs[1].scores, strict=True):
             torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-4)
+
+
+def test_inline_attention_with_dropout_in_training_raises():
+    tiny = build_tiny_model("blip_caption", seed=0)
+    model = peft.get_peft_model(tiny.model, PAdapterConfig(towers=["vision"], positions=["self_attn"]))
+    block = model.get_base_model().vision_model.encoder.layers[0].self_attn
+    block.base_layer.dropout.p = 0.1
+    model.train()
+    with pytest.raises(ValueError, match="pre-dropout"):
+        model(**tiny.inputs)
+    model.eval()
+    assert torch.isfinite(model(**tiny.inputs).loss)

@@ -501,6 +501,12 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             probs = inner_out[1] if isinstance(inner_out, tuple) and len(inner_out) > 1 else None
         else:
             probs = record.get("returned_probs")
+            dropout = getattr(_submodule(self.base_layer, spec.attention), "dropout", None)
+            if isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training:
+                raise ValueError(
+                    f"{self.module_name}: this inline attention returns post-dropout weights; p-adapter needs the "
+                    f"pre-dropout attention. Set its attention dropout to 0 (it is {dropout.p}) or run in eval mode."
+                )
         if probs is None:
             raise MissingAttentionError(f"{self.module_name}: the inline attention returned no attention weights.")
         heads = probs.shape[1]
