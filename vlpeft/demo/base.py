@@ -57,7 +57,7 @@ class BaseSpec:
     """
 
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16
     hidden_size: int = 128
     vision_layers: int = 3
     text_layers: int = 3
