@@ -371,8 +371,9 @@ def run_synth(args: argparse.Namespace) -> int:
 def format_baselines(baselines: dict[str, Any]) -> list[str]:
     """Human-readable lines for the ``text_only_baselines`` meta entry."""
     vqa, ve, cap = baselines["vqa"], baselines["snli_ve"], baselines["caption"]
+    ve_rule = "overall" if ve["best"] == "overall" else f"per {ve['best']}"
     return [
         f"VQA accuracy {vqa['accuracy']:.2f} (majority answer per {vqa['best']})",
-        f"SNLI-VE accuracy {ve['accuracy']:.2f} (majority label per {ve['best']})",
+        f"SNLI-VE accuracy {ve['accuracy']:.2f} (majority label {ve_rule})",
         f"caption CIDEr {cap['CIDEr']:.3f} (the most frequent training caption for every image: {cap['caption']!r})",
     ]
