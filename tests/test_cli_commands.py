@@ -16,14 +16,6 @@ from vlpeft.tasks.processors import ImageTextProcessor
 from vlpeft.training import run as run_module
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _short(config: dict) -> dict:
     config["optim"].update({"max_steps": 2, "batch_size": 2})
     config["eval"].update({"strategy": "no", "load_best_at_end": False})

@@ -16,14 +16,6 @@ CANDIDATES = ["red", "green", "blue", "a yellow square", "no", "two red things"]
 FAMILIES = ["blip_caption", "llava", "vit_gpt2", "paligemma", "blip2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _setup(family: str):
     tiny = build_tiny_model(family, seed=3)
     processor = build_tiny_processor(family, ["what colour is it", *CANDIDATES, "a square that is red"])

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from _training_data import write_caption_data, write_snli_ve_data, write_vqa_data
 
 from vlpeft.training import load_config, run_training
@@ -22,14 +21,6 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe-data")
     return {"caption": write_caption_data(root / "caption", 4, 2), "vqa": write_vqa_data(root / "vqa", 4, 2),
             "snli_ve": write_snli_ve_data(root / "snli_ve", 4, 2)}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _data_overrides(task: str, files: dict[str, str]) -> list[str]:

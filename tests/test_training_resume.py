@@ -41,14 +41,6 @@ KILLER = textwrap.dedent(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(tmp_path: Path, name: str, data: dict) -> Path:
     config = tiny_caption_config(data, tmp_path / name, optim={"max_steps": 6, "batch_size": 2},
                                  eval={"steps": 2, "load_best_at_end": False})
