@@ -13,7 +13,7 @@ import enum
 import peft.mapping as _mapping
 
 
-class VLPeftType(str, enum.Enum):
+class VLPeftType(str, enum.Enum):  # noqa: UP042 - same base classes as peft.PeftType
     """PEFT method types added by vlpeft.
 
     A ``str`` enum: members compare and hash equal to the ``"peft_type"`` string stored in

@@ -151,19 +151,6 @@ class BottleneckAdapterModel(RoutingTunerMixin, BaseTuner):
                 new_module.bottleneck_adapter_up[adapter_name],
             )
 
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        # PEFT's default assumes Linear-like children (``new_module.weight = child.weight``), which breaks for the
-        # FFN blocks wrapped by parallel adapters when unloading.
-        setattr(parent, child_name, new_module)
-        if hasattr(child, "base_layer"):
-            child = child.base_layer
-        weight = next(child.parameters(), None)
-        if weight is None:
-            return
-        for name, module in new_module.named_modules():
-            if self.prefix in name:
-                module.to(weight.device)
-
     def _check_merge_allowed(self) -> None:
         raise ValueError(
             "bottleneck adapters cannot be merged: they are non-linear functions of the hidden states. Use unload()."

@@ -101,17 +101,6 @@ class RoutedLoraModel(RoutingTunerMixin, BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        setattr(parent, child_name, new_module)
-        if hasattr(child, "base_layer"):
-            child = child.base_layer
-        weight = next(child.parameters(), None)
-        if weight is None:
-            return
-        for name, module in new_module.named_modules():
-            if self.prefix in name:
-                module.to(weight.device)
-
     def _check_merge_allowed(self) -> None:
         super()._check_merge_allowed()
         for name, config in self.peft_config.items():

@@ -140,6 +140,7 @@ class RoutingTunerMixin:
 
     model: nn.Module
     peft_config: dict[str, Any]
+    prefix: str
 
     @property
     def visual_context(self) -> VisualFeatureContext:
@@ -166,3 +167,19 @@ class RoutingTunerMixin:
 
     def _detach_visual_context(self) -> None:
         self.visual_context.detach()
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Swap in the wrapper (or, on unload, the original child) and move new adapter weights to its device.
+
+        PEFT's default assumes Linear-like children (``new_module.weight = child.weight``), which breaks for the FFN
+        blocks wrapped by parallel adapters when unloading.
+        """
+        setattr(parent, child_name, new_module)
+        if hasattr(child, "base_layer"):
+            child = child.base_layer
+        weight = next(child.parameters(), None)
+        if weight is None:
+            return
+        for name, module in new_module.named_modules():
+            if self.prefix in name:
+                module.to(weight.device)
