@@ -26,7 +26,8 @@ def test_quick_run_measures_every_suite(quick_result):
     assert methods == {(m, method) for m in ("blip", "llava") for method in quick_methods}
     for row in suites["training"]:
         assert row["step_ms"] > 0 and row["peak_mib"] >= 0
-        assert row["x_frozen"] > 0 and row["x_adapter"] > 0 and row["x_lora"] > 0
+        assert row["x_frozen"] > 0 and row["x_adapter"] > 0 and row["x_lora"] > 0 and row["x_adapter_eager"] > 0
+        assert row["timer"] == "wall" and row["step_ms"] == row["step_wall_ms"] and row["step_cpu_ms"] > 0
         if row["method"] == "frozen":
             assert row["trainable_params"] == 0
         else:
@@ -37,6 +38,29 @@ def test_quick_run_measures_every_suite(quick_result):
     assert {row["method"] for row in long_rows} == set(long_sequence.DEFAULT_METHODS)
     assert all("within_budget" in row for row in long_rows if row["method"].endswith("_chunked"))
     assert all(row["n"] > row["image_tokens"] == 16 for row in long_rows)  # 32 px images in 8 px patches
+
+
+def test_adapter_eager_switches_only_the_towers_p_adapter_makes_eager():
+    specs = training_step.tiny_model_specs()
+    llava, _ = training_step.build_model(specs["llava"])
+    request = training_step.padapter_attention_request(llava, specs["llava"])
+    assert request == {"text_config": {"": "eager"}}
+    model = training_step.build_method("adapter_eager", llava, specs["llava"])
+    config = model.base_model.model.config
+    assert config.text_config._attn_implementation == "eager"
+    assert config.vision_config._attn_implementation == llava.config.vision_config._attn_implementation != "eager"
+
+
+def test_cpu_timer_and_trimmed_reference_rows():
+    from vlpeft.benchmarking import p_laplacian
+
+    rows = p_laplacian.run([8, 12], [4], workloads=["release_self"], heads=1, repeats=1, reference_max_n=8,
+                           timer="cpu")
+    skipped = {(row["n"], row["impl"]) for row in rows if "skipped" in row}
+    assert skipped == {(12, "naive"), (12, "released")}
+    assert all(row["time_best_ms"] == row["time_cpu_min_ms"] for row in rows if "skipped" not in row)
+    with pytest.raises(ValueError, match="timer"):
+        suite.run_suites(["p_laplacian"], profile="quick", timer="gpu")
 
 
 def test_markdown_and_comparison(quick_result):

@@ -2,7 +2,10 @@
 
 Timing. The callables of one comparison are run round-robin (one run of each per round) after warm-up runs, so
 that load from other processes on a shared machine affects all of them alike; the minimum over the rounds is the
-estimate least affected by that load and is what the ratios use. The median is reported alongside.
+estimate least affected by that load and is what the ratios use. The median is reported alongside. Every run's
+process CPU time (``time.process_time``: all threads of this process, not other processes) is recorded too; with
+one intra-op thread (``vlpeft bench --threads 1 --timer cpu``) its minimum is the steadiest estimate on a machine
+shared with other jobs, because time spent waiting for a core is not counted.
 
 Peak memory. On CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation before the call. On CPU, torch
 keeps no allocator statistics, so the allocation and free records of ``torch.profiler`` (``profile_memory=True``)
@@ -20,7 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timing", "peak_memory_bytes", "time_round_robin", "synchronize"]
+__all__ = ["TIMERS", "Timing", "peak_memory_bytes", "time_round_robin", "synchronize"]
+
+#: Which clock the ratios use: ``"wall"`` (perf_counter) or ``"cpu"`` (process CPU time).
+TIMERS: tuple[str, ...] = ("wall", "cpu")
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,12 @@ class Timing:
     def cpu_min_s(self) -> float:
         """Minimum process CPU time (all threads) of a run; less sensitive than wall-clock to other processes."""
         return min(self.cpu_seconds)
+
+    def best_s(self, timer: str) -> float:
+        """Minimum seconds per run on ``timer`` ("wall" or "cpu")."""
+        if timer not in TIMERS:
+            raise ValueError(f"timer must be one of {TIMERS}, got {timer!r}")
+        return self.min_s if timer == "wall" else self.cpu_min_s
 
 
 def synchronize(device: str | torch.device) -> None:

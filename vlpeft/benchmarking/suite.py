@@ -28,25 +28,33 @@ import torch
 
 SUITES: tuple[str, ...] = ("p_laplacian", "training", "long")
 
-#: Sizes of the default run and of ``--quick`` (smoke-test sizes, seconds).
+_LLAVA_METHODS = ("frozen", "lora", "routed_lora_mul", "routed_lora_matmul", "adapter", "adapter_eager",
+                  "routed_adapter_mul", "routed_adapter_matmul", "p_adapter_paper", "p_adapter_release")
+
+#: Sizes of the default run, of ``--full`` (adds the n = 1024 reference formulations of the block, which take
+#: most of its time) and of ``--quick`` (smoke-test sizes, seconds).
 PROFILES: dict[str, dict[str, Any]] = {
     "default": {
+        "p_laplacian": {"ns": (64, 256, 1024), "dims": (8, 64), "repeats": 3, "max_pair_mib": 256.0,
+                        "reference_max_n": 256},
+        "training": [
+            {"models": ("blip",), "methods": None, "repeats": 5},
+            {"models": ("llava",), "methods": _LLAVA_METHODS, "repeats": 5},
+        ],
+        "long": {"image_sizes": (400, 512, 736), "chunk_size": 64, "memory_budget_mib": 64.0},
+    },
+    "full": {
         "p_laplacian": {"ns": (64, 256, 1024), "dims": (8, 64), "repeats": 3, "max_pair_mib": 256.0},
         "training": [
             {"models": ("blip",), "methods": None, "repeats": 5},
-            {
-                "models": ("llava",),
-                "methods": ("frozen", "lora", "routed_lora_mul", "routed_lora_matmul", "adapter",
-                            "routed_adapter_mul", "routed_adapter_matmul", "p_adapter_paper", "p_adapter_release"),
-                "repeats": 3,
-            },
+            {"models": ("llava",), "methods": _LLAVA_METHODS, "repeats": 5},
         ],
         "long": {"image_sizes": (400, 512, 736), "chunk_size": 64, "memory_budget_mib": 64.0},
     },
     "quick": {
         "p_laplacian": {"ns": (16,), "dims": (4,), "repeats": 1, "max_pair_mib": 64.0, "heads": 2},
         "training": [{"models": ("blip", "llava"), "repeats": 1, "warmup": 0, "tiny": True,
-                      "methods": ("frozen", "lora", "routed_lora_mul", "adapter", "routed_adapter_matmul",
+                      "methods": ("frozen", "lora", "routed_lora_mul", "adapter", "adapter_eager", "routed_adapter_matmul",
                                   "p_adapter_paper", "p_adapter_release")}],
         "long": {"image_sizes": (32,), "chunk_size": 8, "memory_budget_mib": 64.0, "tiny": True},
     },
@@ -81,22 +89,29 @@ def _cpu_model() -> str:
 
 
 def run_suites(suites: Sequence[str] = SUITES, *, profile: str = "default", device: str = "cpu",
-               log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the suites at the sizes of ``profile``; returns the JSON-ready result."""
+               timer: str = "wall", log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the suites at the sizes of ``profile``; ratios use the minimum on ``timer`` ("wall" or "cpu").
+
+    Returns the JSON-ready result.
+    """
     from vlpeft.benchmarking import long_sequence, p_laplacian, training_step
+    from vlpeft.benchmarking.measure import TIMERS
 
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise ValueError(f"unknown suites {unknown}; expected names from {SUITES}")
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
+    if timer not in TIMERS:
+        raise ValueError(f"unknown timer {timer!r}; expected one of {TIMERS}")
     sizes = PROFILES[profile]
-    result: dict[str, Any] = {"profile": profile, "machine": machine_info(), "suites": {}}
+    result: dict[str, Any] = {"profile": profile, "timer": timer, "machine": machine_info(), "suites": {}}
     started = time.perf_counter()
     if "p_laplacian" in suites:
         options = sizes["p_laplacian"]
         rows = p_laplacian.run(options["ns"], options["dims"], repeats=options["repeats"],
-                               max_pair_mib=options["max_pair_mib"], heads=options.get("heads", 4), device=device)
+                               max_pair_mib=options["max_pair_mib"], heads=options.get("heads", 4), device=device,
+                               reference_max_n=options.get("reference_max_n"), timer=timer)
         result["suites"]["p_laplacian"] = rows
         if log:
             log(f"p_laplacian: {len(rows)} rows")
@@ -106,7 +121,7 @@ def run_suites(suites: Sequence[str] = SUITES, *, profile: str = "default", devi
             specs = training_step.tiny_model_specs() if options.get("tiny") else None
             methods = options["methods"] or training_step.DEFAULT_METHODS
             rows += training_step.run(options["models"], methods, repeats=options["repeats"],
-                                      warmup=options.get("warmup", 2), model_specs=specs, log=log)
+                                      warmup=options.get("warmup", 2), model_specs=specs, timer=timer, log=log)
         result["suites"]["training"] = rows
     if "long" in suites:
         options = sizes["long"]
@@ -129,8 +144,9 @@ def _row_key(suite: str, row: dict) -> tuple:
     return (row["n"], row["method"])
 
 
-_COMPARED = {"p_laplacian": ("time_ratio", "mem_ratio"), "training": ("x_frozen", "x_adapter", "x_lora"),
-             "long": ("extra_mib",)}
+_COMPARED = {"p_laplacian": ("time_ratio", "mem_ratio"),
+             "training": ("x_frozen", "x_adapter", "x_lora", "x_adapter_eager", "peak_mib"),
+             "long": ("extra_mib", "peak_mib")}
 
 
 def compare(result: dict[str, Any], previous: dict[str, Any]) -> list[dict]:
@@ -160,7 +176,7 @@ def markdown_report(result: dict[str, Any], comparison: list[dict] | None = None
         f"Machine: {machine['processor']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
         f"({machine['torch_threads']} threads), Python {machine['python']}; load average at start "
         f"{machine.get('load_average_start')}, at end {machine.get('load_average_end')}; "
-        f"profile `{result['profile']}`, {result['elapsed_s']:.0f} s.",
+        f"profile `{result['profile']}`, timer `{result.get('timer', 'wall')}`, {result['elapsed_s']:.0f} s.",
         "",
     ]
     suites = result["suites"]
@@ -190,7 +206,13 @@ def add_parser(subparsers: Any) -> None:
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--suites", nargs="+", default=list(SUITES), choices=SUITES, help="suites to run")
-    parser.add_argument("--quick", action="store_true", help="smoke-test sizes (seconds; numbers not meaningful)")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="smoke-test sizes (seconds; numbers not meaningful)")
+    sizes.add_argument("--full", action="store_true",
+                       help="also time the block's naive/released formulations at n = 1024 (slow)")
+    parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
+                        help="clock of the ratios: wall-clock, or process CPU time (steadier on a loaded machine, "
+                             "with --threads 1)")
     parser.add_argument("--out", default="bench_results", help="folder for bench.md and bench.json")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="device of the p-Laplacian block suite")
@@ -211,7 +233,8 @@ def _handle(args: argparse.Namespace) -> int:
             print(f"vlpeft bench: --compare file {path} does not exist", file=sys.stderr)
             return 2
         previous = json.loads(path.read_text())
-    result = run_suites(args.suites, profile="quick" if args.quick else "default", device=args.device,
+    profile = "quick" if args.quick else "full" if args.full else "default"
+    result = run_suites(args.suites, profile=profile, device=args.device, timer=args.timer,
                         log=lambda message: print(message, file=sys.stderr, flush=True))
     comparison = compare(result, previous) if previous is not None else None
     if comparison is not None:

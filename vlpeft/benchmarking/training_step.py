@@ -22,16 +22,19 @@ Methods (every adapter method is placed in the language tower(s) only, at the sa
 - ``routed_lora_<kind>``: ``RoutedLoraConfig(routing=kind)``, same targets, mean-pooled visual features.
 - ``adapter``: ``AdapterConfig(style="houlsby")`` at the p-adapter positions (after self-/cross-attention output
   projections and after the FFN), bottleneck = hidden / 8; ``routed_adapter_<kind>``: the same with routing;
-  ``adapter_eager`` (optional): the adapter on the model switched to eager attention, which materialises the
-  attention probabilities as p-adapter must (hazard H1); it separates that cost from p-adapter's own.
+  ``adapter_eager``: the adapter with eager attention on exactly the towers whose attention p-adapter switches
+  to its (eager) ``"padapter"`` implementation (the LLaVA LM; BLIP's text decoder computes attention inline
+  and is unchanged). Eager attention materialises the attention probabilities as p-adapter must (hazard H1);
+  the ratio ``x_adapter_eager`` separates that cost from p-adapter's own.
 - ``p_adapter_paper`` / ``p_adapter_release``: ``PAdapterConfig`` with the family preset (BLIP: text decoder
   self-attention, cross-attention, FFN; LLaVA: LM self-attention, FFN), bottleneck = hidden / 8; ``release``
   pools cross-attention keys to k = 16 (the VQA constants of the released code).
 - ``p_adapter_paper_chunked`` / ``p_adapter_release_chunked`` (optional): the same with ``chunk_size``.
 
-Reported per method: step time (minimum and median over the round-robin runs), the ratio to ``frozen``,
-``lora`` and ``adapter`` (minimum times, same run), the peak memory allocated during one step and the number
-of trainable parameters. See :mod:`vlpeft.benchmarking.measure` for how time and memory are measured.
+Reported per method: step time (minimum on the chosen clock, ``timer="wall"`` or ``"cpu"``, and the wall-clock
+median over the round-robin runs), the ratio to ``frozen``, ``lora``, ``adapter`` and ``adapter_eager``
+(minimum times on the chosen clock, same run), the peak memory allocated during one step and the number of
+trainable parameters. See :mod:`vlpeft.benchmarking.measure` for how time and memory are measured.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlpeft.benchmarking.measure import peak_memory_bytes, time_round_robin
+from vlpeft.benchmarking.measure import TIMERS, peak_memory_bytes, time_round_robin
 from vlpeft.functional import ROUTING_KINDS
 
 __all__ = [
@@ -228,13 +231,43 @@ def build_method(name: str, base: nn.Module, spec: ModelSpec, *, chunk_size: int
 
     model = copy.deepcopy(base)
     if name == "adapter_eager":
-        model.set_attn_implementation("eager")
+        request = padapter_attention_request(base, spec)
+        if request:
+            model.set_attn_implementation(request)
     config = method_config(name, model, spec, chunk_size=chunk_size)
     if config is None:
         model.requires_grad_(False)
         model.get_input_embeddings().register_forward_hook(_GradientEntry())
         return model.train()
     return get_peft_model(model, config).train()
+
+
+def padapter_attention_request(base: nn.Module, spec: ModelSpec) -> dict[str, Any]:
+    """``set_attn_implementation`` request switching to eager the sub-configs p-adapter runs on its eager
+    ``"padapter"`` attention (found by applying p-adapter to a copy of ``base``); empty when there are none."""
+    from peft import get_peft_model
+
+    from vlpeft.glue.attention import PADAPTER_ATTENTION
+
+    adapted = get_peft_model(copy.deepcopy(base), method_config("p_adapter_paper", base, spec))
+    request: dict[str, Any] = {}
+
+    def visit(config: Any, node: dict[str, Any], seen: set[int]) -> None:
+        if id(config) in seen:
+            return
+        seen.add(id(config))
+        if getattr(config, "_attn_implementation", None) == PADAPTER_ATTENTION:
+            node[""] = "eager"
+        for key in getattr(config, "sub_configs", {}) or {}:
+            sub = getattr(config, key, None)
+            if sub is not None:
+                child: dict[str, Any] = {}
+                visit(sub, child, seen)
+                if child:
+                    node[key] = child
+
+    visit(adapted.base_model.model.config, request, set())
+    return request
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -269,15 +302,19 @@ def run(
     measure_memory: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     model_specs: dict[str, ModelSpec] | None = None,
+    timer: str = "wall",
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Measure one training step of every method on every model; one dict per (model, method).
 
-    Row keys: ``model``, ``method``, ``trainable_params``, ``step_ms`` (minimum), ``step_median_ms``,
-    ``peak_mib`` (when measured), ``x_frozen`` / ``x_lora`` / ``x_adapter`` (ratios of minimum step times
-    against those methods in the same run, when they were measured), and ``target`` / ``target_met`` for the
-    methods with a target in :data:`TARGETS` whose reference was measured.
+    Row keys: ``model``, ``method``, ``trainable_params``, ``timer``, ``step_ms`` (minimum on ``timer``),
+    ``step_wall_ms`` / ``step_cpu_ms`` (minimum wall-clock / process CPU time), ``step_median_ms`` (wall),
+    ``peak_mib`` (when measured), ``x_frozen`` / ``x_lora`` / ``x_adapter`` / ``x_adapter_eager`` (ratios of
+    ``step_ms`` against those methods in the same run, when they were measured), and ``target`` / ``target_met``
+    for the methods with a target in :data:`TARGETS` whose reference was measured.
     """
+    if timer not in TIMERS:
+        raise ValueError(f"timer must be one of {TIMERS}, got {timer!r}")
     specs = model_specs if model_specs is not None else MODELS
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:
@@ -302,7 +339,8 @@ def run(
                 log(f"[{model_name}] built {method}: {model_rows[method]['trainable_params']} trainable parameters")
         timings = time_round_robin(list(steps.values()), repeats=repeats, warmup=warmup)
         for method, timing in zip(steps, timings):
-            model_rows[method].update(step_ms=1e3 * timing.min_s, step_median_ms=1e3 * timing.median_s)
+            model_rows[method].update(timer=timer, step_ms=1e3 * timing.best_s(timer), step_wall_ms=1e3 * timing.min_s,
+                                      step_cpu_ms=1e3 * timing.cpu_min_s, step_median_ms=1e3 * timing.median_s)
         if measure_memory:
             for method, step in steps.items():
                 model_rows[method]["peak_mib"] = peak_memory_bytes(step) / 2**20
@@ -316,7 +354,7 @@ def run(
 
 
 def _add_ratios(row: dict, by_method: dict[str, dict]) -> None:
-    for reference in ("frozen", "lora", "adapter"):
+    for reference in ("frozen", "lora", "adapter", "adapter_eager"):
         if reference in by_method:
             row[f"x_{reference}"] = row["step_ms"] / by_method[reference]["step_ms"]
     target = TARGETS.get(row["method"])
@@ -330,13 +368,15 @@ def _add_ratios(row: dict, by_method: dict[str, dict]) -> None:
 
 def format_table(rows: Sequence[dict]) -> str:
     """A markdown table of :func:`run` rows."""
+    timer = rows[0].get("timer", "wall") if rows else "wall"
     header = (
-        "| model | method | trainable | step ms (min) | step ms (median) | x frozen | x LoRA | x Adapter "
-        "| peak MiB | target |"
+        f"| model | method | trainable | step ms (min, {timer}) | step ms (median, wall) | x frozen | x LoRA "
+        "| x Adapter | x Adapter eager | peak MiB | target |"
     )
-    lines = [header, "|" + "---|" * 10]
+    lines = [header, "|" + "---|" * 11]
     for row in rows:
-        ratios = [f"{row[k]:.2f}" if k in row else "" for k in ("x_frozen", "x_lora", "x_adapter")]
+        ratios = [f"{row[k]:.2f}" if k in row else ""
+                  for k in ("x_frozen", "x_lora", "x_adapter", "x_adapter_eager")]
         peak = f"{row['peak_mib']:.1f}" if "peak_mib" in row else ""
         target = ""
         if "target" in row:
