@@ -176,11 +176,12 @@ def plot_metric_vs_params(results: Sequence[RunResult], path: str | Path, title:
         ax.set_title(task)
         ax.grid(True, alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
+    legend_rows = math.ceil(len(names) / 4)
     fig.legend(handles, names, loc="lower center", ncol=min(4, max(1, len(names))), fontsize="small",
-               bbox_to_anchor=(0.5, -0.02))
+               bbox_to_anchor=(0.5, 0.0))
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.12 + 0.04 * math.ceil(len(names) / 4), 1, 1))
+    fig.tight_layout(rect=(0, 0.03 + 0.055 * legend_rows, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
