@@ -495,6 +495,15 @@ def test_p_out_of_range_raises_with_name():
         p_laplacian_aggregate(x_q, x_kv, attn, torch.full((2, 2), 1.5), 0.2)
 
 
+@pytest.mark.parametrize("variant", ["paper", "release"])
+def test_negative_attention_raises(variant):
+    x_q, x_kv, attn = _inputs()
+    attn = attn.clone()
+    attn[..., 0, 0] = -1e-3
+    with pytest.raises(ValueError, match="attn must be non-negative"):
+        p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, variant=variant)
+
+
 def test_mu_must_be_positive():
     x_q, x_kv, attn = _inputs()
     with pytest.raises(ValueError, match="mu=0.0"):

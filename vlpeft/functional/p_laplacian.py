@@ -124,6 +124,7 @@ def p_laplacian_aggregate(
         _check_past_degrees(past_column_degrees, n_k, lead)
     _check_p(p, p_bounds)
     _check_mu(mu)
+    _check_attention(attn)
 
     out_dtype = output_dtype(x_q.dtype, x_kv.dtype)
     dtype = compute_dtype(x_q.dtype, x_kv.dtype, attn.dtype)
@@ -290,6 +291,18 @@ def _check_p(p: Scalar, p_bounds: tuple[float, float] | None) -> None:
         raise ValueError(f"p={value} is out of range: {requirement}")
 
 
+def _check_attention(attn: Tensor) -> None:
+    """Attention must be non-negative (zeros are non-edges); one reduction, no host sync off the CPU."""
+    if attn.numel() == 0:
+        return
+    smallest = attn.detach().amin()
+    if attn.device.type == "cpu":
+        if bool(smallest < 0):
+            raise ValueError(f"attn must be non-negative (post-softmax attention), got a minimum of {smallest.item()}")
+    else:
+        torch._assert_async(smallest >= 0, "attn must be non-negative (post-softmax attention)")
+
+
 def _check_mu(mu: Scalar) -> None:
     _check_positive(mu, "mu", "mu must be > 0 (so that 2 mu / p keeps alpha finite on empty rows)")
 
@@ -359,13 +372,6 @@ def _row_block(tensor: Tensor, rows: slice) -> Tensor:
     return tensor[..., rows, :] if tensor.dim() >= 2 and tensor.shape[-2] != 1 else tensor
 
 
-def _log_normaliser(log_w: Tensor, log_c: Tensor) -> Tensor:
-    """L = logsumexp({log_w[..., j]}_j U {log_c}) over the last axis, keepdim; log_w may hold -inf."""
-    shift = torch.maximum(log_w.amax(dim=-1, keepdim=True), log_c)
-    total = torch.exp(log_w - shift).sum(dim=-1, keepdim=True) + torch.exp(log_c - shift)
-    return shift + torch.log(total)
-
-
 def _reduce_to(grad: Tensor | None, like: Tensor, needed: bool) -> Tensor | None:
     if not needed or grad is None:
         return None
@@ -399,27 +405,72 @@ def _coefficient_grads(need_p: bool, need_mu: bool, p: Tensor, mu: Tensor, grad_
     return grad_p, grad_mu
 
 
+def _gram_distances(xq: Tensor, xk: Tensor, sq_k: Tensor) -> Tensor:
+    """||xq_i - xk_j||^2 (.., n_q, n_k) as one matmul of augmented features [xq, |xq|^2, 1] . [-2 xk, 1, |xk|^2].
+
+    ``sq_k`` is |xk|^2 as (.., 1, n_k). One product writes the result directly, instead of a Gram product followed
+    by three elementwise passes over the (n_q, n_k) output.
+    """
+    sq_q = (xq * xq).sum(dim=-1, keepdim=True)
+    ones_q = torch.ones_like(sq_q)
+    lead_k = xk.shape[:-1]
+    left = torch.cat((xq, sq_q, ones_q), dim=-1)
+    right = torch.cat((-2.0 * xk, torch.ones(lead_k, dtype=xk.dtype, device=xk.device).unsqueeze(-1),
+                       sq_k.transpose(-1, -2).expand(*lead_k, 1)), dim=-1)
+    return torch.matmul(left, right.transpose(-1, -2))
+
+
 class _ReleaseBlock:
     """Intermediates of the ``release`` weights for one block of query rows (see module docstring).
 
-    Kept: ``attn_or_one`` (attention on edges, 1 elsewhere), ``dist_sq`` (squared distances), ``log_scaled_sq``
-    (log of the floored scaled norms) and ``log_w`` (log weights, -inf on non-edges); four (rows, n_k) tensors.
+    Kept: ``attn`` (the block's attention rows), ``non_edge`` (A = 0, or a dropped self loop), ``dist_sq`` (squared
+    distances), ``scaled_sq`` (the floored scaled norms) and its log ``log_scaled_sq``, and ``log_w`` (log weights;
+    finite everywhere, see :func:`_edge_weights`); (rows, n_k) tensors, released one by one as the backward pass
+    no longer needs them.
     """
 
     def __init__(self, xq_c: Tensor, xk_c: Tensor, sq_k: Tensor, attn: Tensor, half_pm2: Tensor, *,
                  eps: float, s_min_sq: float, self_loop: Tensor | None, drop_self_loops: bool) -> None:
-        edge = attn > 0
+        self.attn = attn
+        non_edge = attn <= 0
         if self_loop is not None and drop_self_loops:
-            edge = edge & ~self_loop
-        self.attn_or_one = attn.masked_fill(~edge, 1.0)
-        sq_q = (xq_c * xq_c).sum(dim=-1, keepdim=True)
-        self.dist_sq = torch.matmul(xq_c, xk_c.transpose(-1, -2)).mul_(-2.0).add_(sq_q).add_(sq_k)
-        scaled_sq = (self.attn_or_one + eps).mul_(self.dist_sq).clamp_min_(s_min_sq)
+            non_edge = non_edge | self_loop
+        self.non_edge = non_edge
+        self.dist_sq = _gram_distances(xq_c, xk_c, sq_k)
+        scaled_sq = (attn + eps).mul_(self.dist_sq).clamp_min_(s_min_sq)
         if self_loop is not None and not drop_self_loops:
             scaled_sq = scaled_sq.masked_fill_(self_loop, s_min_sq)
-        self.log_scaled_sq = scaled_sq.log_()
-        log_w = torch.log(self.attn_or_one).add_(half_pm2 * self.log_scaled_sq)
-        self.log_w = log_w.masked_fill_(~edge, -math.inf)
+        self.scaled_sq = scaled_sq
+        self.log_scaled_sq = scaled_sq.log()
+        # log of A clamped to the smallest normal number: log(0) and log(subnormal) take a slow path on CPU.
+        log_attn = attn.clamp_min(torch.finfo(attn.dtype).tiny).log_()
+        self.log_w = log_attn.addcmul_(half_pm2, self.log_scaled_sq)
+
+
+def _edge_weights(shifted_log_w: Tensor, non_edge: Tensor) -> Tensor:
+    """exp(shifted_log_w) on edges and exactly 0 on non-edges, in place.
+
+    Non-edges carry finite log weights (no -inf): on CPU, exp of -inf or of arguments whose result underflows
+    runs several times slower than on ordinary values, so the argument is floored at log(tiny) + 8 (weights below
+    ~e^8 * tiny, 3.5e-35 in float32, of the row's largest are raised to that) and non-edges are zeroed after.
+    """
+    floor = math.log(torch.finfo(shifted_log_w.dtype).tiny) + 8.0
+    return shifted_log_w.clamp_min_(floor).exp_().masked_fill_(non_edge, 0.0)
+
+
+def _normalised_weights(log_w: Tensor, log_c: Tensor, non_edge: Tensor) -> tuple[Tensor, Tensor]:
+    """(omega, L): omega = exp(log_w - L) on edges, 0 on non-edges, L = log(sum_edges exp(log_w) + exp(log_c)).
+
+    One exponential pass: omega = exp(log_w - shift) / total, L = shift + log(total); overwrites ``log_w``. The
+    shift is the row maximum over all entries (non-edges included: they are finite) and log_c; any shift keeps
+    the result exact as long as nothing overflows, and the non-edge values lie far below the edges' (they have
+    log A = log(tiny) in ``release``; in ``paper`` a non-edge sits at log A = 0, above its row's edges by at most
+    (p/2) |log A| of the largest edge, a few units for attention rows that sum to about 1).
+    """
+    shift = torch.maximum(log_w.amax(dim=-1, keepdim=True), log_c)
+    weights = _edge_weights(log_w.sub_(shift), non_edge)
+    total = weights.sum(dim=-1, keepdim=True) + torch.exp(log_c - shift)
+    return weights.div_(total), shift + torch.log(total)
 
 
 class _ReleaseAggregate(torch.autograd.Function):
@@ -436,11 +487,12 @@ class _ReleaseAggregate(torch.autograd.Function):
         settings = (eps, eps * eps * x_q.shape[-1], self_graph, drop_self_loops, query_offset)
         outputs, normalisers = [], []
         for rows in _row_slices(x_q.shape[-2], chunk_size):
-            log_w = _release_block(x_q, xk_c, centre, sq_k, attn, half_pm2, rows, settings).log_w
+            block = _release_block(x_q, xk_c, centre, sq_k, attn, half_pm2, rows, settings)
             log_c_rows = _row_block(log_c, rows)
-            log_norm = _log_normaliser(log_w, log_c_rows)
-            out = torch.matmul(log_w.sub_(log_norm).exp_(), x_kv)
-            del log_w
+            omega, log_norm = _normalised_weights(block.log_w, log_c_rows, block.non_edge)
+            del block
+            out = torch.matmul(omega, x_kv)
+            del omega
             if self_graph:
                 out = out + torch.exp(log_c_rows - log_norm) * x_q[..., rows, :]
             outputs.append(out)
@@ -471,7 +523,7 @@ class _ReleaseAggregate(torch.autograd.Function):
                 log_norm = log_norm_all[..., rows, :]
                 log_c_rows = _row_block(log_c, rows)
                 grad = grad_out[..., rows, :]
-                omega = block.log_w.sub_(log_norm).exp_()  # in place: log_w is not needed any more
+                omega = _edge_weights(block.log_w.sub_(log_norm), block.non_edge)  # in place: log_w is done
                 beta = torch.exp(log_c_rows - log_norm)
                 grad_log_w = torch.matmul(grad, x_kv.transpose(-1, -2))  # d/d omega for now
                 total = (omega * grad_log_w).sum(dim=-1, keepdim=True)
@@ -488,15 +540,18 @@ class _ReleaseAggregate(torch.autograd.Function):
                 grad_xk = _add(grad_xk, torch.matmul(omega.transpose(-1, -2), grad))
                 del omega
                 # d/d(scaled_sq) where the norm is above the floor (forced self loops sit exactly on it).
-                grad_scaled = (grad_log_w * half_pm2).mul_(torch.exp(-block.log_scaled_sq))
+                grad_scaled = (grad_log_w * half_pm2).div_(block.scaled_sq)
                 grad_scaled = grad_scaled.masked_fill_(block.log_scaled_sq <= log_floor, 0.0)
-                del block.log_scaled_sq
+                del block.log_scaled_sq, block.scaled_sq
                 if grad_attn is not None:
-                    chunk_grad = grad_log_w.div_(block.attn_or_one).addcmul_(grad_scaled, block.dist_sq)
+                    # grad_log_w is 0 on non-edges: divide by 1 there instead of by A = 0.
+                    attn_or_one = block.attn.masked_fill(block.non_edge, 1.0)
+                    chunk_grad = grad_log_w.div_(attn_or_one).addcmul_(grad_scaled, block.dist_sq)
+                    del attn_or_one
                     _write_rows(grad_attn, rows, chunk_grad)
                     del chunk_grad
                 del grad_log_w, block.dist_sq
-                grad_dist = grad_scaled.mul_(block.attn_or_one.add_(eps))
+                grad_dist = grad_scaled.mul_(block.attn + eps)
                 del block
                 xq_c = x_q[..., rows, :] - centre
                 grad_xq = _add(grad_xq, 2.0 * grad_dist.sum(dim=-1, keepdim=True) * xq_c
@@ -539,7 +594,6 @@ class _PaperBlock:
     def __init__(self, x_q: Tensor, x_kv: Tensor, sq_k: Tensor, attn: Tensor, col_deg: Tensor, p: Tensor,
                  dist_floor: float) -> None:
         edge = attn > 0
-        self.edge = edge
         row_deg = attn.sum(dim=-1, keepdim=True)
         self.row_pos = row_deg > 0
         self.col_pos = col_deg > 0
@@ -558,7 +612,8 @@ class _PaperBlock:
         self.log_attn = torch.log(self.attn_or_one)
         self.log_dist = torch.log(self.dist_sq)
         log_w = 0.5 * p * self.log_attn + 0.5 * (p - 2.0) * self.log_dist - self.log_row
-        self.log_w = log_w.masked_fill_(~edge, -math.inf)
+        self.log_w = log_w  # finite on non-edges too: see _normalised_weights
+        self.non_edge = ~edge
         self.scale = torch.exp(0.5 * (self.log_row - self.log_col))  # sqrt(D_q / D_j) on edges
 
 
@@ -577,8 +632,8 @@ class _PaperAggregate(torch.autograd.Function):
             col_deg = running + torch.cumsum(attn_rows, dim=-2) if causal else running
             block = _PaperBlock(x_q[..., rows, :], x_kv, sq_k, attn_rows, col_deg, _row_block(p, rows), dist_floor)
             log_c_rows = _row_block(log_c, rows)
-            log_norm = _log_normaliser(block.log_w, log_c_rows)
-            coefficients = torch.exp(block.log_w - log_norm) * block.scale
+            omega, log_norm = _normalised_weights(block.log_w, log_c_rows, block.non_edge)
+            coefficients = omega.mul_(block.scale)
             outputs.append(torch.matmul(coefficients, x_kv) + torch.exp(log_c_rows - log_norm) * x_q[..., rows, :])
             normalisers.append(log_norm)
             bases.append(running)
@@ -612,7 +667,7 @@ class _PaperAggregate(torch.autograd.Function):
                 log_norm = log_norm_all[..., rows, :]
                 xq = x_q[..., rows, :]
                 grad = grad_out[..., rows, :]
-                omega = torch.exp(block.log_w - log_norm)
+                omega = _edge_weights(block.log_w.sub_(log_norm), block.non_edge)
                 beta = torch.exp(_row_block(log_c, rows) - log_norm)
                 coefficients = omega * block.scale
                 grad_coef = torch.matmul(grad, x_kv.transpose(-1, -2))

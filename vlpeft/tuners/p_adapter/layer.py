@@ -331,9 +331,15 @@ def _tokens_to_heads(states: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _drop_unattended_rows(probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero the attention rows of queries whose keys are all masked (their softmax is an artefact)."""
+    """Zero the attention rows of queries whose keys are all masked (their softmax is an artefact).
+
+    When every row attends (causal masks without padding, the common case) ``probs`` is returned as is: the
+    product would be a second (batch, heads, n_q, n_k) tensor per layer in the forward and in the backward pass.
+    """
     rows = attended_query_rows(mask, probs.shape[-2], probs.shape[-1])
-    return probs if rows is None else probs * rows.to(probs.dtype)
+    if rows is None or bool(rows.all()):
+        return probs
+    return probs * rows.to(probs.dtype)
 
 
 @dataclass
