@@ -1,4 +1,4 @@
-"""The one place where vlpeft touches PEFT's private registry.
+"""The one place where vlpeft touches PEFT's private internals.
 
 PEFT 0.21 keeps its method registry in four module-level dicts in ``peft.mapping``. Its public
 ``register_peft_method`` only accepts members of the closed ``peft.PeftType`` enum, so out-of-tree methods
@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 
 import peft.mapping as _mapping
+from peft.tuners import tuners_utils as _tuners_utils
 
 
 class VLPeftType(str, enum.Enum):  # noqa: UP042 - same base classes as peft.PeftType
@@ -25,6 +26,12 @@ class VLPeftType(str, enum.Enum):  # noqa: UP042 - same base classes as peft.Pef
     BOTTLENECK_ADAPTER = "BOTTLENECK_ADAPTER"
 
 
+def get_submodules(model, key: str):
+    """``(parent, target, target_name)`` of the module named ``key``: PEFT's private ``_get_submodules``, which its
+    own tuners use to unload wrapped modules."""
+    return _tuners_utils._get_submodules(model, key)
+
+
 REQUIRED_PEFT_DICTS = (
     "PEFT_TYPE_TO_CONFIG_MAPPING",
     "PEFT_TYPE_TO_TUNER_MAPPING",
@@ -35,6 +42,11 @@ REQUIRED_PEFT_DICTS = (
 
 def check_peft_internals() -> None:
     """Raise if PEFT no longer exposes the registry dicts vlpeft writes into."""
+    if not callable(getattr(_tuners_utils, "_get_submodules", None)):
+        raise RuntimeError(
+            "peft.tuners.tuners_utils._get_submodules is missing in the installed PEFT; vlpeft's p-adapter unload "
+            "(through vlpeft/tuners/_peft_registry.py) must be updated for this PEFT release."
+        )
     for name in REQUIRED_PEFT_DICTS:
         if not isinstance(getattr(_mapping, name, None), dict):
             raise RuntimeError(

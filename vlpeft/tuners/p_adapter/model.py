@@ -6,11 +6,12 @@ import re
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_submodules
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from vlpeft.glue.attention import PADAPTER_ATTENTION
 from vlpeft.glue.families import POSITIONS, ModelFamily, detect_family, get_family
+from vlpeft.tuners._peft_registry import get_submodules
 from vlpeft.tuners.p_adapter.config import PAdapterConfig
 from vlpeft.tuners.p_adapter.layer import (
     MERGE_ERROR_MESSAGE,
@@ -282,7 +283,7 @@ class PAdapterModel(BaseTuner):
             raise PAdapterMergeError(MERGE_ERROR_MESSAGE)
         keys = [key for key, module in self.model.named_modules() if isinstance(module, PAdapterLayer)]
         for key in keys:
-            parent, target, target_name = _get_submodules(self.model, key)
+            parent, target, target_name = get_submodules(self.model, key)
             setattr(parent, target_name, target.get_base_layer())
         originals = self.__dict__.get("_padapter_original_attention", {})
         self._set_attention_implementations(
