@@ -17,13 +17,22 @@ def test_registry_dicts_exist():
         assert isinstance(getattr(peft.mapping, name), dict)
 
 
-def test_types_are_str_enums_with_lowercase_prefixes():
+def test_types_are_str_enums_with_distinct_prefixes():
     for member in VLPeftType:
         assert member == member.value  # compares equal to the JSON string
         assert PREFIXES[member] == member.value.lower() + "_"
-    prefixes = list(PREFIXES.values()) + list(peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING.values())
-    ours = set(PREFIXES.values())
+    ours = list(PREFIXES.values())
     for mine in ours:
-        for other in prefixes:
-            if other != mine:
-                assert mine not in other and other not in mine or other not in ours, (mine, other)
+        # PEFT selects a method's parameters by "prefix in name": no vlpeft prefix may contain another one.
+        assert all(other == mine or other not in mine for other in ours), mine
+    theirs = {prefix for key, prefix in peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items() if key not in PREFIXES}
+    assert not theirs & set(ours)
+
+
+def test_import_registers_every_method():
+    import vlpeft  # noqa: F401
+
+    for member, prefix in PREFIXES.items():
+        assert peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING[member] == prefix
+        assert peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[member].prefix == prefix
+        assert peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[member]().peft_type == member
