@@ -22,7 +22,7 @@ from vlpeft.tasks import (
 )
 from vlpeft.testing import build_tiny_model, tiny_images
 
-FAMILIES = ["blip_caption", "git", "blip_vqa", "blip2", "llava", "paligemma", "vision_encoder_decoder"]
+FAMILIES = ["blip_caption", "git", "blip_vqa", "blip2", "llava", "paligemma", "vision_encoder_decoder", "vit_gpt2"]
 IMAGES = tiny_images(3, size=40)
 VQA_ITEMS = [
     {"image": IMAGES[0], "question_id": 1, "question": "What color is the box?",
@@ -85,7 +85,9 @@ def test_vqa_generative_every_family(family: str):
     _forward(tm, batch)
 
 
-@pytest.mark.parametrize("family", ["blip_caption", "blip2", "llava", "paligemma", "vision_encoder_decoder"])
+@pytest.mark.parametrize(
+    "family", ["blip_caption", "blip2", "llava", "paligemma", "vision_encoder_decoder", "vit_gpt2"]
+)
 def test_entailment_and_caption_generative(family: str):
     tm, processor = tiny(family)
     batch = EntailmentGenerativeCollator(processor, family, model_config=tm.model.config)(SNLI_ITEMS)
@@ -178,30 +180,9 @@ def test_collator_argument_errors():
         VQAGenerativeCollator(object(), "blip_caption")
 
 
-class _TinyViTTextClassifier(torch.nn.Module):
-    """Test-only ViT + BERT classifier: pooled image and [CLS] text features -> linear head."""
-
-    def __init__(self, num_labels: int, multi_label: bool) -> None:
-        super().__init__()
-        from transformers import BertConfig, BertModel, ViTConfig, ViTModel
-
-        size = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4}
-        self.vision = ViTModel(ViTConfig(image_size=32, patch_size=8, **size))
-        self.text = BertModel(BertConfig(vocab_size=99, max_position_embeddings=128, **size))
-        self.head = torch.nn.Linear(64, num_labels)
-        self.multi_label = multi_label
-
-    def forward(self, pixel_values, input_ids, attention_mask, labels):
-        image = self.vision(pixel_values=pixel_values).pooler_output
-        text = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
-        logits = self.head(torch.cat([image, text], dim=-1))
-        if self.multi_label:
-            return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
-        return torch.nn.functional.cross_entropy(logits, labels)
-
-
-def test_classification_collators():
-    processor = build_tiny_processor("vit_bert", TEXTS)
+@pytest.mark.parametrize("family", ["vit_bert", "vit_roberta"])
+def test_classification_collators_on_the_composite(family: str):
+    processor = build_tiny_processor(family, TEXTS)
     vocab = AnswerVocab(["red", "two", "blue", "green"])
     collator = VQAClassificationCollator(processor, vocab)
     batch = collator(VQA_ITEMS)
@@ -209,15 +190,15 @@ def test_classification_collators():
     assert batch["labels"].tolist() == [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
     assert batch["input_ids"][:, 0].tolist() == [1, 1] and batch["pixel_values"].shape == (2, 3, 32, 32)
     assert (batch["input_ids"] < 99).all()
-    torch.manual_seed(0)
-    loss = _TinyViTTextClassifier(4, multi_label=True)(**batch)
-    assert torch.isfinite(loss)
+    vqa_model = build_tiny_model(family, num_labels=4, problem_type="multi_label").model
+    assert torch.isfinite(vqa_model(**batch).loss)
     short = VQAClassificationCollator(processor, vocab, max_length=5)
     assert short(VQA_ITEMS)["input_ids"].shape[1] == 5 and short.num_truncated == 2
 
     ent = EntailmentClassificationCollator(processor)(SNLI_ITEMS)
     assert ent["labels"].tolist() == [0, 1, 2] and ent["labels"].dtype == torch.long
-    assert torch.isfinite(_TinyViTTextClassifier(3, multi_label=False)(**ent))
+    ve_model = build_tiny_model(family, num_labels=3, problem_type="single_label").model
+    assert torch.isfinite(ve_model(**ent).loss)
     with pytest.raises(ValueError, match="label '-'"):
         EntailmentClassificationCollator(processor)([{**SNLI_ITEMS[0], "label": "-"}])
 
