@@ -405,6 +405,22 @@ def _coefficient_grads(need_p: bool, need_mu: bool, p: Tensor, mu: Tensor, grad_
     return grad_p, grad_mu
 
 
+#: Below this output width, CPU BLAS runs (m, k) @ (k, d) several times faster as the transposed product.
+_THIN_WIDTH = 16
+
+
+def _thin_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a (.., m, k) @ b (.., k, d); for d < 16 on CPU computed as (b^T a^T)^T.
+
+    The pairwise products of the release heads (d = r / heads, e.g. 8) have a thin right operand; CPU BLAS is
+    slow for such shapes (1.5 ms vs 0.5 ms for (4, 643, 643) @ (4, 643, 8) on one thread) and fast for the
+    transposed product, which reads the same operands and returns a transposed view.
+    """
+    if b.shape[-1] >= _THIN_WIDTH or a.device.type != "cpu":
+        return torch.matmul(a, b)
+    return torch.matmul(b.transpose(-1, -2), a.transpose(-1, -2)).transpose(-1, -2)
+
+
 def _gram_distances(xq: Tensor, xk: Tensor, sq_k: Tensor) -> Tensor:
     """||xq_i - xk_j||^2 (.., n_q, n_k) as one matmul of augmented features [xq, |xq|^2, 1] . [-2 xk, 1, |xk|^2].
 
@@ -423,27 +439,40 @@ def _gram_distances(xq: Tensor, xk: Tensor, sq_k: Tensor) -> Tensor:
 class _ReleaseBlock:
     """Intermediates of the ``release`` weights for one block of query rows (see module docstring).
 
-    Kept: ``attn`` (the block's attention rows), ``non_edge`` (A = 0, or a dropped self loop), ``dist_sq`` (squared
-    distances), ``scaled_sq`` (the floored scaled norms) and its log ``log_scaled_sq``, and ``log_w`` (log weights;
-    finite everywhere, see :func:`_edge_weights`); (rows, n_k) tensors, released one by one as the backward pass
-    no longer needs them.
+    Kept: ``attn`` (the block's attention rows), ``non_edge`` (A = 0, or a dropped self loop), ``log_w`` (log
+    weights; finite everywhere, see :func:`_edge_weights`) and, with ``for_backward``, ``dist_sq`` (squared
+    distances), ``scaled_sq`` (the floored scaled norms) and its log ``log_scaled_sq``: (rows, n_k) tensors,
+    released one by one as the backward pass no longer needs them. Without ``for_backward`` (the forward pass)
+    buffers are reused in place, so only two new float (rows, n_k) tensors are allocated (fresh allocations of
+    this size cost about as much as an elementwise pass on CPU).
     """
 
     def __init__(self, xq_c: Tensor, xk_c: Tensor, sq_k: Tensor, attn: Tensor, half_pm2: Tensor, *,
-                 eps: float, s_min_sq: float, self_loop: Tensor | None, drop_self_loops: bool) -> None:
+                 eps: float, s_min_sq: float, self_loop: Tensor | None, drop_self_loops: bool,
+                 for_backward: bool) -> None:
         self.attn = attn
         non_edge = attn <= 0
         if self_loop is not None and drop_self_loops:
             non_edge = non_edge | self_loop
         self.non_edge = non_edge
-        self.dist_sq = _gram_distances(xq_c, xk_c, sq_k)
-        scaled_sq = (attn + eps).mul_(self.dist_sq).clamp_min_(s_min_sq)
+        dist_sq = _gram_distances(xq_c, xk_c, sq_k)
+        scaled_sq = (attn + eps).mul_(dist_sq).clamp_min_(s_min_sq)
         if self_loop is not None and not drop_self_loops:
             scaled_sq = scaled_sq.masked_fill_(self_loop, s_min_sq)
-        self.scaled_sq = scaled_sq
-        self.log_scaled_sq = scaled_sq.log()
         # log of A clamped to the smallest normal number: log(0) and log(subnormal) take a slow path on CPU.
-        log_attn = attn.clamp_min(torch.finfo(attn.dtype).tiny).log_()
+        tiny = torch.finfo(attn.dtype).tiny
+        if for_backward:
+            self.dist_sq = dist_sq
+            self.scaled_sq = scaled_sq
+            self.log_scaled_sq = scaled_sq.log()
+            log_attn = attn.clamp_min(tiny).log_()
+        else:
+            self.log_scaled_sq = scaled_sq.log_()
+            if dist_sq.shape == attn.shape:
+                log_attn = torch.clamp_min(attn, tiny, out=dist_sq).log_()
+            else:
+                log_attn = attn.clamp_min(tiny).log_()
+            del dist_sq
         self.log_w = log_attn.addcmul_(half_pm2, self.log_scaled_sq)
 
 
@@ -485,19 +514,22 @@ class _ReleaseAggregate(torch.autograd.Function):
         log_c = torch.log(2.0 * mu / p)
         half_pm2 = 0.5 * (p - 2.0)
         settings = (eps, eps * eps * x_q.shape[-1], self_graph, drop_self_loops, query_offset)
-        outputs, normalisers = [], []
+        outputs, aggregates, normalisers = [], [], []
         for rows in _row_slices(x_q.shape[-2], chunk_size):
-            block = _release_block(x_q, xk_c, centre, sq_k, attn, half_pm2, rows, settings)
+            block = _release_block(x_q, xk_c, centre, sq_k, attn, half_pm2, rows, settings, for_backward=False)
             log_c_rows = _row_block(log_c, rows)
             omega, log_norm = _normalised_weights(block.log_w, log_c_rows, block.non_edge)
             del block
-            out = torch.matmul(omega, x_kv)
+            aggregated = _thin_matmul(omega, x_kv).contiguous()
             del omega
+            out = aggregated
             if self_graph:
-                out = out + torch.exp(log_c_rows - log_norm) * x_q[..., rows, :]
+                out = aggregated + torch.exp(log_c_rows - log_norm) * x_q[..., rows, :]
             outputs.append(out)
+            aggregates.append(aggregated)
             normalisers.append(log_norm)
-        ctx.save_for_backward(x_q, x_kv, attn, p, mu, _concat_rows(normalisers))
+        # The aggregate sum_j omega_qj x_j (rows x d) gives the backward's row totals without an (n_q, n_k) product.
+        ctx.save_for_backward(x_q, x_kv, attn, p, mu, _concat_rows(normalisers), _concat_rows(aggregates))
         ctx.settings = settings
         ctx.chunk_size = chunk_size
         return _concat_rows(outputs)
@@ -505,7 +537,7 @@ class _ReleaseAggregate(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x_q, x_kv, attn, p, mu, log_norm_all = ctx.saved_tensors
+        x_q, x_kv, attn, p, mu, log_norm_all, aggregated_all = ctx.saved_tensors
         eps, s_min_sq, self_graph, drop_self_loops, query_offset = ctx.settings
         needs = ctx.needs_input_grad
         with autocast_disabled(grad_out.device.type):
@@ -515,18 +547,21 @@ class _ReleaseAggregate(torch.autograd.Function):
             log_c = torch.log(2.0 * mu / p)
             half_pm2 = 0.5 * (p - 2.0)
             log_floor = torch.log(torch.tensor(s_min_sq, dtype=x_q.dtype, device=x_q.device))
-            grad_xq_rows, grad_p_rows, grad_log_c_rows = [], [], []
-            grad_attn = torch.empty_like(attn) if needs[2] else None
+            tiny = torch.finfo(attn.dtype).tiny
+            slices = _row_slices(x_q.shape[-2], ctx.chunk_size)
+            grad_xq_rows, grad_p_rows, grad_log_c_rows, grad_attn_rows = [], [], [], []
+            grad_attn = torch.empty_like(attn) if needs[2] and len(slices) > 1 else None
             grad_xk = None
-            for rows in _row_slices(x_q.shape[-2], ctx.chunk_size):
-                block = _release_block(x_q, xk_c, centre, sq_k, attn, half_pm2, rows, ctx.settings)
+            for rows in slices:
+                block = _release_block(x_q, xk_c, centre, sq_k, attn, half_pm2, rows, ctx.settings, for_backward=True)
                 log_norm = log_norm_all[..., rows, :]
                 log_c_rows = _row_block(log_c, rows)
                 grad = grad_out[..., rows, :]
                 omega = _edge_weights(block.log_w.sub_(log_norm), block.non_edge)  # in place: log_w is done
+                del block.log_w, block.non_edge
                 beta = torch.exp(log_c_rows - log_norm)
-                grad_log_w = torch.matmul(grad, x_kv.transpose(-1, -2))  # d/d omega for now
-                total = (omega * grad_log_w).sum(dim=-1, keepdim=True)
+                # sum_j omega_qj dL/domega_qj = grad_q . sum_j omega_qj x_j
+                total = (grad * aggregated_all[..., rows, :]).sum(dim=-1, keepdim=True)
                 grad_xq = None
                 if self_graph:
                     grad_beta = (grad * x_q[..., rows, :]).sum(dim=-1, keepdim=True)
@@ -535,31 +570,41 @@ class _ReleaseAggregate(torch.autograd.Function):
                     grad_xq = beta * grad
                 else:
                     grad_log_c_rows.append(-beta * total)
-                grad_log_w = grad_log_w.sub_(total).mul_(omega)  # exactly 0 on non-edges
-                grad_p_rows.append(0.5 * (grad_log_w * block.log_scaled_sq).sum(dim=-1, keepdim=True))
-                grad_xk = _add(grad_xk, torch.matmul(omega.transpose(-1, -2), grad))
+                grad_log_w = torch.matmul(grad, x_kv.transpose(-1, -2)).sub_(total).mul_(omega)  # 0 on non-edges
+                grad_xk = _add(grad_xk, _thin_matmul(omega.transpose(-1, -2), grad))
                 del omega
+                if needs[3]:
+                    grad_p_rows.append(0.5 * _row_dot(grad_log_w, block.log_scaled_sq))
                 # d/d(scaled_sq) where the norm is above the floor (forced self loops sit exactly on it).
-                grad_scaled = (grad_log_w * half_pm2).div_(block.scaled_sq)
-                grad_scaled = grad_scaled.masked_fill_(block.log_scaled_sq <= log_floor, 0.0)
-                del block.log_scaled_sq, block.scaled_sq
-                if grad_attn is not None:
-                    # grad_log_w is 0 on non-edges: divide by 1 there instead of by A = 0.
-                    attn_or_one = block.attn.masked_fill(block.non_edge, 1.0)
-                    chunk_grad = grad_log_w.div_(attn_or_one).addcmul_(grad_scaled, block.dist_sq)
-                    del attn_or_one
-                    _write_rows(grad_attn, rows, chunk_grad)
+                at_floor = block.log_scaled_sq <= log_floor
+                if block.log_scaled_sq.shape == grad_log_w.shape:  # reuse its buffer
+                    grad_scaled = torch.mul(grad_log_w, half_pm2, out=block.log_scaled_sq)
+                else:
+                    grad_scaled = grad_log_w * half_pm2
+                del block.log_scaled_sq
+                grad_scaled = grad_scaled.div_(block.scaled_sq).masked_fill_(at_floor, 0.0)
+                del at_floor
+                if needs[2]:
+                    # grad_log_w is 0 on non-edges, where A = 0: dividing by max(A, tiny) leaves it 0.
+                    chunk_grad = grad_log_w.div_(block.scaled_sq.copy_(block.attn).clamp_min_(tiny))
+                    chunk_grad = chunk_grad.addcmul_(grad_scaled, block.dist_sq)
+                    if grad_attn is None:
+                        grad_attn_rows.append(chunk_grad.sum_to_size(attn.shape))
+                    else:
+                        _write_rows(grad_attn, rows, chunk_grad)
                     del chunk_grad
                 del grad_log_w, block.dist_sq
-                grad_dist = grad_scaled.mul_(block.attn + eps)
+                grad_dist = grad_scaled.mul_(torch.add(block.attn, eps, out=block.scaled_sq))
                 del block
                 xq_c = x_q[..., rows, :] - centre
                 grad_xq = _add(grad_xq, 2.0 * grad_dist.sum(dim=-1, keepdim=True) * xq_c
-                               - 2.0 * torch.matmul(grad_dist, xk_c))
+                               - 2.0 * _thin_matmul(grad_dist, xk_c))
                 grad_xq_rows.append(grad_xq)
                 grad_xk = grad_xk + (2.0 * grad_dist.sum(dim=-2).unsqueeze(-1) * xk_c
-                                     - 2.0 * torch.matmul(grad_dist.transpose(-1, -2), xq_c))
+                                     - 2.0 * _thin_matmul(grad_dist.transpose(-1, -2), xq_c))
                 del grad_dist
+            if grad_attn is None and grad_attn_rows:
+                grad_attn = grad_attn_rows[0]
             grad_p, grad_mu = _coefficient_grads(needs[3], needs[4], p, mu, grad_p_rows, grad_log_c_rows)
             return (
                 _reduce_to(_concat_rows(grad_xq_rows), x_q, needs[0]),
@@ -571,6 +616,11 @@ class _ReleaseAggregate(torch.autograd.Function):
             )
 
 
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum_j a[..., i, j] * b[..., i, j] as (.., rows, 1), without a (rows, n_k) temporary."""
+    return torch.einsum("...ij,...ij->...i", a, b).unsqueeze(-1)
+
+
 def _row_slices(n_q: int, chunk_size: int | None) -> list[slice]:
     if chunk_size is None or n_q <= chunk_size:
         return [slice(0, n_q)]
@@ -578,14 +628,15 @@ def _row_slices(n_q: int, chunk_size: int | None) -> list[slice]:
 
 
 def _release_block(x_q: Tensor, xk_c: Tensor, centre: Tensor, sq_k: Tensor, attn: Tensor, half_pm2: Tensor,
-                   rows: slice, settings: tuple) -> _ReleaseBlock:
+                   rows: slice, settings: tuple, for_backward: bool) -> _ReleaseBlock:
     eps, s_min_sq, self_graph, drop_self_loops, query_offset = settings
     self_loop = None
     if self_graph:
         row_ids = torch.arange(rows.start, rows.stop, device=attn.device).unsqueeze(-1)
         self_loop = torch.arange(attn.shape[-1], device=attn.device) == row_ids + query_offset
     return _ReleaseBlock(x_q[..., rows, :] - centre, xk_c, sq_k, attn[..., rows, :], _row_block(half_pm2, rows),
-                         eps=eps, s_min_sq=s_min_sq, self_loop=self_loop, drop_self_loops=drop_self_loops)
+                         eps=eps, s_min_sq=s_min_sq, self_loop=self_loop, drop_self_loops=drop_self_loops,
+                         for_backward=for_backward)
 
 
 class _PaperBlock:
@@ -634,7 +685,7 @@ class _PaperAggregate(torch.autograd.Function):
             log_c_rows = _row_block(log_c, rows)
             omega, log_norm = _normalised_weights(block.log_w, log_c_rows, block.non_edge)
             coefficients = omega.mul_(block.scale)
-            outputs.append(torch.matmul(coefficients, x_kv) + torch.exp(log_c_rows - log_norm) * x_q[..., rows, :])
+            outputs.append(_thin_matmul(coefficients, x_kv) + torch.exp(log_c_rows - log_norm) * x_q[..., rows, :])
             normalisers.append(log_norm)
             bases.append(running)
             if causal:
@@ -704,10 +755,10 @@ class _PaperAggregate(torch.autograd.Function):
                 if grad_attn_full is not None:
                     _write_rows(grad_attn_full, rows, grad_attn)
                 grad_xq_rows[index] = (beta * grad + 2.0 * (grad_dist * ir.square()).sum(dim=-1, keepdim=True) * xq
-                                       + torch.matmul(grad_gram, x_kv))
+                                       + _thin_matmul(grad_gram, x_kv))
                 grad_sq_k = (grad_dist * ic.square()).sum(dim=-2).unsqueeze(-1)
-                grad_xk = _add(grad_xk, torch.matmul(coefficients.transpose(-1, -2), grad) + 2.0 * grad_sq_k * x_kv
-                               + torch.matmul(grad_gram.transpose(-1, -2), xq))
+                grad_xk = _add(grad_xk, _thin_matmul(coefficients.transpose(-1, -2), grad) + 2.0 * grad_sq_k * x_kv
+                               + _thin_matmul(grad_gram.transpose(-1, -2), xq))
             needs = ctx.needs_input_grad
             grad_p, grad_mu = _coefficient_grads(needs[3], needs[4], p, mu, grad_p_rows, grad_log_c_rows)
             return (
