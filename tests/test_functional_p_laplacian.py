@@ -661,3 +661,43 @@ def test_chunking_bounds_extra_memory():
     assert full > 4 * pair_bytes  # several (n, n) tensors are saved for backward
     # Chunked: the attention gradient (one (n, n) tensor) plus O(chunk * n) working memory.
     assert chunked < 2 * pair_bytes
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_attn_head_mean_equals_explicit_mean(causal, chunk_size):
+    """attn_head_mean=True gives the values and gradients of the explicit head mean (paper variant)."""
+    x_q = make_features(2, 1, 5, 3, seed=3).requires_grad_()
+    x_kv = make_features(2, 1, 7, 3, seed=4).requires_grad_()
+    attn = make_attention(2, 3, 5, 7, causal=causal, holes=0.2, seed=5).requires_grad_()
+    p = torch.tensor(1.4, dtype=torch.float64, requires_grad=True)
+    grad_out = make_features(2, 1, 5, 3, seed=6)
+    results = []
+    for head_mean in (False, True):
+        graph = attn if head_mean else attn.mean(dim=1, keepdim=True)
+        out = p_laplacian_aggregate(x_q, x_kv, graph, p, 0.3, variant="paper", causal_degrees=causal,
+                                    chunk_size=chunk_size, attn_head_mean=head_mean)
+        grads = torch.autograd.grad(out, (x_q, x_kv, attn, p), grad_out)
+        results.append((out, *grads))
+    for explicit, fused in zip(*results):
+        assert_close_rel(fused, explicit, 1e-12)
+
+
+def test_attn_head_mean_gradcheck_and_errors():
+    x_q = make_features(1, 1, 3, 2, seed=7).requires_grad_()
+    x_kv = make_features(1, 1, 4, 2, seed=8).requires_grad_()
+    attn = make_attention(1, 2, 3, 4, seed=9).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b, m: p_laplacian_aggregate(a, b, m, 1.5, 0.2, variant="paper", attn_head_mean=True),
+        (x_q, x_kv, attn))
+    with pytest.raises(ValueError, match="attn_head_mean=True applies to variant='paper' only"):
+        p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, variant="release", attn_head_mean=True)
+
+
+def test_accumulate_column_degrees_head_mean():
+    attn = make_attention(2, 3, 4, 6, causal=True, seed=10)
+    past = torch.rand(2, 1, 2, dtype=torch.float64)
+    fused = accumulate_column_degrees(attn, past, head_mean=True)
+    explicit = accumulate_column_degrees(attn.mean(dim=1, keepdim=True), past)
+    assert fused.shape == (2, 1, 6)
+    assert_close_rel(fused, explicit, 1e-14)

@@ -70,6 +70,7 @@ def p_laplacian_aggregate(
     causal_degrees: bool = False,
     past_column_degrees: Tensor | None = None,
     chunk_size: int | None = None,
+    attn_head_mean: bool = False,
 ) -> Tensor:
     """Aggregate node features with one p-Laplacian step on the attention graph.
 
@@ -101,6 +102,11 @@ def p_laplacian_aggregate(
             queries are taken to be the first ones of the sequence.
         chunk_size: process query rows in blocks of this size, in the forward and (recomputed) in the backward
             pass, bounding the working memory to O(batch * heads * chunk_size * n_k) (exact).
+        attn_head_mean: ``paper`` only. ``attn`` is per-head (batch, heads, n_q, n_k) and the graph is its mean
+            over heads (§2.5), averaged block by block inside the kernel: no (n_q, n_k) mean tensor is built or
+            kept for the backward pass (the per-head attention is kept by the attention's own backward anyway),
+            and the gradient w.r.t. ``attn`` is returned as a broadcast view of one (batch, 1, n_q, n_k) tensor.
+            x_q / x_kv / the result then have heads = 1 (or broadcast to it).
 
     Returns:
         (batch, heads, n_q, d) in the promoted dtype of x_q and x_kv. Computed in float32 (float64 if any
@@ -117,7 +123,10 @@ def p_laplacian_aggregate(
         past_column_degrees=past_column_degrees,
         chunk_size=chunk_size,
     )
-    n_q, n_k, lead = _check_shapes(x_q, x_kv, attn)
+    if attn_head_mean and variant != "paper":
+        raise ValueError(f"attn_head_mean=True applies to variant='paper' only, got variant={variant!r}")
+    options["head_mean"] = bool(attn_head_mean)
+    n_q, n_k, lead = _check_shapes(x_q, x_kv, attn[:, :1] if attn_head_mean and attn.dim() == 4 else attn)
     if options["graph"] == "self":
         options["query_offset"] = _resolve_query_offset(query_offset, n_q, n_k)
     if past_column_degrees is not None:
@@ -142,12 +151,15 @@ def p_laplacian_aggregate(
     return out.to(out_dtype)
 
 
-def accumulate_column_degrees(attn: Tensor, past_column_degrees: Tensor | None = None) -> Tensor:
+def accumulate_column_degrees(attn: Tensor, past_column_degrees: Tensor | None = None, *,
+                              head_mean: bool = False) -> Tensor:
     """Running column degrees for cached ``paper`` decoding with causal degrees.
 
     Args:
         attn: attention of the current queries (batch, heads, n_q, n_k).
         past_column_degrees: previous running degrees (batch, heads, n_past), n_past <= n_k, or None.
+        head_mean: the graph is the head mean of ``attn`` (as with ``attn_head_mean``): the result and
+            ``past_column_degrees`` then have heads = 1.
 
     Returns:
         (batch, heads, n_k) in float32 (float64 for float64 inputs): past (zero-padded to n_k) plus the
@@ -158,8 +170,10 @@ def accumulate_column_degrees(attn: Tensor, past_column_degrees: Tensor | None =
     dtype = compute_dtype(attn.dtype)
     with autocast_disabled(attn.device.type):
         total = attn.to(dtype).sum(dim=-2)
+        if head_mean:
+            total = total.mean(dim=1, keepdim=True)
         if past_column_degrees is not None:
-            _check_past_degrees(past_column_degrees, attn.shape[-1], tuple(attn.shape[:2]))
+            _check_past_degrees(past_column_degrees, attn.shape[-1], tuple(total.shape[:2]))
             total = total + _pad_past(past_column_degrees.to(dtype), attn.shape[-1])
     return total
 
@@ -673,13 +687,13 @@ class _PaperAggregate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, base: Tensor,
-                dist_floor: float, causal: bool, chunk_size: int | None) -> Tensor:
+                dist_floor: float, causal: bool, chunk_size: int | None, head_mean: bool) -> Tensor:
         sq_k = (x_kv * x_kv).sum(dim=-1).unsqueeze(-2)
         log_c = torch.log(2.0 * mu / p)
         outputs, normalisers, bases = [], [], []
         running = base
         for rows in _row_slices(x_q.shape[-2], chunk_size):
-            attn_rows = attn[..., rows, :]
+            attn_rows = _graph_rows(attn, rows, head_mean)
             col_deg = running + torch.cumsum(attn_rows, dim=-2) if causal else running
             block = _PaperBlock(x_q[..., rows, :], x_kv, sq_k, attn_rows, col_deg, _row_block(p, rows), dist_floor)
             log_c_rows = _row_block(log_c, rows)
@@ -691,27 +705,28 @@ class _PaperAggregate(torch.autograd.Function):
             if causal:
                 running = running + attn_rows.sum(dim=-2, keepdim=True)
         ctx.save_for_backward(x_q, x_kv, attn, p, mu, _concat_rows(normalisers), *bases)
-        ctx.settings = (dist_floor, causal, chunk_size)
+        ctx.settings = (dist_floor, causal, chunk_size, head_mean)
         return _concat_rows(outputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x_q, x_kv, attn, p, mu, log_norm_all, *bases = ctx.saved_tensors
-        dist_floor, causal, chunk_size = ctx.settings
+        dist_floor, causal, chunk_size, head_mean = ctx.settings
         with autocast_disabled(grad_out.device.type):
             sq_k = (x_kv * x_kv).sum(dim=-1).unsqueeze(-2)
             log_c = torch.log(2.0 * mu / p)
             slices = _row_slices(x_q.shape[-2], chunk_size)
             grad_xq_rows: list[Tensor] = [None] * len(slices)  # type: ignore[list-item]
-            grad_attn_full = torch.empty_like(attn) if ctx.needs_input_grad[2] else None
+            graph_shape = (attn.shape[0], 1, *attn.shape[2:]) if head_mean else attn.shape
+            grad_attn_full = attn.new_empty(graph_shape) if ctx.needs_input_grad[2] else None
             grad_p_rows: list[Tensor] = [None] * len(slices)  # type: ignore[list-item]
             grad_log_c_rows: list[Tensor] = [None] * len(slices)  # type: ignore[list-item]
             grad_xk = None
             carry = None  # causal: gradient w.r.t. the running column degrees after the current block
             for index in reversed(range(len(slices))):
                 rows = slices[index]
-                attn_rows = attn[..., rows, :]
+                attn_rows = _graph_rows(attn, rows, head_mean)
                 col_deg = bases[index] + torch.cumsum(attn_rows, dim=-2) if causal else bases[index]
                 p_rows = _row_block(p, rows)
                 block = _PaperBlock(x_q[..., rows, :], x_kv, sq_k, attn_rows, col_deg, p_rows, dist_floor)
@@ -764,11 +779,12 @@ class _PaperAggregate(torch.autograd.Function):
             return (
                 _reduce_to(_concat_rows(grad_xq_rows), x_q, needs[0]),
                 _reduce_to(grad_xk, x_kv, needs[1]),
-                grad_attn_full,
+                grad_attn_full.div_(attn.shape[1]).expand(attn.shape) if head_mean and grad_attn_full is not None
+                else grad_attn_full,
                 grad_p,
                 grad_mu,
                 _reduce_to(carry, bases[0], needs[5]),
-                None, None, None,
+                None, None, None, None,
             )
 
 
@@ -789,6 +805,12 @@ def _pad_past(past: Tensor, n_k: int) -> Tensor:
     return torch.nn.functional.pad(past, (0, n_k - past.shape[-1]))
 
 
+def _graph_rows(attn: Tensor, rows: slice, head_mean: bool) -> Tensor:
+    """Rows of the graph's attention: ``attn[..., rows, :]``, averaged over heads (keepdim) with ``head_mean``."""
+    block = attn[..., rows, :]
+    return block.mean(dim=1, keepdim=True) if head_mean else block
+
+
 def _run_paper(
     x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, past: Tensor | None, options: dict
 ) -> Tensor:
@@ -798,4 +820,7 @@ def _run_paper(
         base = attn.new_zeros(()) if past is None else _pad_past(past, attn.shape[-1]).unsqueeze(-2)
     else:
         base = attn.sum(dim=-2, keepdim=True)
-    return _PaperAggregate.apply(x_q, x_kv, attn, p, mu, base, options["dist_floor"], causal, options["chunk_size"])
+        if options["head_mean"]:
+            base = base.mean(dim=1, keepdim=True)
+    return _PaperAggregate.apply(x_q, x_kv, attn, p, mu, base, options["dist_floor"], causal, options["chunk_size"],
+                                 options["head_mean"])

@@ -634,8 +634,8 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
     ) -> torch.Tensor | None:
         """Running column degrees of earlier queries for cached decoding with causal degrees (§2.5, H10).
 
-        ``attn`` is the graph's attention (batch, 1, n_q, n_nodes) (head-mean, pooled if configured); ``n_k`` the
-        number of key tokens before pooling. The running sums live next to the KV cache and follow its beam
+        ``attn`` is the per-head attention (batch, heads, n_q, n_nodes) (pooled if configured), whose head mean is
+        the graph; ``n_k`` the number of key tokens before pooling. The running sums live next to the KV cache and follow its beam
         reordering; updating them is idempotent, so gradient-checkpoint recomputation and several adapters
         sharing one block are safe.
         """
@@ -655,7 +655,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
                 f"degrees of the {past_tokens} earlier tokens, but the cache carries none (was the cache filled "
                 "without this adapter, or cropped?). Decode from the start with this model, or use use_cache=False."
             )
-        entries[past_tokens + n_q] = accumulate_column_degrees(attn.detach(), past)
+        entries[past_tokens + n_q] = accumulate_column_degrees(attn.detach(), past, head_mean=True)
         for stale in [k for k in entries if k < past_tokens]:
             del entries[stale]
         return past
@@ -675,7 +675,9 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         """Ū' - o with Ū from Eqs. 14-16 on V̂ = [Q ; V] W_O + b_O and head-mean attention (§2.3, §2.5)."""
         value_nodes = F.linear(value, w_o, b_o)
         query_nodes = F.linear(query, w_o, b_o)
-        attn = probs.mean(dim=1, keepdim=True)
+        # The graph is the head-mean attention; the kernel averages the heads block by block (attn_head_mean), so
+        # no (n_q, n_k) mean tensor is built and kept for backward. Pooling is linear, so it commutes with the mean.
+        attn = probs
         if settings.key_pool_size is not None:
             value_nodes, attn = pool_keys(value_nodes, attn, settings.key_pool_size)
         past_degrees = self._paper_past_degrees(settings, attn, probs.shape[-2], probs.shape[-1], cache)
@@ -691,6 +693,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             causal_degrees=settings.causal_degrees,
             past_column_degrees=past_degrees,
             chunk_size=settings.chunk_size,
+            attn_head_mean=True,
         ).squeeze(1)
         down, up = self.padapter_down[name], self.padapter_up[name]
         hidden = F.gelu(F.linear(u_bar, down.weight.float(), down.bias.float()))
