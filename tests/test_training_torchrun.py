@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from _training_data import tiny_caption_config, write_caption_data, write_config
 from safetensors.torch import load_file
@@ -26,9 +27,17 @@ def _train(config_path: Path, nproc: int) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def test_two_processes_equal_one_process_with_same_global_batch(tmp_path):
+METHODS = {
+    "lora": {"type": "lora", "r": 4, "lora_alpha": 8},
+    # DDP with per-forward visual features: each process routes its own shard's images.
+    "routed_lora": {"type": "routed_lora", "r": 4, "lora_alpha": 8, "routing": "matmul"},
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_two_processes_equal_one_process_with_same_global_batch(tmp_path, method):
     data = write_caption_data(tmp_path / "data", n_train=8, n_eval=2)
-    common = {"optim": {"max_steps": 3, "learning_rate": 1e-2}, "eval": {"strategy": "no"}}
+    common = {"method": METHODS[method], "optim": {"max_steps": 3, "learning_rate": 1e-2}, "eval": {"strategy": "no"}}
     single = tiny_caption_config(data, tmp_path / "single", **common)
     single["optim"]["batch_size"] = 4
     double = tiny_caption_config(data, tmp_path / "double", **common)
