@@ -701,3 +701,18 @@ def test_accumulate_column_degrees_head_mean():
     explicit = accumulate_column_degrees(attn.mean(dim=1, keepdim=True), past)
     assert fused.shape == (2, 1, 6)
     assert_close_rel(fused, explicit, 1e-14)
+
+
+def test_attn_head_mean_without_attention_gradient():
+    """When attn needs no gradient the kernel keeps its mean only; values and feature gradients are unchanged."""
+    x_q = make_features(1, 1, 4, 3, seed=11).requires_grad_()
+    x_kv = make_features(1, 1, 6, 3, seed=12)
+    attn = make_attention(1, 3, 4, 6, causal=True, seed=13)
+    fused = p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, variant="paper", causal_degrees=True, chunk_size=3,
+                                  attn_head_mean=True)
+    explicit = p_laplacian_aggregate(x_q, x_kv, attn.mean(dim=1, keepdim=True), 1.5, 0.2, variant="paper",
+                                     causal_degrees=True)
+    assert_close_rel(fused, explicit, 1e-12)
+    (grad_fused,) = torch.autograd.grad(fused.sum(), x_q)
+    (grad_explicit,) = torch.autograd.grad(explicit.sum(), x_q)
+    assert_close_rel(grad_fused, grad_explicit, 1e-12)

@@ -104,8 +104,8 @@ def p_laplacian_aggregate(
             pass, bounding the working memory to O(batch * heads * chunk_size * n_k) (exact).
         attn_head_mean: ``paper`` only. ``attn`` is per-head (batch, heads, n_q, n_k) and the graph is its mean
             over heads (§2.5), averaged block by block inside the kernel: no (n_q, n_k) mean tensor is built or
-            kept for the backward pass (the per-head attention is kept by the attention's own backward anyway),
-            and the gradient w.r.t. ``attn`` is returned as a broadcast view of one (batch, 1, n_q, n_k) tensor.
+            kept for the backward pass (the per-head attention is kept by the attention's own backward anyway; when
+            ``attn`` needs no gradient the mean is taken up front and kept instead, 1 / heads of its size).
             x_q / x_kv / the result then have heads = 1 (or broadcast to it).
 
     Returns:
@@ -704,6 +704,7 @@ class _PaperAggregate(torch.autograd.Function):
             bases.append(running)
             if causal:
                 running = running + attn_rows.sum(dim=-2, keepdim=True)
+            del block, omega, coefficients, attn_rows, col_deg  # before the next block is built
         ctx.save_for_backward(x_q, x_kv, attn, p, mu, _concat_rows(normalisers), *bases)
         ctx.settings = (dist_floor, causal, chunk_size, head_mean)
         return _concat_rows(outputs)
@@ -718,6 +719,7 @@ class _PaperAggregate(torch.autograd.Function):
             log_c = torch.log(2.0 * mu / p)
             slices = _row_slices(x_q.shape[-2], chunk_size)
             grad_xq_rows: list[Tensor] = [None] * len(slices)  # type: ignore[list-item]
+            # head_mean: the gradient of the (batch, 1, n_q, n_k) mean graph, spread over the heads at the end.
             graph_shape = (attn.shape[0], 1, *attn.shape[2:]) if head_mean else attn.shape
             grad_attn_full = attn.new_empty(graph_shape) if ctx.needs_input_grad[2] else None
             grad_p_rows: list[Tensor] = [None] * len(slices)  # type: ignore[list-item]
@@ -774,13 +776,19 @@ class _PaperAggregate(torch.autograd.Function):
                 grad_sq_k = (grad_dist * ic.square()).sum(dim=-2).unsqueeze(-1)
                 grad_xk = _add(grad_xk, _thin_matmul(coefficients.transpose(-1, -2), grad) + 2.0 * grad_sq_k * x_kv
                                + _thin_matmul(grad_gram.transpose(-1, -2), xq))
+                # Free this block's (rows, n_k) tensors before the next block is built (not at reassignment).
+                del block, omega, coefficients, grad_coef, t, grad_log_w, grad_log_col, grad_dist, grad_gram, grad_ic
+                del grad_col_deg, grad_attn
             needs = ctx.needs_input_grad
             grad_p, grad_mu = _coefficient_grads(needs[3], needs[4], p, mu, grad_p_rows, grad_log_c_rows)
+            if head_mean and grad_attn_full is not None:
+                # d mean / d attn_h = 1 / heads. Dense (not a broadcast view), after the block intermediates are
+                # freed: autograd can then add the attention's other gradient into it in place.
+                grad_attn_full = grad_attn_full.div_(attn.shape[1]).expand(attn.shape).contiguous()
             return (
                 _reduce_to(_concat_rows(grad_xq_rows), x_q, needs[0]),
                 _reduce_to(grad_xk, x_kv, needs[1]),
-                grad_attn_full.div_(attn.shape[1]).expand(attn.shape) if head_mean and grad_attn_full is not None
-                else grad_attn_full,
+                grad_attn_full,
                 grad_p,
                 grad_mu,
                 _reduce_to(carry, bases[0], needs[5]),
@@ -816,11 +824,17 @@ def _run_paper(
 ) -> Tensor:
     """``base``: full column degrees (.., 1, n_k) of all queries, or (causal) the degrees of earlier queries."""
     causal = options["causal_degrees"]
+    head_mean = options["head_mean"]
+    if head_mean and not (torch.is_grad_enabled() and attn.requires_grad):
+        # No gradient flows to the attention, so nothing else need keep the per-head tensor alive for backward
+        # (e.g. the first layer of a frozen model): keep only the 1 / heads sized mean.
+        attn = attn.mean(dim=1, keepdim=True)
+        head_mean = False
     if causal:
         base = attn.new_zeros(()) if past is None else _pad_past(past, attn.shape[-1]).unsqueeze(-2)
     else:
         base = attn.sum(dim=-2, keepdim=True)
-        if options["head_mean"]:
+        if head_mean:
             base = base.mean(dim=1, keepdim=True)
     return _PaperAggregate.apply(x_q, x_kv, attn, p, mu, base, options["dist_floor"], causal, options["chunk_size"],
-                                 options["head_mean"])
+                                 head_mean)
