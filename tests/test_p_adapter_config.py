@@ -182,3 +182,12 @@ def test_paper_parameter_count_blip_base_decoder():
     model = peft.get_peft_model(_blip_base_on_meta(), PAdapterConfig(variant="paper"))
     trainable, _ = model.get_nb_trainable_parameters()
     assert trainable == 12 * (2 * (148_320 + 1) + 148_320)
+
+
+@pytest.mark.parametrize("variant", ["release", "paper"])
+def test_key_pool_size_larger_than_the_image_tokens_is_named(variant):
+    tiny = build_tiny_model("blip_caption")  # 17 image tokens
+    config = PAdapterConfig(variant=variant, positions=["cross_attn"], key_pool_size=24)
+    model = peft.get_peft_model(tiny.model, config)
+    with pytest.raises(ValueError, match=r"key_pool_size=24 .* n_k=17"):
+        model(**tiny.inputs)

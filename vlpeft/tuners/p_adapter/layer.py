@@ -330,6 +330,19 @@ def _tokens_to_heads(states: torch.Tensor, heads: int) -> torch.Tensor:
     return states.reshape(batch, n, heads, width // heads).transpose(1, 2)
 
 
+def _pool_key_nodes(
+    nodes: torch.Tensor, attn: torch.Tensor, k: int, module_name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool cross-attention key nodes (batch, n_k, d) and attention columns to ``k`` (release §2.4 A)."""
+    n_k = nodes.shape[-2]
+    if k > n_k:
+        raise ValueError(
+            f"PAdapterConfig.key_pool_size={k} but cross-attention of {module_name!r} has only n_k={n_k} key tokens; "
+            f"expected key_pool_size <= {n_k} (the release pools ViT-B/16's 197 image tokens to 16 or 24)."
+        )
+    return pool_keys(nodes, attn, k)
+
+
 def _drop_unattended_rows(probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Zero the attention rows of queries whose keys are all masked (their softmax is an artefact).
 
@@ -606,7 +619,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         else:
             keys, attn = value, probs
             if settings.key_pool_size is not None:
-                keys, attn = pool_keys(value, probs, settings.key_pool_size)
+                keys, attn = _pool_key_nodes(value, probs, settings.key_pool_size, self.module_name)
             key_features = _tokens_to_heads(F.linear(keys, fold_weight, fold_bias), heads)
             query_features = _tokens_to_heads(F.linear(query, fold_weight, fold_bias), heads)
             options = {}
@@ -679,7 +692,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         # no (n_q, n_k) mean tensor is built and kept for backward. Pooling is linear, so it commutes with the mean.
         attn = probs
         if settings.key_pool_size is not None:
-            value_nodes, attn = pool_keys(value_nodes, attn, settings.key_pool_size)
+            value_nodes, attn = _pool_key_nodes(value_nodes, attn, settings.key_pool_size, self.module_name)
         past_degrees = self._paper_past_degrees(settings, attn, probs.shape[-2], probs.shape[-1], cache)
         u_bar = p_laplacian_aggregate(
             query_nodes.unsqueeze(1),
