@@ -3,6 +3,7 @@ trainer's objectives (token CE, weighted sequences, classifier BCE/CE), each nor
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -59,7 +60,7 @@ def _align_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels.new_full((labels.shape[0], extra), -100), labels], dim=1)
 
 
-class TrainingObjective:
+class TrainingObjective(abc.ABC):
     """A loss normalised by a count over the whole (accumulated, all-process) batch.
 
     ``count(batch)`` is what one micro-batch contributes to the divisor; the trainer sums it over the
@@ -71,12 +72,14 @@ class TrainingObjective:
 
     model_computes_loss = False
 
+    @abc.abstractmethod
     def count(self, batch: dict[str, Any]) -> torch.Tensor:
-        raise NotImplementedError
+        """What one micro-batch contributes to the loss divisor."""
 
+    @abc.abstractmethod
     def __call__(self, outputs: Any, labels: torch.Tensor, info: dict[str, torch.Tensor],
                  num_items: torch.Tensor | int) -> torch.Tensor:
-        raise NotImplementedError
+        """The micro-batch's share of the global loss."""
 
 
 class TokenObjective(TrainingObjective):
