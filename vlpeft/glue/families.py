@@ -261,6 +261,21 @@ def _relative_path(layout: LayerLayout, position: str, part: str) -> str | None:
     )
 
 
+def _projector_vlm(name: str, class_name: str) -> ModelFamily:
+    """LLaVA-style models: a CLIP/SigLIP tower, a multi-modal projector, and a Llama/Gemma-style language model."""
+    return ModelFamily(
+        name=name,
+        class_names=(class_name,),
+        towers=(
+            Tower("vision", "model.vision_tower.", "clip_vision", "vision_config", "vision"),
+            Tower("language_model", "model.language_model.", "llama", "text_config", "text"),
+        ),
+        language_towers=("language_model",),
+        visual_feature_module="model.multi_modal_projector",
+        visual_feature_output="tensor",
+    )
+
+
 _BLIP_VISION = Tower("vision", "vision_model.", "blip_vision", None, "vision")
 
 FAMILIES: dict[str, ModelFamily] = {
@@ -298,28 +313,8 @@ FAMILIES: dict[str, ModelFamily] = {
         visual_feature_module="language_projection",
         visual_feature_output="tensor",
     ),
-    "llava": ModelFamily(
-        name="llava",
-        class_names=("LlavaForConditionalGeneration",),
-        towers=(
-            Tower("vision", "model.vision_tower.", "clip_vision", "vision_config", "vision"),
-            Tower("language_model", "model.language_model.", "llama", "text_config", "text"),
-        ),
-        language_towers=("language_model",),
-        visual_feature_module="model.multi_modal_projector",
-        visual_feature_output="tensor",
-    ),
-    "paligemma": ModelFamily(
-        name="paligemma",
-        class_names=("PaliGemmaForConditionalGeneration",),
-        towers=(
-            Tower("vision", "model.vision_tower.", "clip_vision", "vision_config", "vision"),
-            Tower("language_model", "model.language_model.", "llama", "text_config", "text"),
-        ),
-        language_towers=("language_model",),
-        visual_feature_module="model.multi_modal_projector",
-        visual_feature_output="tensor",
-    ),
+    "llava": _projector_vlm("llava", "LlavaForConditionalGeneration"),
+    "paligemma": _projector_vlm("paligemma", "PaliGemmaForConditionalGeneration"),
 }
 
 

@@ -25,7 +25,7 @@ from vlpeft.tasks.images import (
     ImageFolderIndex,
     as_image_index,
     check_image,
-    load_image,
+    load_record_image,
     validate_image_check,
 )
 
@@ -89,9 +89,7 @@ class CaptionDataset(Dataset):
         else:
             i, j = index, None
         im = self.images[i]
-        image = load_image(im.image_path, im.source)
-        if self.image_transform is not None:
-            image = self.image_transform(image)
+        image = load_record_image(im, self.image_transform)
         item: dict[str, Any] = {"image": image, "image_id": im.image_id, "references": list(im.references)}
         if j is not None:
             item["caption"] = im.references[j]

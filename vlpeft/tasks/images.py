@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -128,6 +129,11 @@ def load_image(path: str | os.PathLike, record: str) -> Image.Image:
             f"corrupt image file {str(path)!r} for {record}: {type(err).__name__}: {err}", "corrupt_image"
         ) from err
 
+
+def load_record_image(record: Any, image_transform: Callable[[Any], Any] | None = None) -> Any:
+    """The image of a dataset record (with ``image_path`` and ``source``), through ``image_transform`` if given."""
+    image = load_image(record.image_path, record.source)
+    return image if image_transform is None else image_transform(image)
 
 def check_image(
     path: Path | None, record: str, index: ImageFolderIndex, policy: BadInputPolicy, decode: bool

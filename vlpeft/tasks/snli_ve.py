@@ -17,7 +17,7 @@ from vlpeft.tasks.images import (
     ImageFolderIndex,
     as_image_index,
     check_image,
-    load_image,
+    load_record_image,
     validate_image_check,
 )
 
@@ -69,9 +69,7 @@ class SNLIVEDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         r = self.records[index]
-        image = load_image(r.image_path, r.source)
-        if self.image_transform is not None:
-            image = self.image_transform(image)
+        image = load_record_image(r, self.image_transform)
         return {"image": image, "image_id": r.image_id, "pair_id": r.pair_id, "hypothesis": r.hypothesis,
                 "premise": r.premise, "label": r.label, "label_id": r.label_id}
 

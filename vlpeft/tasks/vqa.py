@@ -30,7 +30,7 @@ from vlpeft.tasks.images import (
     ImageFolderIndex,
     as_image_index,
     check_image,
-    load_image,
+    load_record_image,
     numeric_image_id,
     validate_image_check,
 )
@@ -242,9 +242,7 @@ class VQADataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         r = self.records[index]
-        image = load_image(r.image_path, r.source)
-        if self.image_transform is not None:
-            image = self.image_transform(image)
+        image = load_record_image(r, self.image_transform)
         return {
             "image": image,
             "image_id": r.image_id,
