@@ -450,46 +450,6 @@ def _gram_distances(xq: Tensor, xk: Tensor, sq_k: Tensor) -> Tensor:
     return torch.matmul(left, right.transpose(-1, -2))
 
 
-class _ReleaseBlock:
-    """Intermediates of the ``release`` weights for one block of query rows (see module docstring).
-
-    Kept: ``attn`` (the block's attention rows), ``non_edge`` (A = 0, or a dropped self loop), ``log_w`` (log
-    weights; finite everywhere, see :func:`_edge_weights`) and, with ``for_backward``, ``dist_sq`` (squared
-    distances), ``scaled_sq`` (the floored scaled norms) and its log ``log_scaled_sq``: (rows, n_k) tensors,
-    released one by one as the backward pass no longer needs them. Without ``for_backward`` (the forward pass)
-    buffers are reused in place, so only two new float (rows, n_k) tensors are allocated (fresh allocations of
-    this size cost about as much as an elementwise pass on CPU).
-    """
-
-    def __init__(self, xq_c: Tensor, xk_c: Tensor, sq_k: Tensor, attn: Tensor, half_pm2: Tensor, *,
-                 eps: float, s_min_sq: float, self_loop: Tensor | None, drop_self_loops: bool,
-                 for_backward: bool) -> None:
-        self.attn = attn
-        non_edge = attn <= 0
-        if self_loop is not None and drop_self_loops:
-            non_edge = non_edge | self_loop
-        self.non_edge = non_edge
-        dist_sq = _gram_distances(xq_c, xk_c, sq_k)
-        scaled_sq = (attn + eps).mul_(dist_sq).clamp_min_(s_min_sq)
-        if self_loop is not None and not drop_self_loops:
-            scaled_sq = scaled_sq.masked_fill_(self_loop, s_min_sq)
-        # log of A clamped to the smallest normal number: log(0) and log(subnormal) take a slow path on CPU.
-        tiny = torch.finfo(attn.dtype).tiny
-        if for_backward:
-            self.dist_sq = dist_sq
-            self.scaled_sq = scaled_sq
-            self.log_scaled_sq = scaled_sq.log()
-            log_attn = attn.clamp_min(tiny).log_()
-        else:
-            self.log_scaled_sq = scaled_sq.log_()
-            if dist_sq.shape == attn.shape:
-                log_attn = torch.clamp_min(attn, tiny, out=dist_sq).log_()
-            else:
-                log_attn = attn.clamp_min(tiny).log_()
-            del dist_sq
-        self.log_w = log_attn.addcmul_(half_pm2, self.log_scaled_sq)
-
-
 def _edge_weights(shifted_log_w: Tensor, non_edge: Tensor) -> Tensor:
     """exp(shifted_log_w) on edges and exactly 0 on non-edges, in place.
 
@@ -516,8 +476,100 @@ def _normalised_weights(log_w: Tensor, log_c: Tensor, non_edge: Tensor) -> tuple
     return weights.div_(total), shift + torch.log(total)
 
 
+#: Query rows per block when no ``chunk_size`` is given, used only where the attention has an empty upper-right
+#: staircase (causal masks): each block then works on the key columns that hold its edges only.
+_AUTO_BLOCK_ROWS = 128
+#: Split into row blocks without a ``chunk_size`` only if that skips at least this fraction of the pairs.
+_AUTO_BLOCK_MIN_SAVING = 0.15
+
+
+def _key_extents(attn: Tensor, slices: list[slice]) -> list[int]:
+    """For each block of query rows, 1 + the last key column with a non-zero attention entry (at least 1).
+
+    Attention of a causal block has no edge right of its diagonal: those pairs have weight exactly 0 in both
+    variants and receive no gradient through their weight, so a block only needs its leading key columns. One
+    reduction per block (a read of the attention) and one host read of the extents.
+    """
+    n_k = attn.shape[-1]
+    marks = []
+    for rows in slices:
+        columns = attn[..., rows, :].detach().amax(dim=-2).reshape(-1, n_k).amax(dim=0)  # (n_k,)
+        marks.append(columns > 0)
+    positions = torch.arange(1, n_k + 1, device=attn.device)
+    ends = (torch.stack(marks) * positions).amax(dim=-1)
+    return [max(1, int(end)) for end in ends.tolist()]
+
+
+def _block_plan(attn: Tensor, n_q: int, chunk_size: int | None) -> list[tuple[slice, int]]:
+    """Blocks of query rows with the number of leading key columns each needs (see :func:`_key_extents`).
+
+    With ``chunk_size`` the blocks are its row blocks. Without, the rows are split into blocks of
+    :data:`_AUTO_BLOCK_ROWS` only when that skips enough pairs (a causal attention skips about half); otherwise
+    one block of all rows.
+    """
+    n_k = attn.shape[-1]
+    if n_q == 0:
+        return [(slice(0, 0), n_k)]
+    if chunk_size is not None:
+        slices = _row_slices(n_q, chunk_size)
+        return list(zip(slices, _key_extents(attn, slices)))
+    slices = _row_slices(n_q, _AUTO_BLOCK_ROWS)
+    extents = _key_extents(attn, slices)
+    pairs = sum((rows.stop - rows.start) * keys for rows, keys in zip(slices, extents))
+    if len(slices) > 1 and pairs <= (1.0 - _AUTO_BLOCK_MIN_SAVING) * n_q * n_k:
+        return list(zip(slices, extents))
+    return [(slice(0, n_q), max(extents))]
+
+
+def _mul_(tensor: Tensor, other: Tensor | float) -> Tensor:
+    """tensor * other, in place when the result has the shape of ``tensor``."""
+    if isinstance(other, Tensor) and torch.broadcast_shapes(tensor.shape, other.shape) != tensor.shape:
+        return tensor * other
+    return tensor.mul_(other)
+
+
+def _self_loops(pairs: Tensor, rows: slice, query_offset: int) -> Tensor:
+    """View of the self-loop entries (query i, key node query_offset + i) of a block of rows ``rows``."""
+    return pairs.diagonal(offset=query_offset + rows.start, dim1=-2, dim2=-1)
+
+
+def _release_scaled(xq_c: Tensor, xk_c: Tensor, sq_k: Tensor, attn: Tensor, rows: slice,
+                    settings: tuple) -> tuple[Tensor, Tensor]:
+    """(S, D) of a block: D = squared distances, S = max((A + eps) D, s_min^2) with forced self loops at s_min^2."""
+    eps, s_min_sq, self_graph, drop_self_loops, query_offset = settings
+    dist_sq = _gram_distances(xq_c, xk_c, sq_k)
+    scaled = _mul_(attn + eps, dist_sq).clamp_min_(s_min_sq)
+    if self_graph and not drop_self_loops:
+        _self_loops(scaled, rows, query_offset).fill_(s_min_sq)
+    return scaled, dist_sq
+
+
+def _release_weights(log_scaled: Tensor, attn: Tensor, half_pm2: Tensor, shift: Tensor, rows: slice,
+                     settings: tuple, *, in_place: bool) -> Tensor:
+    """A * exp((p - 2)/2 * log S - shift), exactly 0 on non-edges (A = 0) and on dropped self loops.
+
+    The weight W = A S^((p-2)/2) is formed as A times an exponential instead of exp(log A + ...): no log of the
+    attention (zeros and subnormals take a slow path on CPU) and no mask pass for the non-edges, whose factor A is
+    0. ``shift`` (>= the row maximum of the exponent's first term, or the log-normaliser) keeps exp <= 1 / total.
+    """
+    _, _, self_graph, drop_self_loops, query_offset = settings
+    exponent = _mul_(log_scaled, half_pm2) if in_place else log_scaled * half_pm2
+    weights = _mul_(exponent.sub_(shift).exp_(), attn)
+    if self_graph and drop_self_loops:
+        _self_loops(weights, rows, query_offset).fill_(0.0)
+    return weights
+
+
 class _ReleaseAggregate(torch.autograd.Function):
-    """U = Σ_j ω_qj x_kv,j (+ β_q x_q for the self graph), ``release`` weights (§3.1)."""
+    """U = Σ_j ω_qj x_kv,j (+ β_q x_q for the self graph), ``release`` weights (§3.1).
+
+    Per block of query rows and its key columns (see :func:`_block_plan`): S = max((A + eps) D, s_min^2),
+    W = A exp(h log S - m) with h = (p - 2) / 2 and m = max(max_j h log S_qj, log c) (so every factor is <= 1),
+    omega = W / (sum_j W + c e^-m), log-normaliser L = m + log(sum_j W + c e^-m). The backward pass recomputes S and
+    omega = A exp(h log S - L) from the saved L and applies the chain rule with
+    dL/dlog W = omega (G X^T - total), dL/dA = dL/dlog W (1 / A + h [S free] / (A + eps)) (0 on non-edges),
+    dL/dD = dL/dlog W h [S free] / D, written as dL/dS = dL/dlog W h [S free] / S times (A + eps) resp. D.
+    """
 
     @staticmethod
     def forward(ctx: Any, x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, eps: float,
@@ -528,14 +580,23 @@ class _ReleaseAggregate(torch.autograd.Function):
         log_c = torch.log(2.0 * mu / p)
         half_pm2 = 0.5 * (p - 2.0)
         settings = (eps, eps * eps * x_q.shape[-1], self_graph, drop_self_loops, query_offset)
+        plan = _block_plan(attn, x_q.shape[-2], chunk_size)
         outputs, aggregates, normalisers = [], [], []
-        for rows in _row_slices(x_q.shape[-2], chunk_size):
-            block = _release_block(x_q, xk_c, centre, sq_k, attn, half_pm2, rows, settings, for_backward=False)
+        for rows, n_keys in plan:
+            attn_rows = attn[..., rows, :n_keys]
+            scaled, dist_sq = _release_scaled(x_q[..., rows, :] - centre, xk_c[..., :n_keys, :],
+                                              sq_k[..., :n_keys], attn_rows, rows, settings)
+            del dist_sq
+            half_rows = _row_block(half_pm2, rows)
             log_c_rows = _row_block(log_c, rows)
-            omega, log_norm = _normalised_weights(block.log_w, log_c_rows, block.non_edge)
-            del block
-            aggregated = _thin_matmul(omega, x_kv).contiguous()
-            del omega
+            exponent = _mul_(scaled.log_(), half_rows)
+            shift = torch.maximum(exponent.amax(dim=-1, keepdim=True), log_c_rows)
+            weights = _release_weights(exponent, attn_rows, 1.0, shift, rows, settings, in_place=True)
+            del scaled, exponent
+            total = weights.sum(dim=-1, keepdim=True) + torch.exp(log_c_rows - shift)
+            log_norm = shift + torch.log(total)
+            aggregated = _thin_matmul(weights.div_(total), x_kv[..., :n_keys, :]).contiguous()
+            del weights
             out = aggregated
             if self_graph:
                 out = aggregated + torch.exp(log_c_rows - log_norm) * x_q[..., rows, :]
@@ -545,7 +606,7 @@ class _ReleaseAggregate(torch.autograd.Function):
         # The aggregate sum_j omega_qj x_j (rows x d) gives the backward's row totals without an (n_q, n_k) product.
         ctx.save_for_backward(x_q, x_kv, attn, p, mu, _concat_rows(normalisers), _concat_rows(aggregates))
         ctx.settings = settings
-        ctx.chunk_size = chunk_size
+        ctx.plan = plan
         return _concat_rows(outputs)
 
     @staticmethod
@@ -553,27 +614,33 @@ class _ReleaseAggregate(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x_q, x_kv, attn, p, mu, log_norm_all, aggregated_all = ctx.saved_tensors
         eps, s_min_sq, self_graph, drop_self_loops, query_offset = ctx.settings
+        plan = ctx.plan
         needs = ctx.needs_input_grad
+        n_k = x_kv.shape[-2]
         with autocast_disabled(grad_out.device.type):
             centre = x_kv.mean(dim=-2, keepdim=True)
             xk_c = x_kv - centre
             sq_k = (xk_c * xk_c).sum(dim=-1).unsqueeze(-2)
             log_c = torch.log(2.0 * mu / p)
             half_pm2 = 0.5 * (p - 2.0)
-            log_floor = torch.log(torch.tensor(s_min_sq, dtype=x_q.dtype, device=x_q.device))
             tiny = torch.finfo(attn.dtype).tiny
-            slices = _row_slices(x_q.shape[-2], ctx.chunk_size)
-            grad_xq_rows, grad_p_rows, grad_log_c_rows, grad_attn_rows = [], [], [], []
-            grad_attn = torch.empty_like(attn) if needs[2] and len(slices) > 1 else None
+            grad_xq_rows, grad_p_rows, grad_log_c_rows = [], [], []
+            whole = len(plan) == 1 and plan[0][1] == n_k
+            grad_attn = torch.empty_like(attn) if needs[2] and not whole else None
             grad_xk = None
-            for rows in slices:
-                block = _release_block(x_q, xk_c, centre, sq_k, attn, half_pm2, rows, ctx.settings, for_backward=True)
+            for rows, n_keys in plan:
+                attn_rows = attn[..., rows, :n_keys]
+                xk_rows, xkv_rows = xk_c[..., :n_keys, :], x_kv[..., :n_keys, :]
+                xq_c = x_q[..., rows, :] - centre
+                scaled, dist_sq = _release_scaled(xq_c, xk_rows, sq_k[..., :n_keys], attn_rows, rows, ctx.settings)
+                free = torch.gt(scaled, s_min_sq, out=torch.empty_like(scaled))  # 1 above the floor, else 0
+                log_scaled = torch.log(scaled)
                 log_norm = log_norm_all[..., rows, :]
-                log_c_rows = _row_block(log_c, rows)
+                half_rows = _row_block(half_pm2, rows)
+                omega = _release_weights(log_scaled, attn_rows, half_rows, log_norm, rows, ctx.settings,
+                                         in_place=False)
+                beta = torch.exp(_row_block(log_c, rows) - log_norm)
                 grad = grad_out[..., rows, :]
-                omega = _edge_weights(block.log_w.sub_(log_norm), block.non_edge)  # in place: log_w is done
-                del block.log_w, block.non_edge
-                beta = torch.exp(log_c_rows - log_norm)
                 # sum_j omega_qj dL/domega_qj = grad_q . sum_j omega_qj x_j
                 total = (grad * aggregated_all[..., rows, :]).sum(dim=-1, keepdim=True)
                 grad_xq = None
@@ -584,41 +651,39 @@ class _ReleaseAggregate(torch.autograd.Function):
                     grad_xq = beta * grad
                 else:
                     grad_log_c_rows.append(-beta * total)
-                grad_log_w = torch.matmul(grad, x_kv.transpose(-1, -2)).sub_(total).mul_(omega)  # 0 on non-edges
-                grad_xk = _add(grad_xk, _thin_matmul(omega.transpose(-1, -2), grad))
+                grad_log_w = _mul_(torch.matmul(grad, xkv_rows.transpose(-1, -2)).sub_(total), omega)  # 0 on non-edges
+                grad_xk = _add_key_rows(grad_xk, _thin_matmul(omega.transpose(-1, -2), grad), n_k)
                 del omega
                 if needs[3]:
-                    grad_p_rows.append(0.5 * _row_dot(grad_log_w, block.log_scaled_sq))
-                # d/d(scaled_sq) where the norm is above the floor (forced self loops sit exactly on it).
-                at_floor = block.log_scaled_sq <= log_floor
-                if block.log_scaled_sq.shape == grad_log_w.shape:  # reuse its buffer
-                    grad_scaled = torch.mul(grad_log_w, half_pm2, out=block.log_scaled_sq)
+                    grad_p_rows.append(0.5 * _row_dot(grad_log_w, log_scaled))
+                # dL/dS = dL/dlog W * h / S where S is above the floor (forced self loops sit exactly on it).
+                if log_scaled.shape == grad_log_w.shape:  # reuse its buffer
+                    grad_scaled = torch.mul(grad_log_w, half_rows, out=log_scaled)
                 else:
-                    grad_scaled = grad_log_w * half_pm2
-                del block.log_scaled_sq
-                grad_scaled = grad_scaled.div_(block.scaled_sq).masked_fill_(at_floor, 0.0)
-                del at_floor
+                    grad_scaled = grad_log_w * half_rows
+                grad_scaled = _mul_(grad_scaled, free).div_(scaled)
+                del log_scaled
                 if needs[2]:
-                    # grad_log_w is 0 on non-edges, where A = 0: dividing by max(A, tiny) leaves it 0.
-                    chunk_grad = grad_log_w.div_(block.scaled_sq.copy_(block.attn).clamp_min_(tiny))
-                    chunk_grad = chunk_grad.addcmul_(grad_scaled, block.dist_sq)
-                    if grad_attn is None:
-                        grad_attn_rows.append(chunk_grad.sum_to_size(attn.shape))
+                    # dL/dlog W is 0 on non-edges, where A = 0: dividing by max(A, tiny) leaves it 0.
+                    inverse = torch.clamp_min(attn_rows, tiny, out=scaled) if scaled.shape == attn_rows.shape \
+                        else attn_rows.clamp_min(tiny)
+                    block_grad = grad_log_w.div_(inverse).addcmul_(grad_scaled, dist_sq)
+                    if whole:
+                        grad_attn = block_grad.sum_to_size(attn.shape)
                     else:
-                        _write_rows(grad_attn, rows, chunk_grad)
-                    del chunk_grad
-                del grad_log_w, block.dist_sq
-                grad_dist = grad_scaled.mul_(torch.add(block.attn, eps, out=block.scaled_sq))
-                del block
-                xq_c = x_q[..., rows, :] - centre
+                        _write_rows(grad_attn[..., :n_keys], rows, block_grad)
+                        grad_attn[..., rows, n_keys:] = 0.0
+                    del block_grad
+                del grad_log_w, dist_sq, scaled
+                grad_dist = _mul_(grad_scaled, torch.add(attn_rows, eps, out=free) if free.shape == attn_rows.shape
+                                  else attn_rows + eps)
+                del free
                 grad_xq = _add(grad_xq, 2.0 * grad_dist.sum(dim=-1, keepdim=True) * xq_c
-                               - 2.0 * _thin_matmul(grad_dist, xk_c))
+                               - 2.0 * _thin_matmul(grad_dist, xk_rows))
                 grad_xq_rows.append(grad_xq)
-                grad_xk = grad_xk + (2.0 * grad_dist.sum(dim=-2).unsqueeze(-1) * xk_c
-                                     - 2.0 * _thin_matmul(grad_dist.transpose(-1, -2), xq_c))
-                del grad_dist
-            if grad_attn is None and grad_attn_rows:
-                grad_attn = grad_attn_rows[0]
+                grad_xk = _add_key_rows(grad_xk, 2.0 * grad_dist.sum(dim=-2).unsqueeze(-1) * xk_rows
+                                        - 2.0 * _thin_matmul(grad_dist.transpose(-1, -2), xq_c), n_k)
+                del grad_dist, grad_scaled
             grad_p, grad_mu = _coefficient_grads(needs[3], needs[4], p, mu, grad_p_rows, grad_log_c_rows)
             return (
                 _reduce_to(_concat_rows(grad_xq_rows), x_q, needs[0]),
@@ -630,6 +695,18 @@ class _ReleaseAggregate(torch.autograd.Function):
             )
 
 
+def _add_key_rows(total: Tensor | None, part: Tensor, n_k: int) -> Tensor:
+    """total (.., n_k, d) + part (.., n, d) on the first n key rows (total starts as zeros when None)."""
+    if part.shape[-2] == n_k:
+        return part if total is None else total + part
+    if total is None:
+        total = part.new_zeros(*part.shape[:-2], n_k, part.shape[-1])
+    elif torch.broadcast_shapes(total.shape, part.shape[:-2] + total.shape[-2:]) != total.shape:
+        total = total.expand(*part.shape[:-2], *total.shape[-2:]).clone()
+    total[..., : part.shape[-2], :] += part
+    return total
+
+
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     """sum_j a[..., i, j] * b[..., i, j] as (.., rows, 1), without a (rows, n_k) temporary."""
     return torch.einsum("...ij,...ij->...i", a, b).unsqueeze(-1)
@@ -639,18 +716,6 @@ def _row_slices(n_q: int, chunk_size: int | None) -> list[slice]:
     if chunk_size is None or n_q <= chunk_size:
         return [slice(0, n_q)]
     return [slice(start, min(start + chunk_size, n_q)) for start in range(0, n_q, chunk_size)]
-
-
-def _release_block(x_q: Tensor, xk_c: Tensor, centre: Tensor, sq_k: Tensor, attn: Tensor, half_pm2: Tensor,
-                   rows: slice, settings: tuple, for_backward: bool) -> _ReleaseBlock:
-    eps, s_min_sq, self_graph, drop_self_loops, query_offset = settings
-    self_loop = None
-    if self_graph:
-        row_ids = torch.arange(rows.start, rows.stop, device=attn.device).unsqueeze(-1)
-        self_loop = torch.arange(attn.shape[-1], device=attn.device) == row_ids + query_offset
-    return _ReleaseBlock(x_q[..., rows, :] - centre, xk_c, sq_k, attn[..., rows, :], _row_block(half_pm2, rows),
-                         eps=eps, s_min_sq=s_min_sq, self_loop=self_loop, drop_self_loops=drop_self_loops,
-                         for_backward=for_backward)
 
 
 class _PaperBlock:
