@@ -716,3 +716,35 @@ def test_attn_head_mean_without_attention_gradient():
     (grad_fused,) = torch.autograd.grad(fused.sum(), x_q)
     (grad_explicit,) = torch.autograd.grad(explicit.sum(), x_q)
     assert_close_rel(grad_fused, grad_explicit, 1e-12)
+
+
+@pytest.mark.parametrize(
+    "variant,graph,options",
+    [("paper", "bipartite", {}), ("paper", "bipartite", {"causal_degrees": True}),
+     ("paper", "bipartite", {"causal_degrees": True, "attn_head_mean": True}),
+     ("release", "self", {}), ("release", "self", {"self_loop": "drop"}), ("release", "bipartite", {})],
+)
+def test_causal_key_truncation_equals_one_block(variant, graph, options):
+    """Without chunk_size, a causal attention longer than one automatic row block is processed in row blocks that
+    skip the keys right of their last edge; values and every gradient equal the single full block's."""
+    import vlpeft.functional.p_laplacian as kernel
+
+    n = kernel._AUTO_BLOCK_ROWS + 37
+    heads = 2
+    x = make_features(1, 1 if variant == "paper" else heads, n, 3, seed=11)
+    x_q = x if graph == "self" else make_features(1, x.shape[1], n, 3, seed=12)
+    attn = make_attention(1, heads if options.get("attn_head_mean") or variant == "release" else 1, n, n,
+                          causal=True, zero_rows=(5,), holes=0.1, seed=13)
+    weights = torch.linspace(-1, 1, x_q.numel(), dtype=x_q.dtype).view_as(x_q)
+    results = []
+    for chunk in (None, n):  # automatic blocks with key truncation vs one block of all rows and keys
+        leaves = [_leaf(t) for t in (x_q, x, attn)]
+        p, mu = _leaf(torch.tensor(1.3, dtype=torch.float64)), _leaf(torch.tensor(0.2, dtype=torch.float64))
+        out = p_laplacian_aggregate(*leaves, p, mu, variant=variant, graph=graph, chunk_size=chunk, **options)
+        (out * weights).sum().backward()
+        results.append([out.detach()] + [t.grad for t in (*leaves, p, mu)])
+    assert len(kernel._block_plan(attn, n, None)) > 1  # the automatic split is taken
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-11, atol=1e-12)
+    if variant == "release" and graph == "self" and not options:
+        assert_close_rel(results[0][0], naive_release_self(x, attn, 1.3, 0.2), 1e-10)

@@ -19,7 +19,11 @@ lies in [0, 1]; pairwise squared distances come from one batched Gram matmul, cl
 (n_q, n_k, d) tensor is ever built. Each variant is one autograd Function with a hand-written backward that
 recomputes the (n_q, n_k) intermediates instead of storing them: nothing of size n_q * n_k stays alive between
 forward and backward, and the working memory is O(batch * heads * n_q * n_k) during the call, or
-O(batch * heads * chunk * n_k) with ``chunk_size``.
+O(batch * heads * chunk * n_k) with ``chunk_size``. Each block of query rows works on the leading key columns that
+hold its edges only (a causal attention has none right of its diagonal; those pairs have weight 0 and get no
+gradient through it), so a causal graph costs about half a dense one; without ``chunk_size`` the rows are split
+into blocks for this only when it skips enough pairs. ``release`` forms its weights as A exp(h log S - m) rather
+than exp(log A + h log S - m): the same numbers without a log of the attention or a mask pass for non-edges.
 
 Resolution: squared distances come from the Gram identity (for ``release`` on features centred on the key
 mean), so pairs closer than about sqrt(machine eps) * ||x|| (~3e-4 ||x|| in float32) are not resolved: for
@@ -757,32 +761,39 @@ class _PaperAggregate(torch.autograd.Function):
         log_c = torch.log(2.0 * mu / p)
         outputs, normalisers, bases = [], [], []
         running = base
-        for rows in _row_slices(x_q.shape[-2], chunk_size):
-            attn_rows = _graph_rows(attn, rows, head_mean)
-            col_deg = running + torch.cumsum(attn_rows, dim=-2) if causal else running
-            block = _PaperBlock(x_q[..., rows, :], x_kv, sq_k, attn_rows, col_deg, _row_block(p, rows), dist_floor)
+        n_k = x_kv.shape[-2]
+        plan = _block_plan(attn, x_q.shape[-2], chunk_size)
+        for rows, n_keys in plan:
+            attn_rows = _graph_rows(attn, rows, head_mean, n_keys)
+            col_deg = _key_columns(running, n_keys)
+            if causal:
+                col_deg = col_deg + torch.cumsum(attn_rows, dim=-2)
+            block = _PaperBlock(x_q[..., rows, :], x_kv[..., :n_keys, :], sq_k[..., :n_keys], attn_rows, col_deg,
+                                _row_block(p, rows), dist_floor)
             log_c_rows = _row_block(log_c, rows)
             omega, log_norm = _normalised_weights(block.log_w, log_c_rows, block.non_edge)
             coefficients = omega.mul_(block.scale)
-            outputs.append(_thin_matmul(coefficients, x_kv) + torch.exp(log_c_rows - log_norm) * x_q[..., rows, :])
+            outputs.append(_thin_matmul(coefficients, x_kv[..., :n_keys, :])
+                           + torch.exp(log_c_rows - log_norm) * x_q[..., rows, :])
             normalisers.append(log_norm)
             bases.append(running)
             if causal:
-                running = running + attn_rows.sum(dim=-2, keepdim=True)
+                running = running + _pad_keys(attn_rows.sum(dim=-2, keepdim=True), n_k)
             del block, omega, coefficients, attn_rows, col_deg  # before the next block is built
         ctx.save_for_backward(x_q, x_kv, attn, p, mu, _concat_rows(normalisers), *bases)
-        ctx.settings = (dist_floor, causal, chunk_size, head_mean)
+        ctx.settings = (dist_floor, causal, plan, head_mean)
         return _concat_rows(outputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x_q, x_kv, attn, p, mu, log_norm_all, *bases = ctx.saved_tensors
-        dist_floor, causal, chunk_size, head_mean = ctx.settings
+        dist_floor, causal, plan, head_mean = ctx.settings
+        n_k = x_kv.shape[-2]
         with autocast_disabled(grad_out.device.type):
             sq_k = (x_kv * x_kv).sum(dim=-1).unsqueeze(-2)
             log_c = torch.log(2.0 * mu / p)
-            slices = _row_slices(x_q.shape[-2], chunk_size)
+            slices = [rows for rows, _ in plan]
             grad_xq_rows: list[Tensor] = [None] * len(slices)  # type: ignore[list-item]
             # head_mean: the gradient of the (batch, 1, n_q, n_k) mean graph, spread over the heads at the end.
             graph_shape = (attn.shape[0], 1, *attn.shape[2:]) if head_mean else attn.shape
@@ -792,18 +803,22 @@ class _PaperAggregate(torch.autograd.Function):
             grad_xk = None
             carry = None  # causal: gradient w.r.t. the running column degrees after the current block
             for index in reversed(range(len(slices))):
-                rows = slices[index]
-                attn_rows = _graph_rows(attn, rows, head_mean)
-                col_deg = bases[index] + torch.cumsum(attn_rows, dim=-2) if causal else bases[index]
+                rows, n_keys = plan[index]
+                attn_rows = _graph_rows(attn, rows, head_mean, n_keys)
+                col_deg = _key_columns(bases[index], n_keys)
+                if causal:
+                    col_deg = col_deg + torch.cumsum(attn_rows, dim=-2)
                 p_rows = _row_block(p, rows)
-                block = _PaperBlock(x_q[..., rows, :], x_kv, sq_k, attn_rows, col_deg, p_rows, dist_floor)
+                x_keys = x_kv[..., :n_keys, :]
+                block = _PaperBlock(x_q[..., rows, :], x_keys, sq_k[..., :n_keys], attn_rows, col_deg, p_rows,
+                                    dist_floor)
                 log_norm = log_norm_all[..., rows, :]
                 xq = x_q[..., rows, :]
                 grad = grad_out[..., rows, :]
                 omega = _edge_weights(block.log_w.sub_(log_norm), block.non_edge)
                 beta = torch.exp(_row_block(log_c, rows) - log_norm)
                 coefficients = omega * block.scale
-                grad_coef = torch.matmul(grad, x_kv.transpose(-1, -2))
+                grad_coef = torch.matmul(grad, x_keys.transpose(-1, -2))
                 grad_beta = (grad * xq).sum(dim=-1, keepdim=True)
                 # coefficients = omega * scale; t = dL/dscale * scale = dL/domega * omega.
                 t = grad_coef * coefficients
@@ -818,7 +833,7 @@ class _PaperAggregate(torch.autograd.Function):
                 ir, ic = block.inv_sqrt_row, block.inv_sqrt_col
                 grad_gram = -2.0 * grad_dist * block.inv_sqrt_both
                 grad_ir = (grad_dist * (2.0 * block.sq_q * ir - 2.0 * block.gram * ic)).sum(dim=-1, keepdim=True)
-                grad_ic = grad_dist * (2.0 * sq_k * ic - 2.0 * block.gram * ir)
+                grad_ic = grad_dist * (2.0 * sq_k[..., :n_keys] * ic - 2.0 * block.gram * ir)
                 # ir and ic are 0 where the degree is 0, so these terms vanish there as they should.
                 grad_row_deg = (-0.5 * grad_ir * ir + grad_log_row) * ir.square()
                 grad_col_deg = (-0.5 * grad_ic * ic + grad_log_col) * ic.square()
@@ -828,19 +843,23 @@ class _PaperAggregate(torch.autograd.Function):
                     # blocks' dependence on this block's column sums.
                     grad_attn = grad_attn + grad_col_deg.flip(-2).cumsum(-2).flip(-2)
                     if carry is not None:
-                        grad_attn = grad_attn + carry
-                    block_sum = grad_col_deg.sum(dim=-2, keepdim=True)
-                    carry = block_sum if carry is None else carry + block_sum
-                else:
-                    block_sum = grad_col_deg.sum(dim=-2, keepdim=True)
-                    carry = block_sum if carry is None else carry + block_sum
+                        grad_attn = grad_attn + _key_columns(carry, n_keys)
+                block_sum = _pad_keys(grad_col_deg.sum(dim=-2, keepdim=True), n_k)
+                later = carry  # the later blocks' column-degree gradient, before this block's
+                carry = block_sum if carry is None else carry + block_sum
                 if grad_attn_full is not None:
-                    _write_rows(grad_attn_full, rows, grad_attn)
+                    _write_rows(grad_attn_full[..., :n_keys], rows, grad_attn)
+                    if n_keys < n_k:
+                        # Right of the block's last edge only the degree sums depend on the (zero) attention: the
+                        # row degree, and (causal) the column degrees of the later rows.
+                        rest = grad_row_deg if not causal or later is None else grad_row_deg + later[..., n_keys:]
+                        _write_rows(grad_attn_full[..., n_keys:], rows, rest.expand(*rest.shape[:-1], n_k - n_keys))
                 grad_xq_rows[index] = (beta * grad + 2.0 * (grad_dist * ir.square()).sum(dim=-1, keepdim=True) * xq
-                                       + _thin_matmul(grad_gram, x_kv))
+                                       + _thin_matmul(grad_gram, x_keys))
                 grad_sq_k = (grad_dist * ic.square()).sum(dim=-2).unsqueeze(-1)
-                grad_xk = _add(grad_xk, _thin_matmul(coefficients.transpose(-1, -2), grad) + 2.0 * grad_sq_k * x_kv
-                               + _thin_matmul(grad_gram.transpose(-1, -2), xq))
+                grad_xk = _add_key_rows(grad_xk, _thin_matmul(coefficients.transpose(-1, -2), grad)
+                                        + 2.0 * grad_sq_k * x_keys + _thin_matmul(grad_gram.transpose(-1, -2), xq),
+                                        n_k)
                 # Free this block's (rows, n_k) tensors before the next block is built (not at reassignment).
                 del block, omega, coefficients, grad_coef, t, grad_log_w, grad_log_col, grad_dist, grad_gram, grad_ic
                 del grad_col_deg, grad_attn
@@ -878,10 +897,20 @@ def _pad_past(past: Tensor, n_k: int) -> Tensor:
     return torch.nn.functional.pad(past, (0, n_k - past.shape[-1]))
 
 
-def _graph_rows(attn: Tensor, rows: slice, head_mean: bool) -> Tensor:
-    """Rows of the graph's attention: ``attn[..., rows, :]``, averaged over heads (keepdim) with ``head_mean``."""
-    block = attn[..., rows, :]
+def _graph_rows(attn: Tensor, rows: slice, head_mean: bool, n_keys: int) -> Tensor:
+    """Rows of the graph's attention: ``attn[..., rows, :n_keys]``, averaged over heads (keepdim) with ``head_mean``."""
+    block = attn[..., rows, :n_keys]
     return block.mean(dim=1, keepdim=True) if head_mean else block
+
+
+def _key_columns(tensor: Tensor, n_keys: int) -> Tensor:
+    """The first ``n_keys`` key columns of a (.., 1, n_k) tensor (0-d tensors pass through)."""
+    return tensor[..., :n_keys] if tensor.dim() > 0 else tensor
+
+
+def _pad_keys(tensor: Tensor, n_k: int) -> Tensor:
+    """A (.., 1, n_keys) tensor zero-padded to n_k key columns."""
+    return tensor if tensor.shape[-1] == n_k else torch.nn.functional.pad(tensor, (0, n_k - tensor.shape[-1]))
 
 
 def _run_paper(
