@@ -1,0 +1,685 @@
+"""Fused attention + ``release`` p-Laplacian aggregation on GPUs (Triton), with O(n) memory.
+
+One call computes, for every head of a self-attention block,
+
+- the attention output  O_i = sum_j A_ij v_j,  A = softmax(q k^T * scale + bias, causal mask), and
+- the ``release`` p-Laplacian aggregation of node features F on the graph of the same attention
+  (p-adapter.md §2.4 C-D, §3.1, self graph): s_ij = max(sqrt(A_ij + eps) ||F_i - F_j||, eps sqrt(d_f)),
+  log W_ij = log A_ij + (p - 2) log s_ij, L_i = logsumexp({log W_ij}_j U {log c}), c = 2 mu / p,
+  U_i = sum_j exp(log W_ij - L_i) F_j + exp(log c - L_i) F_i,
+
+without ever materialising an (n, n) tensor: the kernels stream over key blocks like flash attention. This is
+exactly what :func:`vlpeft.functional.p_laplacian_aggregate` computes (``variant="release"``, ``graph="self"``)
+on the softmax of the same scores; :func:`attention_p_laplacian_reference` is that torch composition and the
+CPU path.
+
+Why two passes over the keys in the forward pass (not one): with W_ij = A_ij^(p/2) d_ij^(p-2) the release
+graph would be separable and streamable in the same pass as the softmax (the unknown row normaliser of A
+factors out of the row as l_i^(-p/2)), but the released weights are not exactly separable: eps sits inside
+the square root, sqrt(A_ij + eps), and the scaled norm has a floor s_min = eps sqrt(d_f) (which also defines
+the released self loops, W_ii = A_ii s_min^(p-2)). Both depend on the normalised A_ij. So the first pass is the
+flash-attention forward (online softmax: output and row log-sum-exp LSE_i), and the second recomputes the
+scores, takes A_ij = exp(S_ij - LSE_i) exactly and accumulates the p-Laplacian row with an online log-sum-exp
+that starts from log c. The result agrees with the torch composition to rounding. Both passes run in one kernel
+program per query block.
+
+Backward (hand-written, recomputation as in flash attention; nothing of size n^2 is stored):
+
+- row pass (per query block): Delta_i = dO_i . O_i + sum_j A_ij dA^plap_ij (the p-Laplacian part of the
+  softmax backward needs a pass of its own), dL/dp row terms and the row half of dL/dF;
+- column pass (per key block): dK, dV, the column half of dL/dF, and dQ accumulated with atomic adds.
+
+With omega_ij = exp(log W_ij - L_i), beta_i = exp(log c - L_i), g_ij = dU_i . F_j and T_i = dU_i . U_i:
+d log W_ij = omega_ij (g_ij - T_i); dA^plap_ij = d log W_ij / A_ij + [above floor] d log W_ij (p-2)/2 D_ij / s^2_ij;
+dD_ij = [above floor] d log W_ij (p-2)/2 (A_ij + eps) / s^2_ij (D = squared distance, s^2 the floored scaled
+squared norm); dS_ij = A_ij (dO_i . v_j + dA^plap_ij - Delta_i); d log c_i = beta_i (dU_i . F_i - T_i);
+dp = sum_ij d log W_ij log(s^2_ij) / 2 (+ the log c path, through autograd).
+
+Masks: ``causal`` (key j > query i is masked) and an additive ``attn_bias`` broadcastable to
+(batch, heads, n, n) (e.g. transformers' eager mask: 0 or the dtype's minimum). Entries with A_ij = 0 are not
+edges. A query row whose scores are all <= -1e30 (every key masked, e.g. a left-padding position) has no edges,
+so U_i = F_i, as the p-adapter glue does for such rows; its attention output is what softmax gives (uniform over
+the keys under a finite mask, 0 when every score is -inf).
+
+Precision: scores and the softmax in float32 (bfloat16/float16 q, k, v go through tensor cores with float32
+accumulation, as flash attention does); every p-Laplacian quantity (features, distances, weights) in float32 with
+IEEE float32 products (no TF32: the Gram form of the distances needs full precision). Features are centred on
+their mean per head before the kernels (distances are translation invariant; the mean is added back to U, exact
+because omega and beta sum to 1), as the torch path does for the Gram form.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vlpeft.functional.p_laplacian import (
+    RELEASE_EPS,
+    SELF_LOOP_POLICIES,
+    _check_mu,
+    _check_p,
+    p_laplacian_aggregate,
+)
+from vlpeft.functional.parameters import DEFAULT_P_BOUNDS
+
+try:  # Triton is optional: the torch path is the default everywhere and the only one on CPU.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+    tl = None
+
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+UNATTENDED_SCORE: float = -1e30
+"""A query row whose scores are all at or below this has no graph edges (every key masked)."""
+
+_MAX_HEAD_DIM = 256
+_MAX_FEATURE_DIM = 128
+
+
+def _interpreting() -> bool:
+    """Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors with numpy: slow, for tests."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can run here (Triton importable, and a CUDA device or the interpreter)."""
+    return triton is not None and (torch.cuda.is_available() or _interpreting())
+
+
+def fused_kernel_supported(q: Tensor, k: Tensor, v: Tensor, features: Tensor, attn_bias: Tensor | None = None) -> bool:
+    """Whether :func:`attention_p_laplacian` can use the Triton kernels for these inputs.
+
+    Needs Triton, CUDA tensors, the self graph (n_q = n_k), a head dim <= 256, a feature dim <= 128, query heads a
+    multiple of the key/value heads, and an ``attn_bias`` without gradient.
+    """
+    if not triton_available() or q.device.type != ("cpu" if _interpreting() else "cuda"):
+        return False
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or features.dim() != 4:
+        return False
+    if q.shape[-2] != k.shape[-2] or q.shape[-1] > _MAX_HEAD_DIM or features.shape[-1] > _MAX_FEATURE_DIM:
+        return False
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    return attn_bias is None or not attn_bias.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry point and the torch composition
+# ----------------------------------------------------------------------------------------------------------
+
+
+def attention_p_laplacian(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    features: Tensor,
+    p: float | Tensor,
+    mu: float | Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    attn_bias: Tensor | None = None,
+    eps: float = RELEASE_EPS,
+    self_loop: str = "release",
+    p_bounds: tuple[float, float] | None = DEFAULT_P_BOUNDS,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Attention output and the ``release`` p-Laplacian aggregation on the same attention graph.
+
+    Args:
+        q: queries (batch, heads, n, head_dim).
+        k, v: keys and values (batch, kv_heads, n, head_dim); heads must be a multiple of kv_heads (grouped-query
+            attention: query head h reads key/value head h // (heads / kv_heads)).
+        features: node features F (batch, heads, n, d_f), one row per token (the self graph of the release SA).
+        p: float, 0-d tensor or per-head tensor (heads,); within ``p_bounds`` (``None``: only p > 0).
+        mu: float, 0-d tensor or per-head tensor (heads,), > 0.
+        scale: score scale (default head_dim ** -0.5).
+        causal: mask keys after the query.
+        attn_bias: additive mask/bias broadcastable to (batch, heads, n, n), without gradient.
+        eps, self_loop: as in :func:`p_laplacian_aggregate` (``release``, self graph).
+        backend: "auto" (Triton when :func:`fused_kernel_supported`, else torch), "triton" or "torch".
+
+    Returns:
+        ``(out, aggregated)``: the attention output (batch, heads, n, head_dim) in q's dtype and U
+        (batch, heads, n, d_f) in float32.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    heads = _check_inputs(q, k, v, features, attn_bias)
+    if self_loop not in SELF_LOOP_POLICIES:
+        raise ValueError(f"self_loop={self_loop!r} is not one of {SELF_LOOP_POLICIES}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got eps={eps}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    supported = fused_kernel_supported(q, k, v, features, attn_bias)
+    if backend == "triton" and not supported:
+        raise RuntimeError(
+            "backend='triton' needs Triton, CUDA tensors and supported shapes (see fused_kernel_supported); got "
+            f"device {q.device}, dtype {q.dtype}, q {tuple(q.shape)}, k {tuple(k.shape)}, features "
+            f"{tuple(features.shape)}, Triton installed: {triton is not None}"
+        )
+    if backend == "torch" or (backend == "auto" and not supported):
+        return attention_p_laplacian_reference(q, k, v, features, p, mu, scale=scale, causal=causal,
+                                               attn_bias=attn_bias, eps=eps, self_loop=self_loop, p_bounds=p_bounds)
+    # Validate p and mu exactly as the torch path does (ranges, shapes), then expand them per head.
+    _validate_coefficients(p, mu, p_bounds, heads)
+    p_h = _per_head(p, heads, features.device, "p")
+    mu_h = _per_head(mu, heads, features.device, "mu")
+    log_c = torch.log(2.0 * mu_h / p_h)
+    f32 = features.float()
+    centre = f32.mean(dim=-2, keepdim=True)
+    out, aggregated = _FusedAttentionPLaplacian.apply(
+        q, k, v, f32 - centre, p_h, log_c, attn_bias, scale, bool(causal), float(eps), self_loop == "drop"
+    )
+    return out, aggregated + centre
+
+
+def attention_p_laplacian_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    features: Tensor,
+    p: float | Tensor,
+    mu: float | Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    attn_bias: Tensor | None = None,
+    eps: float = RELEASE_EPS,
+    self_loop: str = "release",
+    p_bounds: tuple[float, float] | None = DEFAULT_P_BOUNDS,
+) -> tuple[Tensor, Tensor]:
+    """The torch composition the kernels reproduce: eager softmax attention, then :func:`p_laplacian_aggregate`.
+
+    Materialises the (batch, heads, n, n) attention. Scores and softmax in float32 (float64 for float64 inputs);
+    rows whose scores are all <= :data:`UNATTENDED_SCORE` get no graph edges. Same arguments and returns as
+    :func:`attention_p_laplacian`.
+    """
+    _check_inputs(q, k, v, features, attn_bias)
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    heads = q.shape[1]
+    group = heads // k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    keys = k.to(work).repeat_interleave(group, dim=1)
+    values = v.to(work).repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.to(work), keys.transpose(-1, -2)) * scale
+    if attn_bias is not None:
+        scores = scores + attn_bias.to(work)
+    n = q.shape[-2]
+    if causal:
+        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    probs = torch.softmax(scores, dim=-1).masked_fill(row_max == float("-inf"), 0.0)
+    out = torch.matmul(probs, values).to(q.dtype)
+    graph = probs.masked_fill(row_max <= UNATTENDED_SCORE, 0.0)
+    feats = features.to(torch.float64 if features.dtype == torch.float64 else torch.float32)
+    aggregated = p_laplacian_aggregate(feats, feats, graph, p, mu, variant="release", graph="self",
+                                       p_bounds=p_bounds, eps=eps, self_loop=self_loop)
+    return out, aggregated
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, features: Tensor, attn_bias: Tensor | None) -> int:
+    """Validate shapes and devices; return the number of query heads."""
+    for name, tensor in (("q", q), ("k", k), ("v", v), ("features", features)):
+        if not isinstance(tensor, Tensor) or tensor.dim() != 4 or not tensor.is_floating_point():
+            shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise ValueError(f"{name} must be a 4-D floating-point tensor (batch, heads, n, dim), got {shape}")
+    batch, heads, n, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[2] != n or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k and v must be (batch, kv_heads, n, head_dim) = ({batch}, kv_heads, {n}, {head_dim}) like q; got k "
+            f"{tuple(k.shape)}, v {tuple(v.shape)} (only the self graph, n_q = n_k, is supported)"
+        )
+    if k.shape[1] < 1 or heads % k.shape[1] != 0:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({k.shape[1]})")
+    if tuple(features.shape[:3]) != (batch, heads, n):
+        raise ValueError(f"features must be (batch, heads, n, d_f) = ({batch}, {heads}, {n}, d_f), got "
+                         f"{tuple(features.shape)}")
+    if attn_bias is not None:
+        try:
+            torch.broadcast_shapes(tuple(attn_bias.shape), (batch, heads, n, n))
+        except RuntimeError as err:
+            raise ValueError(f"attn_bias of shape {tuple(attn_bias.shape)} does not broadcast to "
+                             f"(batch, heads, n, n) = {(batch, heads, n, n)}") from err
+        if attn_bias.dim() != 4:
+            raise ValueError(f"attn_bias must be 4-D, got shape {tuple(attn_bias.shape)}")
+    devices = {t.device for t in (q, k, v, features)} | ({attn_bias.device} if attn_bias is not None else set())
+    if len(devices) != 1:
+        raise ValueError(f"inputs on different devices: {sorted(str(d) for d in devices)}")
+    return heads
+
+
+def _validate_coefficients(p: Any, mu: Any, p_bounds: tuple[float, float] | None, heads: int) -> None:
+    """The torch path's checks of p (range) and mu (> 0), plus the per-head shapes the kernels take."""
+    _check_p(p, p_bounds)
+    _check_mu(mu)
+    for name, value in (("p", p), ("mu", mu)):
+        if isinstance(value, Tensor) and not (value.dim() == 0 or (value.dim() == 1 and value.shape[0] == heads)):
+            raise ValueError(f"{name} must be a float, a 0-d tensor or a per-head tensor ({heads},); got shape "
+                             f"{tuple(value.shape)}")
+
+
+def _per_head(value: float | Tensor, heads: int, device: torch.device, name: str) -> Tensor:
+    """(heads,) float32 view of a scalar or per-head coefficient, differentiable in ``value``."""
+    if not isinstance(value, Tensor):
+        return torch.full((heads,), float(value), dtype=torch.float32, device=device)
+    value = value.to(device=device, dtype=torch.float32)
+    if value.dim() == 0:
+        return value.expand(heads)
+    if value.dim() == 1 and value.shape[0] == heads:
+        return value
+    raise ValueError(f"{name} must be a float, a 0-d tensor or a per-head tensor ({heads},); got {tuple(value.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd wrapper
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _next_pow2(value: int, at_least: int = 16) -> int:
+    return max(at_least, 1 << (max(1, value) - 1).bit_length())
+
+
+class _FusedAttentionPLaplacian(torch.autograd.Function):
+    """(q, k, v, F_centred, p (heads,), log c (heads,)) -> (O, U_centred) with the Triton kernels."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, feats: Tensor, p_h: Tensor, log_c: Tensor,
+                bias: Tensor | None, scale: float, causal: bool, eps: float,
+                drop_self_loops: bool) -> tuple[Tensor, Tensor]:
+        q, k, v, feats = q.contiguous(), k.contiguous(), v.contiguous(), feats.contiguous()
+        p_h, log_c = p_h.detach().contiguous(), log_c.detach().contiguous()
+        batch, heads, n, head_dim = q.shape
+        out = torch.empty_like(q)
+        aggregated = torch.empty_like(feats)
+        row_max = torch.empty(batch, heads, n, dtype=torch.float32, device=q.device)
+        log_sum = torch.empty_like(row_max)
+        log_norm = torch.empty_like(row_max)
+        config = _launch_config(head_dim, feats.shape[-1], q.dtype)
+        _forward_kernel[(triton.cdiv(n, config["BLOCK_M"]), batch * heads)](
+            q, k, v, feats, q if bias is None else bias, out, aggregated, row_max, log_sum, log_norm, p_h, log_c,
+            *_strides(q, k, feats, bias), *_sizes(q, k, feats, scale, eps),
+            **_flags(config, bias, causal, drop_self_loops, q.dtype),
+        )
+        ctx.save_for_backward(q, k, v, feats, bias, out, aggregated, row_max, log_sum, log_norm, p_h, log_c)
+        ctx.settings = (scale, causal, eps, drop_self_loops)
+        return out, aggregated
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor | None, grad_agg: Tensor | None) -> tuple[Tensor | None, ...]:
+        q, k, v, feats, bias, out, aggregated, row_max, log_sum, log_norm, p_h, log_c = ctx.saved_tensors
+        scale, causal, eps, drop_self_loops = ctx.settings
+        batch, heads, n, head_dim = q.shape
+        kv_heads = k.shape[1]
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(out.dtype).contiguous()
+        grad_agg = torch.zeros_like(aggregated) if grad_agg is None else grad_agg.float().contiguous()
+        # Row scalars that need no pass: dO.O and T = dU.U (U centred, as in the kernels).
+        delta_out = (grad_out.float() * out.float()).sum(dim=-1).contiguous()
+        total_u = (grad_agg * aggregated).sum(dim=-1).contiguous()
+        delta = torch.empty_like(delta_out)
+        grad_p_rows = torch.empty_like(delta_out)
+        grad_feats_rows = torch.empty_like(feats)
+        grad_feats_cols = torch.empty_like(feats)
+        grad_q = torch.zeros(batch, heads, n, head_dim, dtype=torch.float32, device=q.device)
+        grad_k = torch.empty(batch, heads, n, head_dim, dtype=q.dtype, device=q.device)
+        grad_v = torch.empty_like(grad_k)
+        bias_arg = q if bias is None else bias
+        config = _launch_config(head_dim, feats.shape[-1], q.dtype, backward=True)
+        geometry = (*_strides(q, k, feats, bias), *_sizes(q, k, feats, scale, eps))
+        flags = _flags(config, bias, causal, drop_self_loops, q.dtype)
+        _backward_rows_kernel[(triton.cdiv(n, config["BLOCK_M"]), batch * heads)](
+            q, k, feats, bias_arg, row_max, log_sum, log_norm, p_h, grad_agg, delta_out, total_u, delta,
+            grad_p_rows, grad_feats_rows, *geometry, **flags,
+        )
+        _backward_columns_kernel[(triton.cdiv(n, config["BLOCK_N"]), batch * heads)](
+            q, k, v, feats, bias_arg, row_max, log_sum, log_norm, p_h, grad_out, grad_agg, total_u, delta,
+            grad_q, grad_k, grad_v, grad_feats_cols, *geometry, **flags,
+        )
+        # The self term beta_i F_i of U, and d log c_i = beta_i (dU_i . F_i - T_i).
+        beta = torch.exp(log_c.view(1, heads, 1) - log_norm)
+        grad_feats = grad_feats_rows + grad_feats_cols + beta.unsqueeze(-1) * grad_agg
+        grad_log_c_rows = beta * ((grad_agg * feats).sum(dim=-1) - total_u)
+        grad_log_c = grad_log_c_rows.sum(dim=(0, 2))
+        # The kernel sums d log W_ij (log s^2_ij - log s_min^2) / 2 (the released self loops, at the floor, add 0
+        # instead of large terms that cancel); sum_j d log W_ij = -d log c_i restores the shift.
+        grad_p = (grad_p_rows - 0.5 * math.log(eps * eps * feats.shape[-1]) * grad_log_c_rows).sum(dim=(0, 2))
+        if kv_heads != heads:  # key/value head g serves query heads g * group ... (g + 1) * group - 1
+            group = heads // kv_heads
+            grad_k = grad_k.view(batch, kv_heads, group, n, head_dim).sum(dim=2)
+            grad_v = grad_v.view(batch, kv_heads, group, n, head_dim).sum(dim=2)
+        return (grad_q.to(q.dtype), grad_k, grad_v, grad_feats, grad_p, grad_log_c,
+                None, None, None, None, None)
+
+
+def _strides(q: Tensor, k: Tensor, feats: Tensor, bias: Tensor | None) -> tuple[int, ...]:
+    batch, heads, n, _ = q.shape
+    bias_strides = (0, 0, 0, 0) if bias is None else tuple(bias.expand(batch, heads, n, n).stride())
+    return (*q.stride(), *k.stride(), *feats.stride(), *bias_strides)
+
+
+def _sizes(q: Tensor, k: Tensor, feats: Tensor, scale: float, eps: float) -> tuple[Any, ...]:
+    heads, n, head_dim = q.shape[1:]
+    d_f = feats.shape[-1]
+    return (heads, heads // k.shape[1], n, head_dim, d_f, scale, eps, eps * eps * d_f)
+
+
+def _flags(config: dict[str, int], bias: Tensor | None, causal: bool, drop_self_loops: bool,
+           dtype: torch.dtype) -> dict[str, Any]:
+    return dict(HAS_BIAS=bias is not None, CAUSAL=causal, DROP_SELF_LOOPS=drop_self_loops,
+                IEEE_SCORES=dtype == torch.float32, **config)
+
+
+def _launch_config(head_dim: int, d_f: int, dtype: torch.dtype, backward: bool = False) -> dict[str, int]:
+    d_pad = _next_pow2(head_dim)
+    wide = dtype == torch.float32 or d_pad > 64
+    block = 32 if (backward and wide) or d_pad > 128 else 64
+    return {"D_PAD": d_pad, "F_PAD": _next_pow2(d_f), "BLOCK_M": block, "BLOCK_N": block,
+            "num_warps": 4, "num_stages": 2 if backward else 3}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels. Layouts: q (B, H, n, D), k/v (B, H_kv, n, D), features (B, H, n, D_f), row statistics (B, H, n)
+# contiguous; grid (query blocks or key blocks, batch * heads). Row statistics of the softmax are kept as the row
+# maximum and the log of the row sum separately (A = exp((S - max) - log sum)): under a finite "minus max float"
+# mask every score of a fully masked row rounds to the same value, and max + log sum would round back to it.
+# ----------------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_scores(q, k, bias_base, offs_m, offs_n, n, scale, s_bm, s_bn,
+                     HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, IEEE_SCORES: tl.constexpr):
+        """Scores (BLOCK_M, BLOCK_N) in float32; -inf outside the sequence and above the causal diagonal."""
+        col_ok = offs_n < n
+        if IEEE_SCORES:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        if HAS_BIAS:
+            bias = tl.load(bias_base + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
+                           mask=(offs_m < n)[:, None] & col_ok[None, :], other=0.0)
+            s = s + bias.to(tl.float32)
+        valid = col_ok[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        return tl.where(valid, s, float("-inf"))
+
+    @triton.jit
+    def _tile_softmax(s, row_max, log_sum):
+        """Softmax probabilities of a tile from the row statistics; 0 on rows whose scores are all -inf."""
+        has_mass = row_max > float("-inf")
+        shift = tl.where(has_mass, row_max, 0.0)
+        return tl.where(has_mass[:, None], tl.exp((s - shift[:, None]) - log_sum[:, None]), 0.0)
+
+    @triton.jit
+    def _tile_log_weights(a, d2, attended, offs_m, offs_n, half_pm2, eps, s_min_sq,
+                          DROP_SELF_LOOPS: tl.constexpr):
+        """(log W, log s^2, s^2, above floor) of a tile from the graph's A and the squared distances D."""
+        diag = offs_m[:, None] == offs_n[None, :]
+        s2 = tl.maximum((a + eps) * d2, s_min_sq)
+        s2 = tl.where(diag, s_min_sq, s2)
+        log_s2 = tl.log(s2)
+        edge = (a > 0.0) & attended[:, None]
+        if DROP_SELF_LOOPS:
+            edge = edge & (diag == 0)
+        log_w = tl.log(tl.maximum(a, 1.1754943508222875e-38)) + half_pm2 * log_s2
+        log_w = tl.where(edge, log_w, float("-inf"))
+        above = (s2 > s_min_sq) & (diag == 0)
+        return log_w, log_s2, s2, above
+
+    @triton.jit
+    def _tile_distances(f_i, sq_i, f_j):
+        sq_j = tl.sum(f_j * f_j, 1)
+        return sq_i[:, None] + sq_j[None, :] - 2.0 * tl.dot(f_i, tl.trans(f_j), input_precision="ieee")
+
+    @triton.jit
+    def _tile_backward(s, f_i, sq_i, f_j, du_i, row_max, log_sum, log_norm, total_u, offs_m, offs_n, half_pm2, eps,
+                       s_min_sq, DROP_SELF_LOOPS: tl.constexpr):
+        """Recompute a tile's softmax and p-Laplacian weights; return (A_softmax, dA^plap, dD, d log W, log s^2,
+        omega)."""
+        a_soft = _tile_softmax(s, row_max, log_sum)
+        attended = row_max > -1e30
+        a = tl.where(attended[:, None], a_soft, 0.0)
+        d2 = _tile_distances(f_i, sq_i, f_j)
+        log_w, log_s2, s2, above = _tile_log_weights(a, d2, attended, offs_m, offs_n, half_pm2, eps, s_min_sq,
+                                                     DROP_SELF_LOOPS)
+        omega = tl.exp(log_w - log_norm[:, None])
+        g = tl.dot(du_i, tl.trans(f_j), input_precision="ieee")
+        dlog_w = omega * (g - total_u[:, None])
+        ratio = tl.where(above, half_pm2 / s2, 0.0)
+        da = dlog_w / tl.maximum(a, 1.1754943508222875e-38) + dlog_w * ratio * d2
+        dd = dlog_w * ratio * (a + eps)
+        return a_soft, da, dd, dlog_w, log_s2, omega
+
+    @triton.jit
+    def _forward_kernel(
+        Q, K, V, F, BIAS, OUT, U, ROW_MAX, LOG_SUM, LOG_NORM, P, LOG_C,
+        s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_fb, s_fh, s_fn, s_fd, s_bb, s_bh, s_bm, s_bn,
+        H, GROUP, n, head_dim, d_f, scale, eps, s_min_sq,
+        HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROP_SELF_LOOPS: tl.constexpr, D_PAD: tl.constexpr,
+        F_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_SCORES: tl.constexpr,
+    ):
+        """One query block: pass 1 = flash-attention forward, pass 2 = the release p-Laplacian rows."""
+        start_m = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        kh = h // GROUP
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        offs_f = tl.arange(0, F_PAD)
+        row_ok = offs_m < n
+        q_mask = row_ok[:, None] & (offs_d < head_dim)[None, :]
+        q_rows = b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd
+        q = tl.load(Q + q_rows, mask=q_mask, other=0.0)
+        kv_base = b * s_kb + kh * s_kh
+        f_base = F + b * s_fb + h * s_fh
+        bias_base = BIAS + b * s_bb + h * s_bh
+        hi = n
+        if CAUSAL:
+            hi = tl.minimum(n, start_m + BLOCK_M)
+
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kv_mask = (offs_n < n)[:, None] & (offs_d < head_dim)[None, :]
+            kv_offsets = kv_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd
+            k = tl.load(K + kv_offsets, mask=kv_mask, other=0.0)
+            s = _tile_scores(q, k, bias_base, offs_m, offs_n, n, scale, s_bm, s_bn, HAS_BIAS, CAUSAL, IEEE_SCORES)
+            new_max = tl.maximum(row_max, tl.max(s, 1))
+            shift = tl.where(new_max > float("-inf"), new_max, 0.0)
+            alpha = tl.exp(row_max - shift)
+            prob = tl.exp(s - shift[:, None])
+            row_sum = row_sum * alpha + tl.sum(prob, 1)
+            v = tl.load(V + kv_offsets, mask=kv_mask, other=0.0)
+            if IEEE_SCORES:
+                acc = acc * alpha[:, None] + tl.dot(prob, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
+            row_max = new_max
+        has_mass = row_sum > 0.0
+        safe_sum = tl.where(has_mass, row_sum, 1.0)
+        tl.store(OUT + q_rows, (acc / safe_sum[:, None]).to(OUT.dtype.element_ty), mask=q_mask)
+        log_sum = tl.log(safe_sum)
+        tl.store(ROW_MAX + bh * n + offs_m, row_max, mask=row_ok)
+        tl.store(LOG_SUM + bh * n + offs_m, log_sum, mask=row_ok)
+
+        attended = row_max > -1e30
+        f_mask = row_ok[:, None] & (offs_f < d_f)[None, :]
+        f_rows = b * s_fb + h * s_fh + offs_m[:, None] * s_fn + offs_f[None, :] * s_fd
+        f_i = tl.load(F + f_rows, mask=f_mask, other=0.0)
+        sq_i = tl.sum(f_i * f_i, 1)
+        log_c = tl.load(LOG_C + h)
+        half_pm2 = 0.5 * (tl.load(P + h) - 2.0)
+        w_max = tl.zeros([BLOCK_M], tl.float32) + log_c  # online log-sum-exp over {log W_ij} U {log c}
+        w_sum = tl.zeros([BLOCK_M], tl.float32) + 1.0
+        acc_u = tl.zeros([BLOCK_M, F_PAD], tl.float32)
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kv_mask = (offs_n < n)[:, None] & (offs_d < head_dim)[None, :]
+            k = tl.load(K + kv_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
+            s = _tile_scores(q, k, bias_base, offs_m, offs_n, n, scale, s_bm, s_bn, HAS_BIAS, CAUSAL, IEEE_SCORES)
+            a = tl.where(attended[:, None], _tile_softmax(s, row_max, log_sum), 0.0)
+            f_j = tl.load(f_base + offs_n[:, None] * s_fn + offs_f[None, :] * s_fd,
+                          mask=(offs_n < n)[:, None] & (offs_f < d_f)[None, :], other=0.0)
+            d2 = _tile_distances(f_i, sq_i, f_j)
+            log_w, log_s2, s2, above = _tile_log_weights(a, d2, attended, offs_m, offs_n, half_pm2, eps, s_min_sq,
+                                                         DROP_SELF_LOOPS)
+            new_max = tl.maximum(w_max, tl.max(log_w, 1))
+            alpha = tl.exp(w_max - new_max)
+            w = tl.exp(log_w - new_max[:, None])
+            w_sum = w_sum * alpha + tl.sum(w, 1)
+            acc_u = acc_u * alpha[:, None] + tl.dot(w, f_j, input_precision="ieee")
+            w_max = new_max
+        log_norm = w_max + tl.log(w_sum)
+        beta = tl.exp(log_c - log_norm)
+        tl.store(U + f_rows, acc_u / w_sum[:, None] + beta[:, None] * f_i, mask=f_mask)
+        tl.store(LOG_NORM + bh * n + offs_m, log_norm, mask=row_ok)
+
+    @triton.jit
+    def _backward_rows_kernel(
+        Q, K, F, BIAS, ROW_MAX, LOG_SUM, LOG_NORM, P, DU, DELTA_OUT, TOTAL_U, DELTA, DP_ROWS, DF,
+        s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_fb, s_fh, s_fn, s_fd, s_bb, s_bh, s_bm, s_bn,
+        H, GROUP, n, head_dim, d_f, scale, eps, s_min_sq,
+        HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROP_SELF_LOOPS: tl.constexpr, D_PAD: tl.constexpr,
+        F_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_SCORES: tl.constexpr,
+    ):
+        """One query block: Delta_i = dO_i.O_i + sum_j A_ij dA^plap_ij, the row terms of dp, and the row half of
+        dF (2 F_i sum_j dD_ij - 2 sum_j dD_ij F_j)."""
+        start_m = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        kh = h // GROUP
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        offs_f = tl.arange(0, F_PAD)
+        row_ok = offs_m < n
+        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd,
+                    mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+        f_mask = row_ok[:, None] & (offs_f < d_f)[None, :]
+        f_rows = b * s_fb + h * s_fh + offs_m[:, None] * s_fn + offs_f[None, :] * s_fd
+        f_i = tl.load(F + f_rows, mask=f_mask, other=0.0)
+        du_i = tl.load(DU + f_rows, mask=f_mask, other=0.0)
+        sq_i = tl.sum(f_i * f_i, 1)
+        row_max = tl.load(ROW_MAX + bh * n + offs_m, mask=row_ok, other=float("-inf"))
+        log_sum = tl.load(LOG_SUM + bh * n + offs_m, mask=row_ok, other=0.0)
+        log_norm = tl.load(LOG_NORM + bh * n + offs_m, mask=row_ok, other=0.0)
+        total_u = tl.load(TOTAL_U + bh * n + offs_m, mask=row_ok, other=0.0)
+        half_pm2 = 0.5 * (tl.load(P + h) - 2.0)
+        kv_base = b * s_kb + kh * s_kh
+        f_base = F + b * s_fb + h * s_fh
+        bias_base = BIAS + b * s_bb + h * s_bh
+        hi = n
+        if CAUSAL:
+            hi = tl.minimum(n, start_m + BLOCK_M)
+        attended = row_max > -1e30
+        delta_plap = tl.zeros([BLOCK_M], tl.float32)
+        dp_rows = tl.zeros([BLOCK_M], tl.float32)
+        dd_rows = tl.zeros([BLOCK_M], tl.float32)
+        dd_f = tl.zeros([BLOCK_M, F_PAD], tl.float32)
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = tl.load(K + kv_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
+                        mask=(offs_n < n)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+            s = _tile_scores(q, k, bias_base, offs_m, offs_n, n, scale, s_bm, s_bn, HAS_BIAS, CAUSAL, IEEE_SCORES)
+            f_j = tl.load(f_base + offs_n[:, None] * s_fn + offs_f[None, :] * s_fd,
+                          mask=(offs_n < n)[:, None] & (offs_f < d_f)[None, :], other=0.0)
+            a_soft, da, dd, dlog_w, log_s2, omega = _tile_backward(
+                s, f_i, sq_i, f_j, du_i, row_max, log_sum, log_norm, total_u, offs_m, offs_n, half_pm2, eps,
+                s_min_sq, DROP_SELF_LOOPS)
+            delta_plap += tl.sum(tl.where(attended[:, None], a_soft, 0.0) * da, 1)
+            dp_rows += tl.sum(dlog_w * (log_s2 - tl.log(s_min_sq)), 1)  # self loops sit at 0
+            dd_rows += tl.sum(dd, 1)
+            dd_f += tl.dot(dd, f_j, input_precision="ieee")
+        delta_out = tl.load(DELTA_OUT + bh * n + offs_m, mask=row_ok, other=0.0)
+        tl.store(DELTA + bh * n + offs_m, delta_out + delta_plap, mask=row_ok)
+        tl.store(DP_ROWS + bh * n + offs_m, 0.5 * dp_rows, mask=row_ok)
+        tl.store(DF + f_rows, 2.0 * dd_rows[:, None] * f_i - 2.0 * dd_f, mask=f_mask)
+
+    @triton.jit
+    def _backward_columns_kernel(
+        Q, K, V, F, BIAS, ROW_MAX, LOG_SUM, LOG_NORM, P, DO, DU, TOTAL_U, DELTA, DQ, DK, DV, DF,
+        s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_fb, s_fh, s_fn, s_fd, s_bb, s_bh, s_bm, s_bn,
+        H, GROUP, n, head_dim, d_f, scale, eps, s_min_sq,
+        HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROP_SELF_LOOPS: tl.constexpr, D_PAD: tl.constexpr,
+        F_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_SCORES: tl.constexpr,
+    ):
+        """One key block: dK, dV (per query head), the column half of dF, and dQ by float32 atomic adds."""
+        start_n = tl.program_id(0) * BLOCK_N
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        kh = h // GROUP
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D_PAD)
+        offs_f = tl.arange(0, F_PAD)
+        col_ok = offs_n < n
+        kv_mask = col_ok[:, None] & (offs_d < head_dim)[None, :]
+        kv_offsets = b * s_kb + kh * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd
+        k = tl.load(K + kv_offsets, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_offsets, mask=kv_mask, other=0.0)
+        f_mask_j = col_ok[:, None] & (offs_f < d_f)[None, :]
+        f_cols = b * s_fb + h * s_fh + offs_n[:, None] * s_fn + offs_f[None, :] * s_fd
+        f_j = tl.load(F + f_cols, mask=f_mask_j, other=0.0)
+        half_pm2 = 0.5 * (tl.load(P + h) - 2.0)
+        bias_base = BIAS + b * s_bb + h * s_bh
+        dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        df = tl.zeros([BLOCK_N, F_PAD], tl.float32)
+        dd_cols = tl.zeros([BLOCK_N], tl.float32)
+        lo = 0
+        if CAUSAL:
+            lo = (start_n // BLOCK_M) * BLOCK_M
+        for start_m in range(lo, n, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < n
+            q_mask = row_ok[:, None] & (offs_d < head_dim)[None, :]
+            q_rows = b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd
+            q = tl.load(Q + q_rows, mask=q_mask, other=0.0)
+            do = tl.load(DO + q_rows, mask=q_mask, other=0.0)
+            f_mask_i = row_ok[:, None] & (offs_f < d_f)[None, :]
+            f_rows = b * s_fb + h * s_fh + offs_m[:, None] * s_fn + offs_f[None, :] * s_fd
+            f_i = tl.load(F + f_rows, mask=f_mask_i, other=0.0)
+            du_i = tl.load(DU + f_rows, mask=f_mask_i, other=0.0)
+            sq_i = tl.sum(f_i * f_i, 1)
+            row_max = tl.load(ROW_MAX + bh * n + offs_m, mask=row_ok, other=float("-inf"))
+            log_sum = tl.load(LOG_SUM + bh * n + offs_m, mask=row_ok, other=0.0)
+            log_norm = tl.load(LOG_NORM + bh * n + offs_m, mask=row_ok, other=0.0)
+            total_u = tl.load(TOTAL_U + bh * n + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh * n + offs_m, mask=row_ok, other=0.0)
+            s = _tile_scores(q, k, bias_base, offs_m, offs_n, n, scale, s_bm, s_bn, HAS_BIAS, CAUSAL, IEEE_SCORES)
+            a_soft, da, dd, dlog_w, log_s2, omega = _tile_backward(
+                s, f_i, sq_i, f_j, du_i, row_max, log_sum, log_norm, total_u, offs_m, offs_n, half_pm2, eps,
+                s_min_sq, DROP_SELF_LOOPS)
+            if IEEE_SCORES:
+                ds = a_soft * (tl.dot(do, tl.trans(v), input_precision="ieee") + da - delta[:, None])
+                dv += tl.dot(tl.trans(a_soft), do, input_precision="ieee")
+                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+                dq = tl.dot(ds, k, input_precision="ieee")
+            else:
+                ds = a_soft * (tl.dot(do, tl.trans(v)) + da - delta[:, None])
+                dv += tl.dot(tl.trans(a_soft.to(do.dtype)), do)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                dq = tl.dot(ds.to(k.dtype), k)
+            tl.atomic_add(DQ + bh * n * head_dim + offs_m[:, None] * head_dim + offs_d[None, :], dq * scale,
+                          mask=q_mask)
+            df += tl.dot(tl.trans(omega), du_i, input_precision="ieee")
+            df -= 2.0 * tl.dot(tl.trans(dd), f_i, input_precision="ieee")
+            dd_cols += tl.sum(dd, 0)
+        df += 2.0 * dd_cols[:, None] * f_j
+        kv_rows = bh * n * head_dim + offs_n[:, None] * head_dim + offs_d[None, :]
+        tl.store(DK + kv_rows, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + kv_rows, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        tl.store(DF + f_cols, df, mask=f_mask_j)
