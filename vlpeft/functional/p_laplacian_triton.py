@@ -378,12 +378,19 @@ def _flags(config: dict[str, int], bias: Tensor | None, causal: bool, drop_self_
                 IEEE_SCORES=dtype == torch.float32, **config)
 
 
-def _launch_config(head_dim: int, d_f: int, dtype: torch.dtype, backward: bool = False) -> dict[str, int]:
+def _launch_config(head_dim: int, d_f: int, dtype: torch.dtype, backward: bool = False) -> dict[str, Any]:
+    """Block sizes, warps and the p-Laplacian products' settings of a launch.
+
+    ``EXACT_DISTANCES``: squared feature distances channel by channel (exact) instead of the Gram identity;
+    ``PLAP_PRECISION``: precision of the float32 products of the p-Laplacian part ("ieee", or "tf32x3": three
+    TF32 tensor-core products, about float32 accuracy).
+    """
     d_pad = _next_pow2(head_dim)
     wide = dtype == torch.float32 or d_pad > 64
-    block = 32 if (backward and wide) or d_pad > 128 else 64
+    block = 32 if backward or d_pad > 128 or (wide and backward) else 64
     return {"D_PAD": d_pad, "F_PAD": _next_pow2(d_f), "BLOCK_M": block, "BLOCK_N": block,
-            "num_warps": 4, "num_stages": 2 if backward else 3}
+            "num_warps": 4, "num_stages": 2 if backward else 3,
+            "F_LOOP": d_f, "EXACT_DISTANCES": False, "PLAP_PRECISION": "ieee"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -437,23 +444,38 @@ if triton is not None:
         return log_w, log_s2, s2, above
 
     @triton.jit
-    def _tile_distances(f_i, sq_i, f_j):
+    def _tile_distances(f_i, sq_i, f_j, f_base, offs_m, offs_n, n, d_f, s_fn, s_fd, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, F_LOOP: tl.constexpr, EXACT_DISTANCES: tl.constexpr,
+                        PLAP_PRECISION: tl.constexpr):
+        """Squared distances (BLOCK_M, BLOCK_N) of the feature rows: channel by channel (exact, no cancellation)
+        or by the Gram identity |f_i|^2 + |f_j|^2 - 2 f_i.f_j (one product)."""
+        if EXACT_DISTANCES:
+            d2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for c in tl.static_range(F_LOOP):
+                f_ic = tl.load(f_base + offs_m * s_fn + c * s_fd, mask=offs_m < n, other=0.0)
+                f_jc = tl.load(f_base + offs_n * s_fn + c * s_fd, mask=offs_n < n, other=0.0)
+                diff = f_ic[:, None] - f_jc[None, :]
+                d2 += diff * diff
+            return d2
         sq_j = tl.sum(f_j * f_j, 1)
-        return sq_i[:, None] + sq_j[None, :] - 2.0 * tl.dot(f_i, tl.trans(f_j), input_precision="ieee")
+        return sq_i[:, None] + sq_j[None, :] - 2.0 * tl.dot(f_i, tl.trans(f_j), input_precision=PLAP_PRECISION)
 
     @triton.jit
     def _tile_backward(s, f_i, sq_i, f_j, du_i, row_max, log_sum, log_norm, total_u, offs_m, offs_n, half_pm2, eps,
-                       s_min_sq, DROP_SELF_LOOPS: tl.constexpr):
+                       s_min_sq, f_base, n, d_f, s_fn, s_fd, DROP_SELF_LOOPS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, F_LOOP: tl.constexpr, EXACT_DISTANCES: tl.constexpr,
+                       PLAP_PRECISION: tl.constexpr):
         """Recompute a tile's softmax and p-Laplacian weights; return (A_softmax, dA^plap, dD, d log W, log s^2,
         omega)."""
         a_soft = _tile_softmax(s, row_max, log_sum)
         attended = row_max > -1e30
         a = tl.where(attended[:, None], a_soft, 0.0)
-        d2 = _tile_distances(f_i, sq_i, f_j)
+        d2 = _tile_distances(f_i, sq_i, f_j, f_base, offs_m, offs_n, n, d_f, s_fn, s_fd, BLOCK_M, BLOCK_N, F_LOOP,
+                             EXACT_DISTANCES, PLAP_PRECISION)
         log_w, log_s2, s2, above = _tile_log_weights(a, d2, attended, offs_m, offs_n, half_pm2, eps, s_min_sq,
                                                      DROP_SELF_LOOPS)
         omega = tl.exp(log_w - log_norm[:, None])
-        g = tl.dot(du_i, tl.trans(f_j), input_precision="ieee")
+        g = tl.dot(du_i, tl.trans(f_j), input_precision=PLAP_PRECISION)
         dlog_w = omega * (g - total_u[:, None])
         ratio = tl.where(above, half_pm2 / s2, 0.0)
         da = dlog_w / tl.maximum(a, 1.1754943508222875e-38) + dlog_w * ratio * d2
@@ -467,6 +489,7 @@ if triton is not None:
         H, GROUP, n, head_dim, d_f, scale, eps, s_min_sq,
         HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROP_SELF_LOOPS: tl.constexpr, D_PAD: tl.constexpr,
         F_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_SCORES: tl.constexpr,
+        F_LOOP: tl.constexpr, EXACT_DISTANCES: tl.constexpr, PLAP_PRECISION: tl.constexpr,
     ):
         """One query block: pass 1 = flash-attention forward, pass 2 = the release p-Laplacian rows."""
         start_m = tl.program_id(0) * BLOCK_M
@@ -533,14 +556,15 @@ if triton is not None:
             a = tl.where(attended[:, None], _tile_softmax(s, row_max, log_sum), 0.0)
             f_j = tl.load(f_base + offs_n[:, None] * s_fn + offs_f[None, :] * s_fd,
                           mask=(offs_n < n)[:, None] & (offs_f < d_f)[None, :], other=0.0)
-            d2 = _tile_distances(f_i, sq_i, f_j)
+            d2 = _tile_distances(f_i, sq_i, f_j, f_base, offs_m, offs_n, n, d_f, s_fn, s_fd, BLOCK_M, BLOCK_N,
+                                 F_LOOP, EXACT_DISTANCES, PLAP_PRECISION)
             log_w, log_s2, s2, above = _tile_log_weights(a, d2, attended, offs_m, offs_n, half_pm2, eps, s_min_sq,
                                                          DROP_SELF_LOOPS)
             new_max = tl.maximum(w_max, tl.max(log_w, 1))
             alpha = tl.exp(w_max - new_max)
             w = tl.exp(log_w - new_max[:, None])
             w_sum = w_sum * alpha + tl.sum(w, 1)
-            acc_u = acc_u * alpha[:, None] + tl.dot(w, f_j, input_precision="ieee")
+            acc_u = acc_u * alpha[:, None] + tl.dot(w, f_j, input_precision=PLAP_PRECISION)
             w_max = new_max
         log_norm = w_max + tl.log(w_sum)
         beta = tl.exp(log_c - log_norm)
@@ -554,6 +578,7 @@ if triton is not None:
         H, GROUP, n, head_dim, d_f, scale, eps, s_min_sq,
         HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROP_SELF_LOOPS: tl.constexpr, D_PAD: tl.constexpr,
         F_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_SCORES: tl.constexpr,
+        F_LOOP: tl.constexpr, EXACT_DISTANCES: tl.constexpr, PLAP_PRECISION: tl.constexpr,
     ):
         """One query block: Delta_i = dO_i.O_i + sum_j A_ij dA^plap_ij, the row terms of dp, and the row half of
         dF (2 F_i sum_j dD_ij - 2 sum_j dD_ij F_j)."""
@@ -598,11 +623,12 @@ if triton is not None:
                           mask=(offs_n < n)[:, None] & (offs_f < d_f)[None, :], other=0.0)
             a_soft, da, dd, dlog_w, log_s2, omega = _tile_backward(
                 s, f_i, sq_i, f_j, du_i, row_max, log_sum, log_norm, total_u, offs_m, offs_n, half_pm2, eps,
-                s_min_sq, DROP_SELF_LOOPS)
+                s_min_sq, f_base, n, d_f, s_fn, s_fd, DROP_SELF_LOOPS, BLOCK_M, BLOCK_N, F_LOOP, EXACT_DISTANCES,
+                PLAP_PRECISION)
             delta_plap += tl.sum(tl.where(attended[:, None], a_soft, 0.0) * da, 1)
             dp_rows += tl.sum(dlog_w * (log_s2 - tl.log(s_min_sq)), 1)  # self loops sit at 0
             dd_rows += tl.sum(dd, 1)
-            dd_f += tl.dot(dd, f_j, input_precision="ieee")
+            dd_f += tl.dot(dd, f_j, input_precision=PLAP_PRECISION)
         delta_out = tl.load(DELTA_OUT + bh * n + offs_m, mask=row_ok, other=0.0)
         tl.store(DELTA + bh * n + offs_m, delta_out + delta_plap, mask=row_ok)
         tl.store(DP_ROWS + bh * n + offs_m, 0.5 * dp_rows, mask=row_ok)
@@ -615,6 +641,7 @@ if triton is not None:
         H, GROUP, n, head_dim, d_f, scale, eps, s_min_sq,
         HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROP_SELF_LOOPS: tl.constexpr, D_PAD: tl.constexpr,
         F_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_SCORES: tl.constexpr,
+        F_LOOP: tl.constexpr, EXACT_DISTANCES: tl.constexpr, PLAP_PRECISION: tl.constexpr,
     ):
         """One key block: dK, dV (per query head), the column half of dF, and dQ by float32 atomic adds."""
         start_n = tl.program_id(0) * BLOCK_N
@@ -635,6 +662,7 @@ if triton is not None:
         f_j = tl.load(F + f_cols, mask=f_mask_j, other=0.0)
         half_pm2 = 0.5 * (tl.load(P + h) - 2.0)
         bias_base = BIAS + b * s_bb + h * s_bh
+        f_base = F + b * s_fb + h * s_fh
         dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         df = tl.zeros([BLOCK_N, F_PAD], tl.float32)
@@ -662,7 +690,8 @@ if triton is not None:
             s = _tile_scores(q, k, bias_base, offs_m, offs_n, n, scale, s_bm, s_bn, HAS_BIAS, CAUSAL, IEEE_SCORES)
             a_soft, da, dd, dlog_w, log_s2, omega = _tile_backward(
                 s, f_i, sq_i, f_j, du_i, row_max, log_sum, log_norm, total_u, offs_m, offs_n, half_pm2, eps,
-                s_min_sq, DROP_SELF_LOOPS)
+                s_min_sq, f_base, n, d_f, s_fn, s_fd, DROP_SELF_LOOPS, BLOCK_M, BLOCK_N, F_LOOP, EXACT_DISTANCES,
+                PLAP_PRECISION)
             if IEEE_SCORES:
                 ds = a_soft * (tl.dot(do, tl.trans(v), input_precision="ieee") + da - delta[:, None])
                 dv += tl.dot(tl.trans(a_soft), do, input_precision="ieee")
@@ -675,8 +704,8 @@ if triton is not None:
                 dq = tl.dot(ds.to(k.dtype), k)
             tl.atomic_add(DQ + bh * n * head_dim + offs_m[:, None] * head_dim + offs_d[None, :], dq * scale,
                           mask=q_mask)
-            df += tl.dot(tl.trans(omega), du_i, input_precision="ieee")
-            df -= 2.0 * tl.dot(tl.trans(dd), f_i, input_precision="ieee")
+            df += tl.dot(tl.trans(omega), du_i, input_precision=PLAP_PRECISION)
+            df -= 2.0 * tl.dot(tl.trans(dd), f_i, input_precision=PLAP_PRECISION)
             dd_cols += tl.sum(dd, 0)
         df += 2.0 * dd_cols[:, None] * f_j
         kv_rows = bh * n * head_dim + offs_n[:, None] * head_dim + offs_d[None, :]
