@@ -34,6 +34,7 @@ class RunResult:
         trainable / total: parameter counts of the adapted model.
         step_seconds: median wall time of one training step.
         train_seconds: wall time of the whole training run.
+        threads: torch threads the run had (with ``--jobs N`` each parallel run gets ``cores // N``).
     """
 
     label: str
@@ -44,6 +45,7 @@ class RunResult:
     total: int | None = None
     step_seconds: float | None = None
     train_seconds: float | None = None
+    threads: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,7 +9,15 @@ Steps:
 5. print the table and write ``results.md``, ``results.json`` and ``results.png`` (metric vs trainable params).
 
 Default: one seed, the routing kind ``matmul`` only, sizes that fit about ten minutes on two CPU cores
-(including pretraining the base once). ``--full``: every routing kind and three seeds (mean ± std).
+(including pretraining the base once). ``--full``: every routing kind and three seeds (mean ± std), 500-step
+VQA / entailment runs and larger test sets; meant to be run with ``--jobs 2`` (about 75-90 minutes on two
+shared cores).
+
+Every finished run is appended to ``OUT/runs.jsonl`` at once; running the same command again with the same
+``--out`` skips the runs recorded there, so an interrupted ``--full`` run resumes where it stopped
+(:mod:`vlpeft.demo.runlog`). ``--jobs N`` runs N fine-tuning runs side by side in worker processes with
+``cores // N`` torch threads each; on two cores, two single-threaded runs finish more runs per minute than one
+run on two threads, because these tiny models do not scale across threads.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from vlpeft.demo.report import (
     reference_results,
     text_table,
 )
+from vlpeft.demo.runlog import RUNS_FILE, PlanItem, execute_plan, fingerprint, in_plan_order, read_runs
 
 ROUTING_KINDS: tuple[str, ...] = ("mul", "add", "matmul", "matmul_expand")
 DEFAULT_ROUTING: tuple[str, ...] = ("matmul",)
@@ -111,7 +120,9 @@ class DemoSize:
 SIZES: dict[str, DemoSize] = {
     "smoke": DemoSize("tiny", "smoke", 48, 32, 48, 24, 24, 12, 2, 2, 2, 8),
     "default": DemoSize("default", "default", 9000, 6000, 9000, 300, 300, 100, 400, 400, 40, 32),
-    "full": DemoSize("default", "default", 9000, 6000, 15000, 1800, 1500, 600, 1000, 1000, 150, 32),
+    # --full: 3 seeds x every routing kind (117 fine-tuning runs), sized to finish in about 75-90 min with
+    # ``--jobs 2`` on a shared 2-core machine: 25 % more steps than the default and twice its test sets
+    "full": DemoSize("default", "default", 9000, 6000, 9000, 600, 600, 200, 500, 500, 100, 32),
 }
 
 
@@ -218,24 +229,42 @@ def train_one(method: MethodSpec, task: str, seed: int, base_dir: Path, data_roo
                      result.total_params, timer.median(), round(result.wall_time_s, 2))
 
 
-def evaluate_base(base_dir: Path, data_root: Path, size: DemoSize, work_dir: Path) -> list[RunResult]:
-    """The base model without any fine-tuning, evaluated like the fine-tuned ones (reference row)."""
+BASE_LABEL = "base, no fine-tuning"
+TASK_METRICS: dict[str, str] = {"vqa": "vqa_accuracy", "snli_ve": "accuracy", "caption": "CIDEr"}
+
+
+def evaluate_base(task: str, base_dir: Path, data_root: Path, size: DemoSize, work_dir: Path) -> RunResult:
+    """The base model without any fine-tuning on ``task``, evaluated like the fine-tuned ones (reference row)."""
     from vlpeft.training import config_from_dict, evaluate
 
-    rows = []
-    for task in TASKS:
-        config = config_from_dict({
-            "model": {"name": str(base_dir)},
-            "method": {"type": "full"},
-            "task": task_section(task, data_root, size),
-            "eval": {"strategy": "no", "num_beams": 1, "max_new_tokens": 40, "rank_top_k": 4},
-            "optim": {"eval_batch_size": 64},
-            "run": {"output_dir": str(work_dir / f"base-{task}"), "report_to": [], "progress_bar": False},
-        })
-        metrics = evaluate(config, checkpoint=base_dir, split="test")
-        metric = {"vqa": "vqa_accuracy", "snli_ve": "accuracy", "caption": "CIDEr"}[task]
-        rows.append(RunResult("base, no fine-tuning", task, 0, float(metrics[metric])))
-    return rows
+    config = config_from_dict({
+        "model": {"name": str(base_dir)},
+        "method": {"type": "full"},
+        "task": task_section(task, data_root, size),
+        "eval": {"strategy": "no", "num_beams": 1, "max_new_tokens": 40, "rank_top_k": 4},
+        "optim": {"eval_batch_size": 64},
+        "run": {"output_dir": str(work_dir / f"base-{task}"), "report_to": [], "progress_bar": False},
+    })
+    metrics = evaluate(config, checkpoint=base_dir, split="test")
+    return RunResult(BASE_LABEL, task, 0, float(metrics[TASK_METRICS[task]]))
+
+
+def build_plan(specs: Sequence[MethodSpec], tasks: Sequence[str], seeds: Sequence[int], *, base_path: Path,
+               base_digest: str, data_root: Path, synth_settings: dict[str, Any], size: DemoSize, work_dir: Path,
+               progress: bool) -> list[PlanItem]:
+    """The demo's runs: the base's reference evaluation per task, then every (seed, task, method) fine-tuning.
+    Each item's fingerprint covers the settings that decide its result (see :mod:`vlpeft.demo.runlog`)."""
+    common = {"size": dataclasses.asdict(size), "base": base_digest, "benchmark": synth_settings}
+    plan = [PlanItem(fingerprint({"kind": "base", "task": task, **common}), f"{BASE_LABEL} on {task}",
+                     evaluate_base, (task, base_path, data_root, size, work_dir)) for task in tasks]
+    for seed in seeds:
+        for task in tasks:
+            for spec in specs:
+                settings = {"kind": "train", "method": dataclasses.asdict(spec), "task": task, "seed": seed,
+                            "learning_rate": (spec.learning_rate or PEFT_LEARNING_RATE) * size.lr_scale, **common}
+                plan.append(PlanItem(fingerprint(settings), f"{spec.label} on {task} (seed {seed})", train_one,
+                                     (spec, task, seed, base_path, data_root, size, work_dir, progress)))
+    return plan
 
 
 def machine_description() -> str:
@@ -266,6 +295,7 @@ def run_demo(
     tasks: Sequence[str] = TASKS,
     progress: bool = True,
     command: str = "vlpeft demo",
+    jobs: int = 1,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the demo and write ``results.md``, ``results.json`` and ``results.png`` into ``out_dir``.
@@ -274,6 +304,10 @@ def run_demo(
         size_name: a key of :data:`SIZES` or a :class:`DemoSize`.
         methods: labels (or ``method.type`` names) to keep; default every method of :func:`method_specs`.
         tasks: subset of :data:`TASKS`.
+        jobs: runs executed in parallel worker processes (each with ``max(1, cores // jobs)`` torch threads).
+
+    Every finished run is appended to ``out_dir/runs.jsonl``; called again with the same ``out_dir`` and settings
+    it skips the runs found there (see :mod:`vlpeft.demo.runlog`).
 
     Returns the ``results.json`` payload.
     """
@@ -291,6 +325,8 @@ def run_demo(
         raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {list(tasks)}")
     if not seeds:
         raise ValueError("at least one seed is needed")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     specs = method_specs(routing_kinds)
     if methods is not None:
         wanted = set(methods)
@@ -310,16 +346,19 @@ def run_demo(
     setup_seconds = time.perf_counter() - started
 
     work_dir = out / "runs"
-    results: list[RunResult] = [r for r in reference_results(meta["text_only_baselines"]) if r.task in tasks]
-    log("evaluating the base model without fine-tuning ...")
-    results += [r for r in evaluate_base(base_path, data_root, size, work_dir) if r.task in tasks]
-    plan = [(spec, task, seed) for seed in seeds for task in tasks for spec in specs]
-    for number, (spec, task, seed) in enumerate(plan, start=1):
-        log(f"[{number}/{len(plan)}] {spec.label} on {task} (seed {seed})")
-        result = train_one(spec, task, seed, base_path, data_root, size, work_dir, progress)
+    plan = build_plan(specs, tasks, seeds, base_path=base_path, base_digest=base_report["digest"],
+                      data_root=data_root, synth_settings=dataclasses.asdict(synth_config), size=size,
+                      work_dir=work_dir, progress=progress and jobs == 1)
+
+    def report_run(item: PlanItem, result: RunResult) -> None:
         step = f"{result.step_seconds * 1000:.0f} ms/step" if result.step_seconds else "n/a"
-        log(f"    test {result.metric:.3f} | trainable {result.trainable:,} | {step} | {result.train_seconds:.0f} s")
-        results.append(result)
+        trained = f" | trainable {result.trainable:,} | {step} | {result.train_seconds:.0f} s" if result.trainable else ""
+        log(f"    done: {item.title}: test {result.metric:.3f}{trained}")
+
+    reused = len({item.fingerprint for item in plan} & set(read_runs(out / RUNS_FILE)))
+    finished = execute_plan(plan, out / RUNS_FILE, jobs=jobs, log=log, on_result=report_run)
+    results: list[RunResult] = [r for r in reference_results(meta["text_only_baselines"]) if r.task in tasks]
+    results += in_plan_order(plan, finished)
     shutil.rmtree(work_dir, ignore_errors=True)
     total_seconds = time.perf_counter() - started
 
@@ -332,6 +371,11 @@ def run_demo(
         "machine": machine_description(),
         "size": size_name,
         "seeds": list(seeds),
+        "jobs": jobs,
+        "threads_per_run": sorted({r.threads for r in results if r.threads is not None}),
+        "runs_file": str(out / RUNS_FILE),
+        "runs_total": len(plan),
+        "runs_reused": reused,
         "total_seconds": round(total_seconds, 1),
         "setup_seconds": round(setup_seconds, 1),
         "base": {"path": str(base_path), **{k: base_report[k] for k in ("parameters", "train_seconds",
@@ -356,6 +400,12 @@ def results_markdown(payload: dict[str, Any], results: Sequence[RunResult]) -> s
         f"- Machine: {payload['machine']}",
         f"- Total time: {payload['total_seconds'] / 60:.1f} min (data + base: {payload['setup_seconds']:.0f} s)",
         f"- Seeds: {payload['seeds']}",
+        f"- Runs: {payload['runs_total']}"
+        + (f" ({payload['runs_reused']} reused from an earlier, interrupted invocation; the total time is this "
+           "invocation's)" if payload["runs_reused"] else ""),
+        f"- Parallelism: {payload['jobs']} job(s), torch threads per run: {payload['threads_per_run']}"
+        + (" (runs execute side by side, each on its own core(s); step times are per run)"
+           if payload["jobs"] > 1 else ""),
         f"- Base: BLIP pretrained here on procedural captions, {base['parameters']:,} parameters, "
         f"caption CIDEr-D {base['caption_scores']['CIDEr']:.3f} on held-out procedural scenes "
         f"(trained in {base['train_seconds']:.0f} s)",
@@ -386,12 +436,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--data", help="benchmark folder (default: OUT/data; generated when absent)")
     parser.add_argument("--base", help="folder of the pretrained base (default: the user cache)")
     parser.add_argument("--full", action="store_true",
-                        help="every routing kind and 3 seeds on larger splits (for docs/results.md)")
+                        help="every routing kind and 3 seeds, longer runs and larger test sets (for docs/results.md; "
+                             "use with --jobs 2)")
     parser.add_argument("--size", choices=sorted(SIZES), help="data/training size (default: default, or full)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0, or 0 1 2 with --full)")
     parser.add_argument("--routing", nargs="+", choices=ROUTING_KINDS, help="routing kinds to run")
     parser.add_argument("--methods", nargs="+", help="only these methods (labels or method types)")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs in parallel worker processes, each with cores // JOBS torch threads (default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_demo_command)
     return parser
@@ -402,6 +455,6 @@ def run_demo_command(args: argparse.Namespace) -> int:
     seeds = args.seeds or ([0, 1, 2] if args.full else [0])
     routing = args.routing or (list(ROUTING_KINDS) if args.full else list(DEFAULT_ROUTING))
     run_demo(args.out, data_dir=args.data, base_dir=args.base, size_name=size, seeds=seeds, routing_kinds=routing,
-             methods=args.methods, tasks=args.tasks, progress=not args.no_progress,
+             methods=args.methods, tasks=args.tasks, progress=not args.no_progress, jobs=args.jobs,
              command="vlpeft " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "vlpeft demo")
     return 0
