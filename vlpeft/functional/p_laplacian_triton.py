@@ -382,15 +382,17 @@ def _launch_config(head_dim: int, d_f: int, dtype: torch.dtype, backward: bool =
     """Block sizes, warps and the p-Laplacian products' settings of a launch.
 
     ``EXACT_DISTANCES``: squared feature distances channel by channel (exact) instead of the Gram identity;
-    ``PLAP_PRECISION``: precision of the float32 products of the p-Laplacian part ("ieee", or "tf32x3": three
-    TF32 tensor-core products, about float32 accuracy).
+    ``PLAP_PRECISION``: precision of the float32 products of the p-Laplacian part ("ieee": CUDA-core FMA products,
+    or "tf32x3": three TF32 tensor-core products, about float32 accuracy, in the tensor-core layout of the scores).
+    The defaults are the fastest of the sweep in ``benchmarks/bench_fused_p_laplacian.py`` on an H100 (head dim
+    64, d_f 8, n 4096; ``docs/performance.md``): Gram distances, tf32x3, 64-row forward blocks, 32-row backward
+    blocks (larger backward tiles spill registers), 4 warps.
     """
     d_pad = _next_pow2(head_dim)
-    wide = dtype == torch.float32 or d_pad > 64
-    block = 32 if backward or d_pad > 128 or (wide and backward) else 64
+    block = 32 if backward or d_pad > 128 else 64
     return {"D_PAD": d_pad, "F_PAD": _next_pow2(d_f), "BLOCK_M": block, "BLOCK_N": block,
             "num_warps": 4, "num_stages": 2 if backward else 3,
-            "F_LOOP": d_f, "EXACT_DISTANCES": False, "PLAP_PRECISION": "ieee"}
+            "F_LOOP": d_f, "EXACT_DISTANCES": False, "PLAP_PRECISION": "tf32x3"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -422,15 +424,17 @@ if triton is not None:
 
     @triton.jit
     def _tile_softmax(s, row_max, log_sum):
-        """Softmax probabilities of a tile from the row statistics; 0 on rows whose scores are all -inf."""
+        """(A, log A) of a tile from the row statistics; A = 0 on rows whose scores are all -inf."""
         has_mass = row_max > float("-inf")
         shift = tl.where(has_mass, row_max, 0.0)
-        return tl.where(has_mass[:, None], tl.exp((s - shift[:, None]) - log_sum[:, None]), 0.0)
+        log_a = (s - shift[:, None]) - log_sum[:, None]
+        return tl.where(has_mass[:, None], tl.exp(log_a), 0.0), log_a
 
     @triton.jit
-    def _tile_log_weights(a, d2, attended, offs_m, offs_n, half_pm2, eps, s_min_sq,
+    def _tile_log_weights(a, log_a, d2, attended, offs_m, offs_n, half_pm2, eps, s_min_sq,
                           DROP_SELF_LOOPS: tl.constexpr):
-        """(log W, log s^2, s^2, above floor) of a tile from the graph's A and the squared distances D."""
+        """(log W, log s^2, s^2, above floor) of a tile from the graph's A (and log A: the scores minus the row's
+        log-sum-exp, no logarithm taken) and the squared distances D."""
         diag = offs_m[:, None] == offs_n[None, :]
         s2 = tl.maximum((a + eps) * d2, s_min_sq)
         s2 = tl.where(diag, s_min_sq, s2)
@@ -438,7 +442,7 @@ if triton is not None:
         edge = (a > 0.0) & attended[:, None]
         if DROP_SELF_LOOPS:
             edge = edge & (diag == 0)
-        log_w = tl.log(tl.maximum(a, 1.1754943508222875e-38)) + half_pm2 * log_s2
+        log_w = log_a + half_pm2 * log_s2
         log_w = tl.where(edge, log_w, float("-inf"))
         above = (s2 > s_min_sq) & (diag == 0)
         return log_w, log_s2, s2, above
@@ -467,13 +471,13 @@ if triton is not None:
                        PLAP_PRECISION: tl.constexpr):
         """Recompute a tile's softmax and p-Laplacian weights; return (A_softmax, dA^plap, dD, d log W, log s^2,
         omega)."""
-        a_soft = _tile_softmax(s, row_max, log_sum)
+        a_soft, log_a = _tile_softmax(s, row_max, log_sum)
         attended = row_max > -1e30
         a = tl.where(attended[:, None], a_soft, 0.0)
         d2 = _tile_distances(f_i, sq_i, f_j, f_base, offs_m, offs_n, n, d_f, s_fn, s_fd, BLOCK_M, BLOCK_N, F_LOOP,
                              EXACT_DISTANCES, PLAP_PRECISION)
-        log_w, log_s2, s2, above = _tile_log_weights(a, d2, attended, offs_m, offs_n, half_pm2, eps, s_min_sq,
-                                                     DROP_SELF_LOOPS)
+        log_w, log_s2, s2, above = _tile_log_weights(a, log_a, d2, attended, offs_m, offs_n, half_pm2, eps,
+                                                     s_min_sq, DROP_SELF_LOOPS)
         omega = tl.exp(log_w - log_norm[:, None])
         g = tl.dot(du_i, tl.trans(f_j), input_precision=PLAP_PRECISION)
         dlog_w = omega * (g - total_u[:, None])
@@ -553,13 +557,14 @@ if triton is not None:
             kv_mask = (offs_n < n)[:, None] & (offs_d < head_dim)[None, :]
             k = tl.load(K + kv_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kv_mask, other=0.0)
             s = _tile_scores(q, k, bias_base, offs_m, offs_n, n, scale, s_bm, s_bn, HAS_BIAS, CAUSAL, IEEE_SCORES)
-            a = tl.where(attended[:, None], _tile_softmax(s, row_max, log_sum), 0.0)
+            a, log_a = _tile_softmax(s, row_max, log_sum)
+            a = tl.where(attended[:, None], a, 0.0)
             f_j = tl.load(f_base + offs_n[:, None] * s_fn + offs_f[None, :] * s_fd,
                           mask=(offs_n < n)[:, None] & (offs_f < d_f)[None, :], other=0.0)
             d2 = _tile_distances(f_i, sq_i, f_j, f_base, offs_m, offs_n, n, d_f, s_fn, s_fd, BLOCK_M, BLOCK_N,
                                  F_LOOP, EXACT_DISTANCES, PLAP_PRECISION)
-            log_w, log_s2, s2, above = _tile_log_weights(a, d2, attended, offs_m, offs_n, half_pm2, eps, s_min_sq,
-                                                         DROP_SELF_LOOPS)
+            log_w, log_s2, s2, above = _tile_log_weights(a, log_a, d2, attended, offs_m, offs_n, half_pm2, eps,
+                                                         s_min_sq, DROP_SELF_LOOPS)
             new_max = tl.maximum(w_max, tl.max(log_w, 1))
             alpha = tl.exp(w_max - new_max)
             w = tl.exp(log_w - new_max[:, None])

@@ -39,8 +39,10 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 PADAPTER_ATTENTION = "padapter"
 
 __all__ = [
+    "FUSABLE_EAGER_MODULES",
     "PADAPTER_ATTENTION",
     "AttentionCapture",
+    "FusedReleaseRequest",
     "MissingAttentionError",
     "attended_query_rows",
     "cache_layer_side_state",
@@ -57,6 +59,26 @@ class MissingAttentionError(RuntimeError):
 
 
 @dataclass
+class FusedReleaseRequest:
+    """Ask :func:`padapter_attention_forward` for the ``release`` self-graph aggregation computed together with the
+    attention by the fused GPU kernels (:func:`vlpeft.functional.p_laplacian_triton.attention_p_laplacian`), so the
+    (batch, heads, n, n) attention is never materialised.
+
+    Attributes:
+        features: maps the value states (batch, heads, n, head_dim) (repeated to the query heads) to the node
+            features F (batch, heads, n, d_f), float32.
+        p, mu, eps, self_loop, p_bounds: the adapter's coefficients and options (as for ``p_laplacian_aggregate``).
+    """
+
+    features: Callable[[torch.Tensor], torch.Tensor]
+    p: torch.Tensor | float
+    mu: torch.Tensor | float
+    eps: float | None
+    self_loop: str
+    p_bounds: tuple[float, float] | None
+
+
+@dataclass
 class AttentionCapture:
     """Tensors recorded during one forward call of one attention module.
 
@@ -69,6 +91,10 @@ class AttentionCapture:
             ``None``.
         calls: how many attention calls were recorded (an adapted block must see exactly one).
         outputs: outputs of submodules recorded by :func:`hook_module_outputs`, by the names given there.
+        fused: set by the adapted block before its forward to request the fused kernels (see
+            :class:`FusedReleaseRequest`); ``aggregated`` then holds their U (batch, heads, n, d_f) and ``probs``
+            stays ``None``. When the inputs do not allow the kernels, the call falls back to eager attention and
+            ``aggregated`` stays ``None``.
     """
 
     query: torch.Tensor | None = None
@@ -77,9 +103,11 @@ class AttentionCapture:
     mask: torch.Tensor | None = None
     calls: int = 0
     outputs: dict[str, Any] = field(default_factory=dict)
+    fused: FusedReleaseRequest | None = None
+    aggregated: torch.Tensor | None = None
 
     def record(
-        self, query: torch.Tensor, value: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor | None = None
+        self, query: torch.Tensor, value: torch.Tensor, probs: torch.Tensor | None, mask: torch.Tensor | None = None
     ) -> None:
         self.query, self.value, self.probs, self.mask = query, value, probs, mask
         self.calls += 1
@@ -225,6 +253,10 @@ def padapter_attention_forward(
     capture = _active_captures().get(id(module))
     if capture is None:
         return eager(module, query, key, value, attention_mask, **kwargs)
+    if capture.fused is not None:
+        fused = _fused_release_attention(module, query, key, value, attention_mask, capture, kwargs)
+        if fused is not None:
+            return fused
     dropout = float(kwargs.pop("dropout", 0.0) or 0.0)
     attn_output, probs = eager(module, query, key, value, attention_mask, dropout=0.0, **kwargs)
     value_states = repeat_heads(value, probs.shape[1])
@@ -236,6 +268,55 @@ def padapter_attention_forward(
         returned = probs
     capture.record(query, value_states, probs, attention_mask)
     return attn_output, returned
+
+
+# Attention modules whose eager function is exactly softmax(q k^T * scaling + mask) v (no soft-capping, sinks or
+# extra scaling): the fused kernels reproduce them. Keyed by the transformers model module's last name.
+FUSABLE_EAGER_MODULES: frozenset[str] = frozenset({
+    "modeling_llama", "modeling_mistral", "modeling_qwen2", "modeling_qwen3", "modeling_gemma", "modeling_phi3",
+    "modeling_clip", "modeling_siglip",
+})
+
+
+def _fused_release_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    capture: AttentionCapture,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, None] | None:
+    """Attention output and release aggregation by the fused kernels, or ``None`` when they do not apply here
+    (another attention variant, dropout while training, KV-cached queries, a boolean mask, CPU tensors, ...)."""
+    from vlpeft.functional.p_laplacian_triton import attention_p_laplacian, fused_kernel_supported
+
+    if type(module).__module__.rsplit(".", 1)[-1] not in FUSABLE_EAGER_MODULES:
+        return None
+    if float(kwargs.get("dropout", 0.0) or 0.0) > 0.0 and module.training:
+        return None
+    n = query.shape[-2]
+    if key.shape[-2] != n:
+        return None
+    bias = None
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool or attention_mask.dim() != 4:
+            return None
+        bias = attention_mask[..., :n]
+    request = capture.fused
+    value_states = repeat_heads(value, query.shape[1])
+    features = request.features(value_states)
+    if not fused_kernel_supported(query, key, value, features, bias):
+        return None
+    scaling = kwargs.get("scaling", getattr(module, "scaling", None))
+    options = {} if request.eps is None else {"eps": request.eps}
+    out, aggregated = attention_p_laplacian(
+        query, key, value, features, request.p, request.mu, scale=scaling, attn_bias=bias,
+        self_loop=request.self_loop, p_bounds=request.p_bounds, backend="triton", **options,
+    )
+    capture.record(query, value_states, None, attention_mask)
+    capture.aggregated = aggregated
+    return out.transpose(1, 2).contiguous(), None
 
 
 _SIDE_STATE_ATTR = "_vlpeft_side_state"

@@ -40,8 +40,10 @@ from vlpeft.functional import (
     theta_from_p,
 )
 from vlpeft.functional._precision import autocast_disabled
+from vlpeft.functional.p_laplacian_triton import triton_available
 from vlpeft.glue.attention import (
     PADAPTER_ATTENTION,
+    FusedReleaseRequest,
     MissingAttentionError,
     attended_query_rows,
     cache_layer_side_state,
@@ -359,7 +361,8 @@ def _drop_unattended_rows(probs: torch.Tensor, mask: torch.Tensor | None) -> tor
 class _GraphInputs:
     query: torch.Tensor  # (batch, n_q, heads * head_dim)
     value: torch.Tensor  # (batch, n_k, heads * head_dim)
-    probs: torch.Tensor  # (batch, heads, n_q, n_k)
+    probs: torch.Tensor | None  # (batch, heads, n_q, n_k); None when the fused kernels computed ``aggregated``
+    aggregated: torch.Tensor | None = None  # release U (batch, heads, n, d_f) from the fused kernels
 
 
 class PAdapterAttention(nn.Module, PAdapterLayer):
@@ -480,6 +483,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
                     watched[key] = self.base_layer.get_submodule(name)
 
         with capture_attention(attention) as capture:
+            capture.fused = self._fused_request(names)
 
             def adapt(output: torch.Tensor) -> torch.Tensor:
                 inputs = self._graph_inputs(capture, record, cache, output.shape[1])
@@ -507,12 +511,15 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
     ) -> _GraphInputs:
         spec = self.spec
         if spec.capture == "interface":
-            if capture.calls != 1 or capture.probs is None:
+            if capture.calls != 1 or (capture.probs is None and capture.aggregated is None):
                 raise MissingAttentionError(
                     f"{self.module_name}: expected exactly one call of the {PADAPTER_ATTENTION!r} attention function "
                     f"during the block's forward, saw {capture.calls}; the adapter received no attention weights."
                 )
             record["adapted"] = True
+            if capture.aggregated is not None:
+                return _GraphInputs(_heads_to_tokens(capture.query), _heads_to_tokens(capture.value), None,
+                                    capture.aggregated)
             probs = _drop_unattended_rows(capture.probs, capture.mask)
             return _GraphInputs(_heads_to_tokens(capture.query), _heads_to_tokens(capture.value), probs)
         if spec.style == "bert":
@@ -549,6 +556,35 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         record["adapted"] = True
         return _GraphInputs(query, value, _drop_unattended_rows(probs, record.get("mask")))
 
+    def _fused_request(self, names: list[str]) -> FusedReleaseRequest | None:
+        """Request the fused GPU kernels for a single active ``release`` self-graph adapter on a CUDA model with
+        Triton (the attention function then decides whether the call's inputs allow them)."""
+        if self.spec.capture != "interface" or len(names) != 1 or not triton_available():
+            return None
+        name = names[0]
+        settings = self.padapter_settings[name]
+        if settings.variant != "release" or settings.graph != "self":
+            return None
+        heads = self.num_heads
+
+        def features(value_states: torch.Tensor) -> torch.Tensor:
+            with autocast_disabled(value_states.device.type):
+                fold_weight, fold_bias = self._release_fold(name)
+                nodes = F.linear(_heads_to_tokens(value_states).float(), fold_weight, fold_bias)
+            return _tokens_to_heads(nodes, heads)
+
+        return FusedReleaseRequest(features, self.p_value(name), self.mu_value(name), None, settings.self_loop,
+                                   settings.p_bounds)
+
+    def _release_fold(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """§3.1 step 7: the frozen W_O folded into W_down, F = Z (W_O W_down) + (b_O W_down + b_down), float32."""
+        out_weight, out_bias = _projection_weights(_submodule(self.base_layer, self.spec.out_proj))
+        down = self.padapter_down[name]
+        weight = down.weight.float()
+        fold_weight = weight @ out_weight.float()
+        fold_bias = down.bias.float() if out_bias is None else down.bias.float() + weight @ out_bias.float()
+        return fold_weight, fold_bias
+
     def _layer_idx(self) -> int:
         attention = _submodule(self.base_layer, self.spec.attention)
         idx = getattr(attention, "layer_idx", None)
@@ -582,11 +618,13 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             b_o = None if out_bias is None else out_bias.float()
             query = inputs.query.float()
             value = inputs.value.float()
-            probs = inputs.probs.float()
+            probs = None if inputs.probs is None else inputs.probs.float()
             for name in names:
                 settings = self.padapter_settings[name]
-                if settings.variant == "release":
-                    branch = self._release_branch(name, settings, o32, query, value, probs, w_o, b_o)
+                if inputs.aggregated is not None:  # the fused kernels computed U (single release adapter)
+                    branch = self._release_output(name, o32, _heads_to_tokens(inputs.aggregated))
+                elif settings.variant == "release":
+                    branch = self._release_branch(name, settings, o32, query, value, probs)
                 else:
                     branch = self._paper_branch(name, settings, o32, query, value, probs, w_o, b_o, cache)
                 delta = branch if delta is None else delta + branch
@@ -600,14 +638,9 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         query: torch.Tensor,
         value: torch.Tensor,
         probs: torch.Tensor,
-        w_o: torch.Tensor,
-        b_o: torch.Tensor | None,
     ) -> torch.Tensor:
         """y - o = W_up(GELU(W_gate o + b_gate) ⊙ U) + b_up with U from the release graph (§2.4, §3.1)."""
-        down = self.padapter_down[name]
-        # §3.1 step 7: fold the frozen W_O into W_down, F = Z (W_O W_down) + (b_O W_down + b_down).
-        fold_weight = down.weight.float() @ w_o
-        fold_bias = down.bias.float() if b_o is None else down.bias.float() + down.weight.float() @ b_o
+        fold_weight, fold_bias = self._release_fold(name)
         heads = probs.shape[1]
         n_q = probs.shape[-2]
         if settings.graph == "self":
@@ -635,7 +668,10 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             chunk_size=settings.chunk_size,
             **options,
         )
-        u = _heads_to_tokens(aggregated)
+        return self._release_output(name, o, _heads_to_tokens(aggregated))
+
+    def _release_output(self, name: str, o: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """W_up(GELU(W_gate o + b_gate) ⊙ U) + b_up for U (batch, n, r), float32."""
         gate = self.padapter_gate[name]
         hidden = F.gelu(F.linear(o, gate.weight.float(), gate.bias.float())) * u
         hidden = self.padapter_dropout[name](hidden)
