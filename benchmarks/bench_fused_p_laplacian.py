@@ -19,7 +19,6 @@ Usage: ``python benchmarks/bench_fused_p_laplacian.py --out DIR`` (writes ``fuse
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -125,23 +124,34 @@ def check_agreement(n: int, args) -> dict[str, float]:
             for name, a, b in zip(names, got, want, strict=True)}
 
 
+SWEEP: tuple[tuple[str, dict, dict], ...] = (
+    ("default", {}, {}),
+    ("ieee products", {"PLAP_PRECISION": "ieee"}, {"PLAP_PRECISION": "ieee"}),
+    ("exact distances", {"EXACT_DISTANCES": True}, {"EXACT_DISTANCES": True}),
+    ("bwd 64x32", {}, {"BLOCK_M": 64, "BLOCK_N": 32}),
+    ("bwd 32x64", {}, {"BLOCK_M": 32, "BLOCK_N": 64}),
+    ("bwd 1 stage", {}, {"num_stages": 1}),
+    ("bwd 3 stages", {}, {"num_stages": 3}),
+    ("bwd 8 warps", {}, {"num_warps": 8}),
+    ("fwd 128x64 8 warps", {"BLOCK_M": 128, "num_warps": 8}, {}),
+    ("fwd 64x32", {"BLOCK_N": 32}, {}),
+    ("fwd 2 stages", {"num_stages": 2}, {}),
+)
+"""Launch settings tried by :func:`sweep_configs`: (name, forward overrides, backward overrides)."""
+
+
 def sweep_configs(n: int, args) -> list[dict]:
-    """Fused forward+backward and forward-only time over launch settings: distances exact (channel by channel) or
-    by the Gram identity, the precision of the float32 p-Laplacian products, backward block size, warps."""
+    """Fused forward+backward and forward-only time for the launch settings of :data:`SWEEP` (each a change of
+    the defaults of ``_launch_config``)."""
     x = make_inputs(n, args.batch, args.heads, args.head_dim, args.d_f, getattr(torch, args.dtype))
     original = fused_module._launch_config
     rows = []
     try:
-        grid = [(*settings, 32, 4) for settings in itertools.product((False, True), ("ieee", "tf32x3"))]
-        grid += [(True, "tf32x3", 64, 4), (True, "tf32x3", 32, 8), (True, "tf32x3", 64, 8), (False, "tf32x3", 64, 8)]
-        for exact, precision, bwd_block, warps in grid:
-            def config(head_dim, d_f, dtype, backward=False, e=exact, pr=precision, bb=bwd_block, w=warps):
-                settings = original(head_dim, d_f, dtype, backward)
-                block = bb if backward else settings["BLOCK_M"]
-                return settings | {"BLOCK_M": block, "BLOCK_N": block, "num_warps": w, "EXACT_DISTANCES": e,
-                                   "PLAP_PRECISION": pr}
+        for name, forward_changes, backward_changes in SWEEP:
+            def config(head_dim, d_f, dtype, backward=False, fw=forward_changes, bw=backward_changes):
+                return original(head_dim, d_f, dtype, backward) | (bw if backward else fw)
             fused_module._launch_config = config
-            row = {"exact_distances": exact, "precision": precision, "backward_block": bwd_block, "num_warps": warps}
+            row = {"name": name, "forward": forward_changes, "backward": backward_changes}
             try:
                 row["ms"] = statistics.median(timed(lambda: step("fused", x), 2, args.repeats))
                 row["fwd_ms"] = statistics.median(timed(forward_only("fused", x), 2, args.repeats))
