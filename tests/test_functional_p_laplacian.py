@@ -748,3 +748,87 @@ def test_causal_key_truncation_equals_one_block(variant, graph, options):
         torch.testing.assert_close(got, expected, rtol=1e-11, atol=1e-12)
     if variant == "release" and graph == "self" and not options:
         assert_close_rel(results[0][0], naive_release_self(x, attn, 1.3, 0.2), 1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention recomputed in the backward pass (release, chunked, attention without gradient)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _saved_pairwise(fn, n_q, n_k):
+    """Run ``fn`` and return how many tensors autograd saved whose last two dims are (n_q, n_k)."""
+    count = 0
+
+    def pack(tensor):
+        nonlocal count
+        count += int(tensor.dim() >= 2 and tuple(tensor.shape[-2:]) == (n_q, n_k))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    return out, count
+
+
+@pytest.mark.parametrize("self_loop", ["release", "drop"])
+def test_release_recompute_attention_equals_kept_attention(self_loop):
+    n, chunk = 11, 4
+    attn = make_attention(2, 3, n, n, causal=True, zero_rows=(5,))  # needs no gradient
+    x = make_features(2, 3, n, 4)
+    calls = []
+
+    def recompute(rows):
+        calls.append(rows)
+        return attn[..., rows, :].clone()
+
+    grads = {}
+    for use in (False, True):
+        leaves = [_leaf(x), _leaf(torch.tensor(1.4, dtype=torch.float64)), _leaf(torch.tensor(0.3, dtype=torch.float64))]
+        options = {"recompute_attention": recompute} if use else {}
+
+        def run(leaves=leaves, options=options):
+            return p_laplacian_aggregate(leaves[0], leaves[0], attn, leaves[1], leaves[2], variant="release",
+                                         graph="self", self_loop=self_loop, chunk_size=chunk, **options)
+
+        out, saved = _saved_pairwise(run, n, n)
+        assert saved == (0 if use else 1)  # the attention is no longer kept for the backward pass
+        (out * make_features(2, 3, n, 4, seed=7)).sum().backward()
+        grads[use] = (out.detach(), *(leaf.grad for leaf in leaves))
+    assert len(calls) == 3 and [c.start for c in calls] == [0, 4, 8]  # backward only, one call per block
+    for kept, rebuilt in zip(grads[False], grads[True]):
+        assert torch.equal(kept, rebuilt)
+
+
+def test_release_recompute_attention_unused_without_chunks_or_with_attention_gradient():
+    n = 9
+    x = _leaf(make_features(1, 2, n, 4))
+    calls = []
+
+    def recompute(rows):
+        calls.append(rows)
+        return attn[..., rows, :].detach()
+
+    attn = _leaf(make_attention(1, 2, n, n, causal=True))
+    out = p_laplacian_aggregate(x, x, attn, 1.5, 0.2, variant="release", graph="self", chunk_size=3,
+                                recompute_attention=recompute)
+    out.sum().backward()
+    assert attn.grad is not None and not calls  # the attention has a gradient: it is kept
+    attn = attn.detach()
+    out = p_laplacian_aggregate(x, x, attn, 1.5, 0.2, variant="release", graph="self", recompute_attention=recompute)
+    out.sum().backward()
+    assert not calls  # no chunk_size: the unchunked block keeps the attention
+
+
+def test_recompute_attention_rejects_bad_use():
+    x = make_features(1, 1, 5, 3)
+    attn = make_attention(1, 1, 5, 5)
+    with pytest.raises(ValueError, match="variant='release' only"):
+        p_laplacian_aggregate(x, x, attn, 1.5, 0.2, variant="paper", chunk_size=2,
+                              recompute_attention=lambda rows: attn[..., rows, :])
+    with pytest.raises(TypeError, match="recompute_attention must be a callable"):
+        p_laplacian_aggregate(x, x, attn, 1.5, 0.2, variant="release", graph="self", chunk_size=2,
+                              recompute_attention=attn)
+    leaf = _leaf(x)
+    out = p_laplacian_aggregate(leaf, leaf, attn, 1.5, 0.2, variant="release", graph="self", chunk_size=2,
+                                recompute_attention=lambda rows: attn[..., :1, :])
+    with pytest.raises(ValueError, match=r"must return the attention rows \(batch, heads, 2, n_k\)"):
+        out.sum().backward()

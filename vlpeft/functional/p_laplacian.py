@@ -75,6 +75,7 @@ def p_laplacian_aggregate(
     past_column_degrees: Tensor | None = None,
     chunk_size: int | None = None,
     attn_head_mean: bool = False,
+    recompute_attention: Callable[[slice], Tensor] | None = None,
 ) -> Tensor:
     """Aggregate node features with one p-Laplacian step on the attention graph.
 
@@ -111,6 +112,13 @@ def p_laplacian_aggregate(
             kept for the backward pass (the per-head attention is kept by the attention's own backward anyway; when
             ``attn`` needs no gradient the mean is taken up front and kept instead, 1 / heads of its size).
             x_q / x_kv / the result then have heads = 1 (or broadcast to it).
+        recompute_attention: ``release`` only, used only with ``chunk_size`` and only when ``attn`` needs no gradient
+            (e.g. the first adapted layer of a frozen model, whose attention nothing else keeps for the backward
+            pass): a callable mapping a slice of query rows to exactly ``attn[..., rows, :]`` (batch, heads, rows,
+            n_k), e.g. the attention's own computation re-run on those query rows. The backward pass then rebuilds
+            each block of rows from it instead of keeping ``attn`` alive between the passes, so the memory kept for
+            the backward pass is O(batch * heads * n_q * d) and the working memory O(batch * heads * chunk_size * n_k).
+            If the recomputation differs from ``attn`` by float rounding, the gradient follows that difference.
 
     Returns:
         (batch, heads, n_q, d) in the promoted dtype of x_q and x_kv. Computed in float32 (float64 if any
@@ -130,6 +138,15 @@ def p_laplacian_aggregate(
     if attn_head_mean and variant != "paper":
         raise ValueError(f"attn_head_mean=True applies to variant='paper' only, got variant={variant!r}")
     options["head_mean"] = bool(attn_head_mean)
+    if recompute_attention is not None:
+        if variant != "release":
+            raise ValueError(f"recompute_attention applies to variant='release' only, got variant={variant!r}")
+        if not callable(recompute_attention):
+            raise TypeError(f"recompute_attention must be a callable (rows: slice) -> Tensor or None, got "
+                            f"{type(recompute_attention).__name__}")
+    # Only where it saves memory: chunked, and nothing else keeps the attention for a gradient of its own.
+    options["recompute"] = (recompute_attention if chunk_size is not None
+                            and not (torch.is_grad_enabled() and attn.requires_grad) else None)
     n_q, n_k, lead = _check_shapes(x_q, x_kv, attn[:, :1] if attn_head_mean and attn.dim() == 4 else attn)
     if options["graph"] == "self":
         options["query_offset"] = _resolve_query_offset(query_offset, n_q, n_k)
@@ -577,7 +594,8 @@ class _ReleaseAggregate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, eps: float,
-                self_graph: bool, drop_self_loops: bool, query_offset: int, chunk_size: int | None) -> Tensor:
+                self_graph: bool, drop_self_loops: bool, query_offset: int, chunk_size: int | None,
+                recompute: Callable[[slice], Tensor] | None) -> Tensor:
         centre = x_kv.mean(dim=-2, keepdim=True)
         xk_c = x_kv - centre
         sq_k = (xk_c * xk_c).sum(dim=-1).unsqueeze(-2)
@@ -608,9 +626,12 @@ class _ReleaseAggregate(torch.autograd.Function):
             aggregates.append(aggregated)
             normalisers.append(log_norm)
         # The aggregate sum_j omega_qj x_j (rows x d) gives the backward's row totals without an (n_q, n_k) product.
-        ctx.save_for_backward(x_q, x_kv, attn, p, mu, _concat_rows(normalisers), _concat_rows(aggregates))
+        # With ``recompute`` (attn needs no gradient) the backward rebuilds the attention rows block by block.
+        ctx.save_for_backward(x_q, x_kv, attn if recompute is None else None, p, mu, _concat_rows(normalisers),
+                              _concat_rows(aggregates))
         ctx.settings = settings
         ctx.plan = plan
+        ctx.recompute = recompute
         return _concat_rows(outputs)
 
     @staticmethod
@@ -627,13 +648,14 @@ class _ReleaseAggregate(torch.autograd.Function):
             sq_k = (xk_c * xk_c).sum(dim=-1).unsqueeze(-2)
             log_c = torch.log(2.0 * mu / p)
             half_pm2 = 0.5 * (p - 2.0)
-            tiny = torch.finfo(attn.dtype).tiny
+            tiny = torch.finfo(x_q.dtype).tiny
             grad_xq_rows, grad_p_rows, grad_log_c_rows = [], [], []
             whole = len(plan) == 1 and plan[0][1] == n_k
             grad_attn = torch.empty_like(attn) if needs[2] and not whole else None
             grad_xk = None
             for rows, n_keys in plan:
-                attn_rows = attn[..., rows, :n_keys]
+                attn_rows = attn[..., rows, :n_keys] if attn is not None else _recomputed_rows(ctx.recompute, rows,
+                                                                                                n_keys, x_q)
                 xk_rows, xkv_rows = xk_c[..., :n_keys, :], x_kv[..., :n_keys, :]
                 xq_c = x_q[..., rows, :] - centre
                 scaled, dist_sq = _release_scaled(xq_c, xk_rows, sq_k[..., :n_keys], attn_rows, rows, ctx.settings)
@@ -695,7 +717,7 @@ class _ReleaseAggregate(torch.autograd.Function):
                 grad_attn,
                 grad_p,
                 grad_mu,
-                None, None, None, None, None,
+                None, None, None, None, None, None,
             )
 
 
@@ -889,8 +911,20 @@ def _run_release(x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor,
     self_graph = options["graph"] == "self"
     return _ReleaseAggregate.apply(
         x_q, x_kv, attn, p, mu, options["eps"], self_graph, self_graph and options["self_loop"] == "drop",
-        options["query_offset"] if self_graph else 0, options["chunk_size"],
+        options["query_offset"] if self_graph else 0, options["chunk_size"], options["recompute"],
     )
+
+
+def _recomputed_rows(recompute: Callable[[slice], Tensor], rows: slice, n_keys: int, like: Tensor) -> Tensor:
+    """``attn[..., rows, :n_keys]`` rebuilt by a ``recompute_attention`` callable, in the dtype of ``like``."""
+    with torch.no_grad():
+        block = recompute(rows)
+    n_rows = rows.stop - rows.start
+    if not isinstance(block, Tensor) or block.dim() != 4 or block.shape[-2] != n_rows or block.shape[-1] < n_keys:
+        shape = tuple(block.shape) if isinstance(block, Tensor) else type(block).__name__
+        raise ValueError(f"recompute_attention({rows}) must return the attention rows (batch, heads, {n_rows}, n_k), "
+                         f"got {shape}")
+    return block[..., :n_keys].to(like.dtype)
 
 
 def _pad_past(past: Tensor, n_k: int) -> Tensor:

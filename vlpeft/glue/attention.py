@@ -95,6 +95,12 @@ class AttentionCapture:
             :class:`FusedReleaseRequest`); ``aggregated`` then holds their U (batch, heads, n, d_f) and ``probs``
             stays ``None``. When the inputs do not allow the kernels, the call falls back to eager attention and
             ``aggregated`` stays ``None``.
+        recompute_wanted: set by the adapted block before its forward when it can use ``recompute_probs``.
+        recompute_probs: for interface models, when ``recompute_wanted`` and ``probs`` needs no gradient, a callable mapping a slice of query rows to ``probs[..., rows, :]``
+            (batch, heads, rows, n_k), recomputed by the model's eager attention on those rows (same mask, scaling
+            and soft-capping); it keeps the query/key tensors and a compact copy of the mask alive, not the
+            (n_q, n_k) attention. Used by chunked p-adapter blocks to rebuild attention rows in the backward pass
+            when nothing else keeps the attention (see :func:`recompute_attention_rows`).
     """
 
     query: torch.Tensor | None = None
@@ -105,6 +111,8 @@ class AttentionCapture:
     outputs: dict[str, Any] = field(default_factory=dict)
     fused: FusedReleaseRequest | None = None
     aggregated: torch.Tensor | None = None
+    recompute_wanted: bool = False
+    recompute_probs: Callable[[slice], torch.Tensor] | None = None
 
     def record(
         self, query: torch.Tensor, value: torch.Tensor, probs: torch.Tensor | None, mask: torch.Tensor | None = None
@@ -267,7 +275,54 @@ def padapter_attention_forward(
     else:
         returned = probs
     capture.record(query, value_states, probs, attention_mask)
+    if capture.recompute_wanted and not (torch.is_grad_enabled() and probs.requires_grad):
+        capture.recompute_probs = recompute_attention_rows(eager, module, query, key, value, attention_mask, kwargs)
     return attn_output, returned
+
+
+def recompute_attention_rows(
+    eager: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    kwargs: dict[str, Any],
+) -> Callable[[slice], torch.Tensor]:
+    """A callable ``rows -> probs[..., rows, :]`` re-running the eager attention on a block of query rows.
+
+    Args:
+        eager: the model's eager attention function; module, query (batch, heads, n_q, head_dim), key/value
+            (batch, kv_heads, n_k, head_dim), attention_mask and kwargs: what it was called with (dropout is forced
+            to 0: the probabilities are the pre-dropout ones).
+
+    An additive mask holding only 0 and the dtype's minimum (causal and padding masks) is kept as a boolean
+    (1/4 of its size) and rebuilt exactly per block (s + min rounds to min for any finite score s); other masks
+    are kept as they are.
+    """
+    options = {k: v for k, v in kwargs.items() if k != "dropout"}
+    mask = attention_mask
+    allowed = None
+    if mask is not None and mask.dtype != torch.bool and mask.is_floating_point():
+        lowest = torch.finfo(mask.dtype).min
+        is_zero = mask == 0
+        if bool((is_zero | (mask == lowest)).all()):
+            allowed, mask = is_zero, None
+        del is_zero
+
+    def rows_of(rows: slice) -> torch.Tensor:
+        if allowed is not None:
+            block = allowed[..., rows, :] if allowed.shape[-2] != 1 else allowed
+            mask_rows = torch.zeros(block.shape, dtype=attention_dtype, device=block.device).masked_fill_(
+                ~block, torch.finfo(attention_dtype).min)
+        elif mask is not None:
+            mask_rows = mask[..., rows, :] if mask.shape[-2] != 1 else mask
+        else:
+            mask_rows = None
+        return eager(module, query[..., rows, :], key, value, mask_rows, dropout=0.0, **options)[1]
+
+    attention_dtype = attention_mask.dtype if attention_mask is not None else query.dtype
+    return rows_of
 
 
 # Attention modules whose eager function is exactly softmax(q k^T * scaling + mask) v (no soft-capping, sinks or

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -363,6 +364,20 @@ class _GraphInputs:
     value: torch.Tensor  # (batch, n_k, heads * head_dim)
     probs: torch.Tensor | None  # (batch, heads, n_q, n_k); None when the fused kernels computed ``aggregated``
     aggregated: torch.Tensor | None = None  # release U (batch, heads, n, d_f) from the fused kernels
+    # rows -> probs[..., rows, :], when the attention function can recompute the attention (see AttentionCapture)
+    recompute: Callable[[slice], torch.Tensor] | None = None
+
+
+def _masked_rows(recompute: Callable[[slice], torch.Tensor], attended: torch.Tensor
+                 ) -> Callable[[slice], torch.Tensor]:
+    """``recompute`` with the unattended query rows zeroed as :func:`_drop_unattended_rows` does; ``attended``
+    (batch or 1, 1 or heads, n_q, 1) boolean."""
+
+    def rows_of(rows: slice) -> torch.Tensor:
+        block = recompute(rows)
+        return block * attended[..., rows, :].to(block.dtype)
+
+    return rows_of
 
 
 class PAdapterAttention(nn.Module, PAdapterLayer):
@@ -484,6 +499,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
 
         with capture_attention(attention) as capture:
             capture.fused = self._fused_request(names)
+            capture.recompute_wanted = self._wants_recomputed_attention(names)
 
             def adapt(output: torch.Tensor) -> torch.Tensor:
                 inputs = self._graph_inputs(capture, record, cache, output.shape[1])
@@ -521,7 +537,11 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
                 return _GraphInputs(_heads_to_tokens(capture.query), _heads_to_tokens(capture.value), None,
                                     capture.aggregated)
             probs = _drop_unattended_rows(capture.probs, capture.mask)
-            return _GraphInputs(_heads_to_tokens(capture.query), _heads_to_tokens(capture.value), probs)
+            recompute = capture.recompute_probs
+            if recompute is not None and probs is not capture.probs:
+                recompute = _masked_rows(recompute, attended_query_rows(capture.mask, *probs.shape[-2:]))
+            return _GraphInputs(_heads_to_tokens(capture.query), _heads_to_tokens(capture.value), probs,
+                                recompute=recompute)
         if spec.style == "bert":
             inner_out = record.get("attention")
             probs = inner_out[1] if isinstance(inner_out, tuple) and len(inner_out) > 1 else None
@@ -555,6 +575,14 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             )
         record["adapted"] = True
         return _GraphInputs(query, value, _drop_unattended_rows(probs, record.get("mask")))
+
+    def _wants_recomputed_attention(self, names: list[str]) -> bool:
+        """Whether a chunked ``release`` self-graph adapter is active: its block can rebuild the attention rows in
+        the backward pass instead of keeping the attention (when nothing else keeps it, see
+        ``p_laplacian_aggregate(recompute_attention=...)``)."""
+        return self.spec.capture == "interface" and any(
+            self.padapter_settings[name].variant == "release" and self.padapter_settings[name].graph == "self"
+            and self.padapter_settings[name].chunk_size is not None for name in names)
 
     def _fused_request(self, names: list[str]) -> FusedReleaseRequest | None:
         """Request the fused GPU kernels for a single active ``release`` self-graph adapter on a CUDA model with
@@ -624,7 +652,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
                 if inputs.aggregated is not None:  # the fused kernels computed U (single release adapter)
                     branch = self._release_output(name, o32, _heads_to_tokens(inputs.aggregated))
                 elif settings.variant == "release":
-                    branch = self._release_branch(name, settings, o32, query, value, probs)
+                    branch = self._release_branch(name, settings, o32, query, value, probs, inputs.recompute)
                 else:
                     branch = self._paper_branch(name, settings, o32, query, value, probs, w_o, b_o, cache)
                 delta = branch if delta is None else delta + branch
@@ -638,8 +666,13 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         query: torch.Tensor,
         value: torch.Tensor,
         probs: torch.Tensor,
+        recompute: Callable[[slice], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """y - o = W_up(GELU(W_gate o + b_gate) ⊙ U) + b_up with U from the release graph (§2.4, §3.1)."""
+        """y - o = W_up(GELU(W_gate o + b_gate) ⊙ U) + b_up with U from the release graph (§2.4, §3.1).
+
+        ``recompute`` (rows -> probs[..., rows, :]) lets a chunked self-graph block rebuild the attention rows in the
+        backward pass instead of keeping ``probs`` (the kernel uses it only when ``probs`` needs no gradient).
+        """
         fold_weight, fold_bias = self._release_fold(name)
         heads = probs.shape[1]
         n_q = probs.shape[-2]
@@ -649,6 +682,8 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             query_features = key_features[:, :, key_features.shape[2] - n_q :]
             attn = probs
             options = {"self_loop": settings.self_loop}
+            if recompute is not None and settings.chunk_size is not None:
+                options["recompute_attention"] = recompute
         else:
             keys, attn = value, probs
             if settings.key_pool_size is not None:
