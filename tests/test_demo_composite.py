@@ -88,8 +88,8 @@ def test_settings_are_checked(tmp_path):
         run_demo(tmp_path, setting="clip")
     with pytest.raises(ValueError, match="composite setting only"):
         run_demo(tmp_path, text_model="somewhere")
-    with pytest.raises(ValueError, match="unknown demo size 'full' for the composite setting"):
-        run_demo(tmp_path, setting="composite", size_name="full")
+    with pytest.raises(ValueError, match="unknown demo size 'huge' for the composite setting"):
+        run_demo(tmp_path, setting="composite", size_name="huge")
     with pytest.raises(ValueError, match="unknown routing kinds"):
         composite.composite_specs(["sum"])
 
