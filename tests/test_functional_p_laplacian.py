@@ -729,7 +729,7 @@ def test_causal_key_truncation_equals_one_block(variant, graph, options):
     skip the keys right of their last edge; values and every gradient equal the single full block's."""
     import vlpeft.functional.p_laplacian as kernel
 
-    n = kernel._AUTO_BLOCK_ROWS + 37
+    n = 2 * kernel._AUTO_BLOCK_ROWS + 37  # two blocks of about _AUTO_BLOCK_ROWS rows
     heads = 2
     x = make_features(1, 1 if variant == "paper" else heads, n, 3, seed=11)
     x_q = x if graph == "self" else make_features(1, x.shape[1], n, 3, seed=12)
@@ -832,3 +832,11 @@ def test_recompute_attention_rejects_bad_use():
                                 recompute_attention=lambda rows: attn[..., :1, :])
     with pytest.raises(ValueError, match=r"must return the attention rows \(batch, heads, 2, n_k\)"):
         out.sum().backward()
+
+
+def test_automatic_row_blocks_are_even():
+    import vlpeft.functional.p_laplacian as kernel
+
+    blocks = kernel._even_row_slices(643, 128)
+    assert [(b.start, b.stop) for b in blocks] == [(0, 129), (129, 258), (258, 387), (387, 516), (516, 643)]
+    assert kernel._even_row_slices(100, 128) == [slice(0, 100)]

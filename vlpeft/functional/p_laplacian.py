@@ -524,9 +524,9 @@ def _key_extents(attn: Tensor, slices: list[slice]) -> list[int]:
 def _block_plan(attn: Tensor, n_q: int, chunk_size: int | None) -> list[tuple[slice, int]]:
     """Blocks of query rows with the number of leading key columns each needs (see :func:`_key_extents`).
 
-    With ``chunk_size`` the blocks are its row blocks. Without, the rows are split into blocks of
-    :data:`_AUTO_BLOCK_ROWS` only when that skips enough pairs (a causal attention skips about half); otherwise
-    one block of all rows.
+    With ``chunk_size`` the blocks are its row blocks. Without, the rows are split into equal blocks of about
+    :data:`_AUTO_BLOCK_ROWS` (see :func:`_even_row_slices`) only when that skips enough pairs (a causal attention
+    skips about half); otherwise one block of all rows.
     """
     n_k = attn.shape[-1]
     if n_q == 0:
@@ -534,7 +534,7 @@ def _block_plan(attn: Tensor, n_q: int, chunk_size: int | None) -> list[tuple[sl
     if chunk_size is not None:
         slices = _row_slices(n_q, chunk_size)
         return list(zip(slices, _key_extents(attn, slices)))
-    slices = _row_slices(n_q, _AUTO_BLOCK_ROWS)
+    slices = _even_row_slices(n_q, _AUTO_BLOCK_ROWS)
     extents = _key_extents(attn, slices)
     pairs = sum((rows.stop - rows.start) * keys for rows, keys in zip(slices, extents))
     if len(slices) > 1 and pairs <= (1.0 - _AUTO_BLOCK_MIN_SAVING) * n_q * n_k:
@@ -742,6 +742,14 @@ def _row_slices(n_q: int, chunk_size: int | None) -> list[slice]:
     if chunk_size is None or n_q <= chunk_size:
         return [slice(0, n_q)]
     return [slice(start, min(start + chunk_size, n_q)) for start in range(0, n_q, chunk_size)]
+
+
+def _even_row_slices(n_q: int, target: int) -> list[slice]:
+    """round(n_q / target) blocks of (nearly) equal size, e.g. 643 rows -> 5 blocks of 129/128 rows instead of 5 x 128
+    + 3: each block costs a fixed Python/dispatch overhead (dozens of small ops), so a small last block is waste."""
+    blocks = max(1, round(n_q / target))
+    size = -(-n_q // blocks)
+    return [slice(start, min(start + size, n_q)) for start in range(0, n_q, size)]
 
 
 class _PaperBlock:
