@@ -384,13 +384,14 @@ def _launch_config(head_dim: int, d_f: int, dtype: torch.dtype, backward: bool =
     ``EXACT_DISTANCES``: squared feature distances channel by channel (exact) instead of the Gram identity;
     ``PLAP_PRECISION``: precision of the float32 products of the p-Laplacian part ("ieee": CUDA-core FMA products,
     or "tf32x3": three TF32 tensor-core products, about float32 accuracy, in the tensor-core layout of the scores).
-    The defaults are the fastest of the sweep in ``benchmarks/bench_fused_p_laplacian.py`` on an H100 (head dim
-    64, d_f 8, n 4096; ``docs/performance.md``): Gram distances, tf32x3, 64-row forward blocks, 32-row backward
-    blocks (larger backward tiles spill registers), 4 warps.
+    The defaults are the fastest of the sweeps in ``benchmarks/bench_fused_p_laplacian.py`` on an H100 (head dim
+    64, d_f 8, n 4096; ``docs/performance.md``): Gram distances, tf32x3, 64 x 64 forward tiles, 64 queries x 32
+    keys backward tiles (64 x 64 backward tiles spill registers), 4 warps.
     """
     d_pad = _next_pow2(head_dim)
-    block = 32 if backward or d_pad > 128 else 64
-    return {"D_PAD": d_pad, "F_PAD": _next_pow2(d_f), "BLOCK_M": block, "BLOCK_N": block,
+    block_m = 32 if d_pad > 128 else 64
+    block_n = 32 if backward or d_pad > 128 else 64
+    return {"D_PAD": d_pad, "F_PAD": _next_pow2(d_f), "BLOCK_M": block_m, "BLOCK_N": block_n,
             "num_warps": 4, "num_stages": 2 if backward else 3,
             "F_LOOP": d_f, "EXACT_DISTANCES": False, "PLAP_PRECISION": "tf32x3"}
 
