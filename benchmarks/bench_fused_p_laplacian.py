@@ -164,15 +164,21 @@ def sweep_configs(n: int, args) -> list[dict]:
     return rows
 
 
-def profile_kernels(n: int, args) -> str:
-    """torch.profiler table of the fused step's GPU kernels at one n."""
+def profile_kernels(n: int, args, host: bool = False) -> str:
+    """torch.profiler table of the fused step at one n: its GPU kernels, or (``host``) the host-side operations
+    sorted by their own CPU time."""
     x = make_inputs(n, args.batch, args.heads, args.head_dim, args.d_f, getattr(torch, args.dtype))
     step("fused", x)
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step("fused", x)
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    if host:
+        activities.append(torch.profiler.ProfilerActivity.CPU)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3 if host else 1):
+            step("fused", x)
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+    sort = "self_cpu_time_total" if host else "cuda_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=25 if host else 12)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eager-max-n", type=int, default=8192, help="skip eager+torch above this n")
     parser.add_argument("--sweep-n", type=int, default=4096, help="n of the launch-configuration sweep (0: none)")
     parser.add_argument("--sweep-only", action="store_true", help="stop after the profile and the sweep")
+    parser.add_argument("--host-profile", type=int, default=0, help="also profile host-side time at this n")
     args = parser.parse_args(argv)
     if not fused_module.triton_available() or not torch.cuda.is_available():
         print("needs a CUDA GPU and Triton", file=sys.stderr)
@@ -198,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     agreement = check_agreement(min(args.lengths), args)
     print("fused vs eager+torch at n =", min(args.lengths), {k: f"{v:.2e}" for k, v in agreement.items()})
+    if args.host_profile:
+        print(profile_kernels(args.host_profile, args, host=True))
+        wall = statistics.median(timed(lambda: step("fused", make_inputs(args.host_profile, args.batch, args.heads,
+                                                                           args.head_dim, args.d_f,
+                                                                           getattr(torch, args.dtype))), 2, 5))
+        print(f"fused step incl. input creation at n={args.host_profile}: {wall:.3f} ms")
     profile = profile_kernels(args.sweep_n or max(args.lengths), args)
     print(profile)
     (args.out / "fused_kernel_profile.txt").write_text(profile)
