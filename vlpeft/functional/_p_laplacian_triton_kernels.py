@@ -30,6 +30,7 @@ def _tile_scores(q, k, bias_base, offs_m, offs_n, n, scale, s_bm, s_bn,
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
     return tl.where(valid, s, float("-inf"))
 
+
 @triton.jit
 def _tile_softmax(s, row_max, log_sum):
     """(A, log A) of a tile from the row statistics; A = 0 on rows whose scores are all -inf."""
@@ -37,6 +38,7 @@ def _tile_softmax(s, row_max, log_sum):
     shift = tl.where(has_mass, row_max, 0.0)
     log_a = (s - shift[:, None]) - log_sum[:, None]
     return tl.where(has_mass[:, None], tl.exp(log_a), 0.0), log_a
+
 
 @triton.jit
 def _tile_log_weights(a, log_a, d2, attended, offs_m, offs_n, half_pm2, eps, s_min_sq,
@@ -55,6 +57,7 @@ def _tile_log_weights(a, log_a, d2, attended, offs_m, offs_n, half_pm2, eps, s_m
     above = (s2 > s_min_sq) & (diag == 0)
     return log_w, log_s2, s2, above
 
+
 @triton.jit
 def _tile_distances(f_i, sq_i, f_j, f_base, offs_m, offs_n, n, d_f, s_fn, s_fd, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, F_LOOP: tl.constexpr, EXACT_DISTANCES: tl.constexpr,
@@ -71,6 +74,7 @@ def _tile_distances(f_i, sq_i, f_j, f_base, offs_m, offs_n, n, d_f, s_fn, s_fd, 
         return d2
     sq_j = tl.sum(f_j * f_j, 1)
     return sq_i[:, None] + sq_j[None, :] - 2.0 * tl.dot(f_i, tl.trans(f_j), input_precision=PLAP_PRECISION)
+
 
 @triton.jit
 def _tile_backward(s, f_i, sq_i, f_j, du_i, row_max, log_sum, log_norm, total_u, offs_m, offs_n, half_pm2, eps,
@@ -93,6 +97,7 @@ def _tile_backward(s, f_i, sq_i, f_j, du_i, row_max, log_sum, log_norm, total_u,
     da = dlog_w / tl.maximum(a, 1.1754943508222875e-38) + dlog_w * ratio * d2
     dd = dlog_w * ratio * (a + eps)
     return a_soft, da, dd, dlog_w, log_s2, omega
+
 
 @triton.jit
 def forward_kernel(
@@ -184,6 +189,7 @@ def forward_kernel(
     tl.store(U + f_rows, acc_u / w_sum[:, None] + beta[:, None] * f_i, mask=f_mask)
     tl.store(LOG_NORM + bh * n + offs_m, log_norm, mask=row_ok)
 
+
 @triton.jit
 def backward_rows_kernel(
     Q, K, F, BIAS, ROW_MAX, LOG_SUM, LOG_NORM, P, DU, DELTA_OUT, TOTAL_U, DELTA, DP_ROWS, DF,
@@ -246,6 +252,7 @@ def backward_rows_kernel(
     tl.store(DELTA + bh * n + offs_m, delta_out + delta_plap, mask=row_ok)
     tl.store(DP_ROWS + bh * n + offs_m, 0.5 * dp_rows, mask=row_ok)
     tl.store(DF + f_rows, 2.0 * dd_rows[:, None] * f_i - 2.0 * dd_f, mask=f_mask)
+
 
 @triton.jit
 def backward_columns_kernel(
