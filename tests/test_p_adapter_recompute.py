@@ -82,3 +82,41 @@ def test_recompute_attention_rows_equals_eager_rows(mask_kind):
     rows_of = recompute_attention_rows(eager, module, query, key, value, mask, {"scaling": 0.3, "dropout": 0.5})
     for rows in (slice(0, 3), slice(3, 7)):
         torch.testing.assert_close(rows_of(rows), probs[..., rows, :], rtol=1e-6, atol=1e-7)
+
+
+def test_compile_block_config_is_validated():
+    with pytest.raises(ValueError, match="compile_block=True applies to variant='release' only"):
+        PAdapterConfig(variant="paper", compile_block=True)
+    with pytest.raises(ValueError, match="compile_block must be a bool"):
+        PAdapterConfig(variant="release", compile_block="yes")
+    assert PAdapterConfig(variant="release").compile_block is False
+
+
+def test_compile_block_runs_the_block_functions_and_equals_default(monkeypatch):
+    """The compiled path's block functions (run uncompiled here: the math, not inductor) give the default path's
+    loss and gradients on a LLaVA model; compiling them is checked by VLPEFT_TEST_COMPILE=1 in the functional tests."""
+    import vlpeft.functional.p_laplacian as kernel
+
+    calls = []
+
+    def uncompiled(function):
+        def run(*args):
+            calls.append(function.__name__)
+            return function(*args)
+        return run
+
+    monkeypatch.setattr(kernel, "_COMPILER", uncompiled)
+    monkeypatch.setattr(kernel, "_COMPILED_BLOCKS", {})
+    results = []
+    for compile_block in (False, True):
+        torch.manual_seed(0)
+        tiny = build_tiny_model("llava", seed=0)
+        config = PAdapterConfig(variant="release", p_init=1.25, key_pool_size=3, compile_block=compile_block)
+        model = peft.get_peft_model(tiny.model, config).train()
+        loss = model(**tiny.inputs).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert {"_release_forward_block", "_release_backward_block"} <= set(calls)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-7)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-7, msg=name)

@@ -29,16 +29,18 @@ import torch
 SUITES: tuple[str, ...] = ("p_laplacian", "training", "long")
 
 _LLAVA_METHODS = ("frozen", "lora", "routed_lora_mul", "routed_lora_matmul", "adapter", "adapter_eager",
-                  "routed_adapter_mul", "routed_adapter_matmul", "p_adapter_paper", "p_adapter_release")
+                  "routed_adapter_mul", "routed_adapter_matmul", "p_adapter_paper", "p_adapter_release",
+                  "p_adapter_release_compiled")
 
 #: Sizes of the default run, of ``--full`` (adds the n = 1024 reference formulations of the block, which take
-#: most of its time) and of ``--quick`` (smoke-test sizes, seconds).
+#: most of its time) and of ``--quick`` (smoke-test sizes, seconds; without the compiled row, which compiles for
+#: about a minute).
 PROFILES: dict[str, dict[str, Any]] = {
     "default": {
         "p_laplacian": {"ns": (64, 256, 1024), "dims": (8, 64), "repeats": 3, "max_pair_mib": 256.0,
                         "reference_max_n": 256},
         "training": [
-            {"models": ("blip",), "methods": None, "repeats": 5},
+            {"models": ("blip",), "methods": None, "extra_methods": ("p_adapter_release_compiled",), "repeats": 5},
             {"models": ("llava",), "methods": _LLAVA_METHODS, "repeats": 5},
         ],
         "long": {"image_sizes": (400, 512, 736), "chunk_size": 64, "memory_budget_mib": 64.0},
@@ -46,7 +48,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "full": {
         "p_laplacian": {"ns": (64, 256, 1024), "dims": (8, 64), "repeats": 3, "max_pair_mib": 256.0},
         "training": [
-            {"models": ("blip",), "methods": None, "repeats": 5},
+            {"models": ("blip",), "methods": None, "extra_methods": ("p_adapter_release_compiled",), "repeats": 5},
             {"models": ("llava",), "methods": _LLAVA_METHODS, "repeats": 5},
         ],
         "long": {"image_sizes": (400, 512, 736), "chunk_size": 64, "memory_budget_mib": 64.0},
@@ -119,7 +121,8 @@ def run_suites(suites: Sequence[str] = SUITES, *, profile: str = "default", devi
         rows = []
         for options in sizes["training"]:
             specs = training_step.tiny_model_specs() if options.get("tiny") else None
-            methods = options["methods"] or training_step.DEFAULT_METHODS
+            # methods None: the default methods; extra_methods: opt-in rows added to them (the compiled block).
+            methods = (*(options["methods"] or training_step.DEFAULT_METHODS), *options.get("extra_methods", ()))
             rows += training_step.run(options["models"], methods, repeats=options["repeats"],
                                       warmup=options.get("warmup", 2), model_specs=specs, timer=timer, log=log)
         result["suites"]["training"] = rows

@@ -38,6 +38,7 @@ degree sums. Softmax-masked entries receive no gradient upstream anyway.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -76,6 +77,7 @@ def p_laplacian_aggregate(
     chunk_size: int | None = None,
     attn_head_mean: bool = False,
     recompute_attention: Callable[[slice], Tensor] | None = None,
+    compiled: bool = False,
 ) -> Tensor:
     """Aggregate node features with one p-Laplacian step on the attention graph.
 
@@ -119,6 +121,11 @@ def p_laplacian_aggregate(
             each block of rows from it instead of keeping ``attn`` alive between the passes, so the memory kept for
             the backward pass is O(batch * heads * n_q * d) and the working memory O(batch * heads * chunk_size * n_k).
             If the recomputation differs from ``attn`` by float rounding, the gradient follows that difference.
+        compiled: ``release`` only, opt-in. Run each block's forward and backward work through ``torch.compile``
+            (inductor; on CPU its C++ backend, so a C++ compiler must be installed): the dozen elementwise passes
+            over the (rows, n_k) block become a few fused loops. The same formulas as the default path (equal up
+            to float rounding). The first calls compile (tens of seconds per shape class on a small CPU machine);
+            later calls with other block shapes reuse the dynamic-shape graphs.
 
     Returns:
         (batch, heads, n_q, d) in the promoted dtype of x_q and x_kv. Computed in float32 (float64 if any
@@ -144,6 +151,11 @@ def p_laplacian_aggregate(
         if not callable(recompute_attention):
             raise TypeError(f"recompute_attention must be a callable (rows: slice) -> Tensor or None, got "
                             f"{type(recompute_attention).__name__}")
+    if not isinstance(compiled, bool):
+        raise TypeError(f"compiled must be a bool, got {compiled!r}")
+    if compiled and variant != "release":
+        raise ValueError(f"compiled=True applies to variant='release' only, got variant={variant!r}")
+    options["compiled"] = compiled
     # Only where it saves memory: chunked, and nothing else keeps the attention for a gradient of its own.
     options["recompute"] = (recompute_attention if chunk_size is not None
                             and not (torch.is_grad_enabled() and attn.requires_grad) else None)
@@ -581,6 +593,95 @@ def _release_weights(log_scaled: Tensor, attn: Tensor, half_pm2: Tensor, shift: 
     return weights
 
 
+def _release_forward_block(xq_c: Tensor, xk_c: Tensor, sq_k: Tensor, attn: Tensor, x_keys: Tensor, x_rows: Tensor,
+                           half: Tensor, log_c: Tensor, diagonal: Tensor, eps: float, s_min_sq: float,
+                           self_graph: bool, drop_self_loops: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``release`` forward of one block of rows as one pure function (the ``compiled=True`` path).
+
+    The formulas of :class:`_ReleaseAggregate`'s forward written out-of-place (for ``torch.compile`` to fuse):
+    xq_c (.., rows, d) / xk_c (.., keys, d) centred features, sq_k (.., 1, keys), attn (.., rows, keys), x_keys /
+    x_rows the uncentred key / row features, half = (p - 2) / 2 and log_c rows, ``diagonal`` (0-d integer tensor)
+    the key column of the block's first row's self loop. Returns (out, aggregate, log-normaliser L (.., rows, 1)).
+    """
+    scaled = ((attn + eps) * _gram_distances(xq_c, xk_c, sq_k)).clamp_min(s_min_sq)
+    loops = _self_loop_mask(scaled, diagonal) if self_graph else None
+    if loops is not None and not drop_self_loops:
+        scaled = torch.where(loops, s_min_sq, scaled)
+    exponent = torch.log(scaled) * half
+    shift = torch.maximum(exponent.amax(dim=-1, keepdim=True), log_c)
+    weights = torch.exp(exponent - shift) * attn
+    if loops is not None and drop_self_loops:
+        weights = torch.where(loops, 0.0, weights)
+    total = weights.sum(dim=-1, keepdim=True) + torch.exp(log_c - shift)
+    log_norm = shift + torch.log(total)
+    aggregated = _thin_matmul(weights / total, x_keys)
+    out = aggregated + torch.exp(log_c - log_norm) * x_rows if self_graph else aggregated
+    return out, aggregated, log_norm
+
+
+def _release_backward_block(xq_c: Tensor, xk_c: Tensor, sq_k: Tensor, attn: Tensor, x_keys: Tensor, x_rows: Tensor,
+                            half: Tensor, log_c: Tensor, diagonal: Tensor, log_norm: Tensor, grad: Tensor,
+                            aggregated: Tensor, eps: float, s_min_sq: float, self_graph: bool,
+                            drop_self_loops: bool, need_attn: bool, need_p: bool
+                            ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
+    """The ``release`` backward of one block of rows as one pure function (the ``compiled=True`` path).
+
+    The chain rule of :class:`_ReleaseAggregate`'s backward, out-of-place; arguments as for
+    :func:`_release_forward_block` plus the saved L, the output gradient and the saved aggregate of the rows.
+    Returns (dL/dx rows, dL/dx of the block's keys, dL/dattn block or None, per-row dL/dp or None, dL/dlog c rows).
+    """
+    dist_sq = _gram_distances(xq_c, xk_c, sq_k)
+    scaled = ((attn + eps) * dist_sq).clamp_min(s_min_sq)
+    loops = _self_loop_mask(scaled, diagonal) if self_graph else None
+    if loops is not None and not drop_self_loops:
+        scaled = torch.where(loops, s_min_sq, scaled)
+    free = scaled > s_min_sq
+    log_scaled = torch.log(scaled)
+    omega = torch.exp(log_scaled * half - log_norm) * attn
+    if loops is not None and drop_self_loops:
+        omega = torch.where(loops, 0.0, omega)
+    beta = torch.exp(log_c - log_norm)
+    total = (grad * aggregated).sum(dim=-1, keepdim=True)
+    if self_graph:
+        grad_beta = (grad * x_rows).sum(dim=-1, keepdim=True)
+        total = total + beta * grad_beta
+        grad_log_c = beta * (grad_beta - total)
+        grad_rows = beta * grad
+    else:
+        grad_log_c = -beta * total
+        grad_rows = torch.zeros_like(xq_c)
+    grad_log_w = (torch.matmul(grad, x_keys.transpose(-1, -2)) - total) * omega
+    grad_keys = _thin_matmul(omega.transpose(-1, -2), grad)
+    grad_p = 0.5 * (grad_log_w * log_scaled).sum(dim=-1, keepdim=True) if need_p else None
+    grad_scaled = torch.where(free, grad_log_w * half / scaled, 0.0)
+    grad_attn = grad_log_w / attn.clamp_min(torch.finfo(attn.dtype).tiny) + grad_scaled * dist_sq if need_attn else None
+    grad_dist = grad_scaled * (attn + eps)
+    grad_rows = grad_rows + 2.0 * grad_dist.sum(dim=-1, keepdim=True) * xq_c - 2.0 * _thin_matmul(grad_dist, xk_c)
+    grad_keys = grad_keys + (2.0 * grad_dist.sum(dim=-2).unsqueeze(-1) * xk_c
+                             - 2.0 * _thin_matmul(grad_dist.transpose(-1, -2), xq_c))
+    return grad_rows, grad_keys, grad_attn, grad_p, grad_log_c
+
+
+def _self_loop_mask(pairs: Tensor, diagonal: Tensor) -> Tensor:
+    """(rows, keys) boolean: key column == ``diagonal`` + row (the self loops of a block of rows)."""
+    rows = torch.arange(pairs.shape[-2], device=pairs.device).unsqueeze(-1)
+    keys = torch.arange(pairs.shape[-1], device=pairs.device)
+    return keys == rows + diagonal.to(pairs.device)
+
+
+_COMPILED_BLOCKS: dict[str, Callable[..., Any]] = {}
+#: How the ``compiled=True`` block functions are wrapped (tests may replace it to check the math uncompiled).
+_COMPILER: Callable[[Callable[..., Any]], Callable[..., Any]] = functools.partial(torch.compile, dynamic=True)
+
+
+def _compiled_release_block(direction: str) -> Callable[..., Any]:
+    """The ``torch.compile``d :func:`_release_forward_block` / :func:`_release_backward_block` (built once)."""
+    if direction not in _COMPILED_BLOCKS:
+        function = _release_forward_block if direction == "forward" else _release_backward_block
+        _COMPILED_BLOCKS[direction] = _COMPILER(function)
+    return _COMPILED_BLOCKS[direction]
+
+
 class _ReleaseAggregate(torch.autograd.Function):
     """U = Σ_j ω_qj x_kv,j (+ β_q x_q for the self graph), ``release`` weights (§3.1).
 
@@ -595,7 +696,7 @@ class _ReleaseAggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, eps: float,
                 self_graph: bool, drop_self_loops: bool, query_offset: int, chunk_size: int | None,
-                recompute: Callable[[slice], Tensor] | None) -> Tensor:
+                recompute: Callable[[slice], Tensor] | None, compiled: bool) -> Tensor:
         centre = x_kv.mean(dim=-2, keepdim=True)
         xk_c = x_kv - centre
         sq_k = (xk_c * xk_c).sum(dim=-1).unsqueeze(-2)
@@ -604,8 +705,18 @@ class _ReleaseAggregate(torch.autograd.Function):
         settings = (eps, eps * eps * x_q.shape[-1], self_graph, drop_self_loops, query_offset)
         plan = _block_plan(attn, x_q.shape[-2], chunk_size)
         outputs, aggregates, normalisers = [], [], []
+        forward_block = _compiled_release_block("forward") if compiled else None
         for rows, n_keys in plan:
             attn_rows = attn[..., rows, :n_keys]
+            if forward_block is not None:
+                out, aggregated, log_norm = forward_block(
+                    x_q[..., rows, :] - centre, xk_c[..., :n_keys, :], sq_k[..., :n_keys], attn_rows,
+                    x_kv[..., :n_keys, :], x_q[..., rows, :], _row_block(half_pm2, rows), _row_block(log_c, rows),
+                    torch.tensor(query_offset + rows.start), eps, settings[1], self_graph, drop_self_loops)
+                outputs.append(out)
+                aggregates.append(aggregated)
+                normalisers.append(log_norm)
+                continue
             scaled, dist_sq = _release_scaled(x_q[..., rows, :] - centre, xk_c[..., :n_keys, :],
                                               sq_k[..., :n_keys], attn_rows, rows, settings)
             del dist_sq
@@ -632,6 +743,7 @@ class _ReleaseAggregate(torch.autograd.Function):
         ctx.settings = settings
         ctx.plan = plan
         ctx.recompute = recompute
+        ctx.compiled = compiled
         return _concat_rows(outputs)
 
     @staticmethod
@@ -653,9 +765,28 @@ class _ReleaseAggregate(torch.autograd.Function):
             whole = len(plan) == 1 and plan[0][1] == n_k
             grad_attn = torch.empty_like(attn) if needs[2] and not whole else None
             grad_xk = None
+            backward_block = _compiled_release_block("backward") if ctx.compiled else None
             for rows, n_keys in plan:
                 attn_rows = attn[..., rows, :n_keys] if attn is not None else _recomputed_rows(ctx.recompute, rows,
                                                                                                 n_keys, x_q)
+                if backward_block is not None:
+                    grad_xq, grad_xk_rows, block_grad, grad_p_row, grad_log_c_row = backward_block(
+                        x_q[..., rows, :] - centre, xk_c[..., :n_keys, :], sq_k[..., :n_keys], attn_rows,
+                        x_kv[..., :n_keys, :], x_q[..., rows, :], _row_block(half_pm2, rows), _row_block(log_c, rows),
+                        torch.tensor(query_offset + rows.start), log_norm_all[..., rows, :], grad_out[..., rows, :],
+                        aggregated_all[..., rows, :], eps, s_min_sq, self_graph, drop_self_loops, needs[2], needs[3])
+                    grad_xq_rows.append(grad_xq)
+                    grad_xk = _add_key_rows(grad_xk, grad_xk_rows, n_k)
+                    grad_log_c_rows.append(grad_log_c_row)
+                    if needs[3]:
+                        grad_p_rows.append(grad_p_row)
+                    if needs[2]:
+                        if whole:
+                            grad_attn = block_grad.sum_to_size(attn.shape)
+                        else:
+                            _write_rows(grad_attn[..., :n_keys], rows, block_grad)
+                            grad_attn[..., rows, n_keys:] = 0.0
+                    continue
                 xk_rows, xkv_rows = xk_c[..., :n_keys, :], x_kv[..., :n_keys, :]
                 xq_c = x_q[..., rows, :] - centre
                 scaled, dist_sq = _release_scaled(xq_c, xk_rows, sq_k[..., :n_keys], attn_rows, rows, ctx.settings)
@@ -717,7 +848,7 @@ class _ReleaseAggregate(torch.autograd.Function):
                 grad_attn,
                 grad_p,
                 grad_mu,
-                None, None, None, None, None, None,
+                None, None, None, None, None, None, None,
             )
 
 
@@ -920,6 +1051,7 @@ def _run_release(x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor,
     return _ReleaseAggregate.apply(
         x_q, x_kv, attn, p, mu, options["eps"], self_graph, self_graph and options["self_loop"] == "drop",
         options["query_offset"] if self_graph else 0, options["chunk_size"], options["recompute"],
+        options["compiled"],
     )
 
 

@@ -36,6 +36,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from vlpeft.functional.blocked_attention import attention_block_plan, blocked_eager_attention
+
 PADAPTER_ATTENTION = "padapter"
 
 __all__ = [
@@ -266,7 +268,11 @@ def padapter_attention_forward(
         if fused is not None:
             return fused
     dropout = float(kwargs.pop("dropout", 0.0) or 0.0)
-    attn_output, probs = eager(module, query, key, value, attention_mask, dropout=0.0, **kwargs)
+    blocked = _blocked_attention(module, query, key, value, attention_mask, kwargs)
+    if blocked is not None:
+        attn_output, probs = blocked
+    else:
+        attn_output, probs = eager(module, query, key, value, attention_mask, dropout=0.0, **kwargs)
     value_states = repeat_heads(value, probs.shape[1])
     if dropout > 0.0 and module.training:
         dropped = nn.functional.dropout(probs, p=dropout, training=True)
@@ -372,6 +378,46 @@ def _fused_release_attention(
     capture.record(query, value_states, None, attention_mask)
     capture.aggregated = aggregated
     return out.transpose(1, 2).contiguous(), None
+
+
+def _blocked_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(attention output (batch, n_q, heads, head_dim), probs) by :func:`blocked_eager_attention`, or ``None`` where it
+    does not apply: attention modules outside :data:`FUSABLE_EAGER_MODULES` (whose eager function may differ from
+    softmax(q k^T * scaling + mask) v), no additive mask, half precision, or a mask that leaves less than 15 % of the
+    pairs to skip (non-causal attention). Dropout is applied by the caller, as for the eager path."""
+    if type(module).__module__.rsplit(".", 1)[-1] not in FUSABLE_EAGER_MODULES:
+        return None
+    if attention_mask is None or attention_mask.dim() != 4 or not attention_mask.is_floating_point():
+        return None
+    if query.dtype not in (torch.float32, torch.float64) or attention_mask.dtype != query.dtype:
+        return None
+    if attention_mask.requires_grad or set(kwargs) - {"scaling", "position_ids", "cache_position",
+                                                      "output_attentions", "use_cache", "past_key_values",
+                                                      "sliding_window", "is_causal"}:
+        return None
+    if kwargs.get("sliding_window") is not None:
+        return None
+    scaling = kwargs.get("scaling", getattr(module, "scaling", None))
+    if scaling is None:
+        return None
+    n_q, n_k = query.shape[-2], key.shape[-2]
+    bias = attention_mask[..., :n_k]
+    if bias.shape[-2] != n_q:
+        return None
+    plan = attention_block_plan(bias, n_q, n_k)
+    if len(plan) == 1:
+        return None
+    heads = query.shape[1]
+    out, probs = blocked_eager_attention(query, repeat_heads(key, heads), repeat_heads(value, heads), bias,
+                                         float(scaling), plan)
+    return out.transpose(1, 2).contiguous(), probs
 
 
 _SIDE_STATE_ATTR = "_vlpeft_side_state"

@@ -60,7 +60,13 @@ class PAdapterConfig(PeftConfig):
         init_weights: ``"normal"`` (N(0, ``init_std``) weights, zero biases, as released) or ``"zero_up"``
             (additionally zero W_up, so ``release`` and the FFN adapter start as the identity).
         init_std: standard deviation of the normal initialisation.
-        chunk_size: process query rows of the p-Laplacian block in chunks of this size (memory), or ``None``.
+        chunk_size: process query rows of the p-Laplacian block in chunks of this size (memory), or ``None``. With
+            ``release``, the first adapted layer of a frozen model (whose attention needs no gradient) then also
+            recomputes its attention rows chunk by chunk in the backward pass instead of keeping them.
+        compile_block: ``release`` only, opt-in: run the p-Laplacian block's per-row-block work through
+            ``torch.compile`` (inductor; on CPU a C++ compiler must be installed), fusing its elementwise passes.
+            Same formulas (equal to the default path up to float rounding); the first training steps pay the
+            compilation (about a minute on a 2-core CPU machine), later steps run faster.
         modules_to_save: extra modules trained and saved in full (task heads).
         targets_resolved: set by vlpeft once ``target_modules`` holds the regex resolved from the family preset
             (``family``, ``towers``, ``positions`` then record where it came from).
@@ -92,6 +98,9 @@ class PAdapterConfig(PeftConfig):
     init_weights: Literal["normal", "zero_up"] = field(default="normal", metadata={"help": "normal | zero_up"})
     init_std: float = field(default=0.02, metadata={"help": "Std of the normal initialisation."})
     chunk_size: int | None = field(default=None, metadata={"help": "Query chunk size of the p-Laplacian block."})
+    compile_block: bool = field(
+        default=False, metadata={"help": "release: torch.compile the p-Laplacian block's per-block work (opt-in)."}
+    )
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained in full."})
     targets_resolved: bool = field(
         default=False,
@@ -158,6 +167,13 @@ class PAdapterConfig(PeftConfig):
             isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
         ):
             raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}.")
+        if not isinstance(self.compile_block, bool):
+            raise ValueError(f"compile_block must be a bool, got {self.compile_block!r}.")
+        if self.compile_block and self.variant != "release":
+            raise ValueError(
+                f"compile_block=True applies to variant='release' only (the compiled block functions), got "
+                f"variant={self.variant!r}."
+            )
 
     def check_p_value(self, value: float, source: str) -> None:
         """Raise unless an initial/fixed p is usable under this config's parametrisation."""

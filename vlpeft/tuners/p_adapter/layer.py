@@ -96,6 +96,7 @@ class AdapterSettings:
     self_loop: str
     causal_degrees: bool
     chunk_size: int | None
+    compile_block: bool = False  # release: torch.compile the p-Laplacian block's per-block work
 
 
 def _linear(in_features: int, out_features: int, std: float, zero: bool, device: torch.device) -> nn.Linear:
@@ -434,6 +435,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             self_loop=config.self_loop,
             causal_degrees=self.spec.is_causal if config.causal_degrees is None else config.causal_degrees,
             chunk_size=config.chunk_size,
+            compile_block=bool(config.compile_block),
         )
         device = _first_param_device(self.base_layer)
         zero_up = config.init_weights == "zero_up"
@@ -701,6 +703,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             graph=settings.graph,
             p_bounds=settings.p_bounds,
             chunk_size=settings.chunk_size,
+            compiled=settings.compile_block,
             **options,
         )
         return self._release_output(name, o, _heads_to_tokens(aggregated))
