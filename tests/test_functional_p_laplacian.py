@@ -895,8 +895,14 @@ def test_compiled_rejects_bad_use():
 @pytest.mark.skipif(os.environ.get("VLPEFT_TEST_COMPILE") != "1",
                     reason="compiles with inductor (about a minute on a small CPU machine): set VLPEFT_TEST_COMPILE=1")
 def test_release_compiled_equals_default_path_float32():
+    """Compiled float32 results are as close to the float64 reference as the default path's (the fused loops use
+    other exp/log implementations, so the two float32 paths differ by rounding, amplified by 1/A in dL/dA)."""
     for options in ({}, {"self_loop": "drop"}):
-        expected = _release_results(options, 4, compiled=False, dtype=torch.float32, n=37)
+        reference = _release_results(options, 4, compiled=False, dtype=torch.float64, n=37)
+        default = _release_results(options, 4, compiled=False, dtype=torch.float32, n=37)
         got = _release_results(options, 4, compiled=True, dtype=torch.float32, n=37)
-        for value, reference in zip(got, expected):
-            torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-5)
+        for value, plain, exact in zip(got, default, reference):
+            scale = exact.abs().max()
+            error = ((value.double() - exact).abs().max() / scale).item()
+            default_error = ((plain.double() - exact).abs().max() / scale).item()
+            assert error <= 4.0 * default_error + 1e-6, (error, default_error)
