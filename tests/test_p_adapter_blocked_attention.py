@@ -38,3 +38,15 @@ def test_blocked_attention_equals_eager(monkeypatch, variant):
     torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-7)
     for name, grad in expected.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_mask_facts_are_cached_per_mask_and_recomputed_after_an_in_place_change():
+    lowest = torch.finfo(torch.float32).min
+    mask = torch.zeros(1, 1, 3, 3)
+    mask[..., 0, :] = lowest  # row 0 attends nowhere
+    first = attention_module.attended_query_rows(mask, 3, 3)
+    assert first.flatten().tolist() == [False, True, True]
+    assert attention_module.attended_query_rows(mask, 3, 3) is first  # the same mask: computed once
+    mask.zero_()
+    assert attention_module.attended_query_rows(mask, 3, 3).flatten().tolist() == [True, True, True]
+    assert attention_module.attended_query_rows(torch.zeros(1, 1, 3, 3), 3, 3).all()

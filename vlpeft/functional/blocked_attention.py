@@ -69,9 +69,11 @@ class _BlockedAttention(torch.autograd.Function):
                 plan: list[tuple[slice, int]]) -> tuple[Tensor, Tensor]:
         batch, heads, n_q, _ = query.shape
         n_k = key.shape[-2]
-        probs = query.new_zeros(batch, heads, n_q, n_k)
+        probs = query.new_empty(batch, heads, n_q, n_k)
         out = query.new_empty(batch, heads, n_q, value.shape[-1])
         for rows, n_keys in plan:
+            if n_keys < n_k:
+                probs[..., rows, n_keys:] = 0.0  # only the skipped staircase is zeroed
             scores = torch.matmul(query[..., rows, :], key[..., :n_keys, :].transpose(-1, -2)) * scale
             scores = scores + bias[..., rows, :n_keys]
             block = torch.softmax(scores, dim=-1)
@@ -90,7 +92,7 @@ class _BlockedAttention(torch.autograd.Function):
         query, key, value, probs = ctx.saved_tensors
         needs = ctx.needs_input_grad
         scale = ctx.scale
-        grad_q = torch.zeros_like(query) if needs[0] else None
+        grad_q = torch.zeros_like(query) if needs[0] else None  # rows of blocks without a gradient stay 0
         grad_k = torch.zeros_like(key) if needs[1] else None
         grad_v = torch.zeros_like(value) if needs[2] else None
         for rows, n_keys in ctx.plan:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from vlpeft.functional import blocked_attention
 from vlpeft.functional.blocked_attention import attention_block_plan, blocked_eager_attention
 
 PADAPTER_ATTENTION = "padapter"
@@ -210,12 +212,37 @@ def attended_query_rows(mask: torch.Tensor | None, n_q: int, n_k: int) -> torch.
         return None
     if mask.dim() != 4:
         raise ValueError(f"expected a 4-D attention mask (batch, heads, n_q, n_k), got shape {tuple(mask.shape)}")
+    return _per_mask(mask, ("attended", n_q, n_k), lambda: _attended_rows(mask, n_q, n_k))
+
+
+def _attended_rows(mask: torch.Tensor, n_q: int, n_k: int) -> torch.Tensor:
     mask = mask[..., -n_q:, :n_k] if mask.shape[-2] >= n_q else mask[..., :n_k]
     if mask.dtype == torch.bool:
         allowed = mask
     else:
         allowed = mask > torch.finfo(mask.dtype).min / 2
     return allowed.any(dim=-1, keepdim=True)
+
+
+#: Facts derived from an attention mask (attended rows, block plans), kept while the mask lives and is unchanged:
+#: every layer of a forward pass receives the same mask object, so each fact is computed once per forward.
+_MASK_FACTS: dict[int, tuple[weakref.ref, int, dict[tuple, Any]]] = {}
+_MASK_FACTS_LIMIT = 8
+
+
+def _per_mask(mask: torch.Tensor, key: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()`` cached per mask object (identity and in-place version) and ``key``."""
+    entry = _MASK_FACTS.get(id(mask))
+    if entry is None or entry[0]() is not mask or entry[1] != mask._version:
+        if len(_MASK_FACTS) >= _MASK_FACTS_LIMIT:
+            for stale in [k for k, (ref, _, _) in _MASK_FACTS.items() if ref() is None] or list(_MASK_FACTS):
+                del _MASK_FACTS[stale]
+        entry = (weakref.ref(mask), mask._version, {})
+        _MASK_FACTS[id(mask)] = entry
+    facts = entry[2]
+    if key not in facts:
+        facts[key] = compute()
+    return facts[key]
 
 
 def repeat_heads(states: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -411,7 +438,8 @@ def _blocked_attention(
     bias = attention_mask[..., :n_k]
     if bias.shape[-2] != n_q:
         return None
-    plan = attention_block_plan(bias, n_q, n_k)
+    plan = _per_mask(attention_mask, ("plan", n_q, n_k, blocked_attention.BLOCK_ROWS),
+                     lambda: attention_block_plan(bias, n_q, n_k))
     if len(plan) == 1:
         return None
     heads = query.shape[1]
