@@ -10,8 +10,8 @@ Steps:
 
 Default: one seed, the routing kind ``matmul`` only, sizes that fit about ten minutes on two CPU cores
 (including pretraining the base once). ``--full``: every routing kind and three seeds (mean ± std), 500-step
-VQA / entailment runs and larger test sets; meant to be run with ``--jobs 2`` (about 75-90 minutes on two
-shared cores).
+VQA / entailment runs and larger test sets; meant to be run with ``--jobs 2`` (58 minutes measured on two
+shared cores, docs/results.md).
 
 Every finished run is appended to ``OUT/runs.jsonl`` at once; running the same command again with the same
 ``--out`` skips the runs recorded there, so an interrupted ``--full`` run resumes where it stopped
@@ -121,8 +121,8 @@ class DemoSize:
 SIZES: dict[str, DemoSize] = {
     "smoke": DemoSize("tiny", "smoke", 48, 32, 48, 24, 24, 12, 2, 2, 2, 8),
     "default": DemoSize("default", "default", 9000, 6000, 9000, 300, 300, 100, 400, 400, 40, 32),
-    # --full: 3 seeds x every routing kind (117 fine-tuning runs), sized to finish in about 75-90 min with
-    # ``--jobs 2`` on a shared 2-core machine: 25 % more steps than the default and twice its test sets
+    # --full: 3 seeds x every routing kind (117 fine-tuning runs), sized for about an hour with ``--jobs 2`` on a
+    # shared 2-core machine (58 min measured, docs/results.md): 25 % more steps than the default, twice its test sets
     "full": DemoSize("default", "default", 9000, 6000, 9000, 600, 600, 200, 500, 500, 100, 32),
 }
 
