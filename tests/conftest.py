@@ -14,3 +14,22 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def uncompiled_release_blocks(monkeypatch):
+    """Make ``compiled=True`` run the release block functions without torch.compile (the math, not inductor);
+    returns the list of the block functions' names as they are called."""
+    import vlpeft.functional.p_laplacian as kernel
+
+    calls = []
+
+    def uncompiled(function):
+        def run(*args):
+            calls.append(function.__name__)
+            return function(*args)
+        return run
+
+    monkeypatch.setattr(kernel, "_COMPILER", uncompiled)
+    monkeypatch.setattr(kernel, "_COMPILED_BLOCKS", {})
+    return calls

@@ -863,19 +863,8 @@ def _release_results(options, chunk, compiled, dtype=torch.float64, n=13):
 
 @pytest.mark.parametrize("options", [{}, {"self_loop": "drop"}, {"graph": "bipartite"}])
 @pytest.mark.parametrize("chunk", [None, 4])
-def test_release_block_functions_equal_default_path(monkeypatch, options, chunk):
-    import vlpeft.functional.p_laplacian as kernel
-
-    calls = []
-
-    def uncompiled(function):
-        def run(*args):
-            calls.append(function.__name__)
-            return function(*args)
-        return run
-
-    monkeypatch.setattr(kernel, "_COMPILER", uncompiled)
-    monkeypatch.setattr(kernel, "_COMPILED_BLOCKS", {})
+def test_release_block_functions_equal_default_path(uncompiled_release_blocks, options, chunk):
+    calls = uncompiled_release_blocks
     expected = _release_results(options, chunk, compiled=False)
     got = _release_results(options, chunk, compiled=True)
     assert {"_release_forward_block", "_release_backward_block"} <= set(calls)

@@ -92,21 +92,10 @@ def test_compile_block_config_is_validated():
     assert PAdapterConfig(variant="release").compile_block is False
 
 
-def test_compile_block_runs_the_block_functions_and_equals_default(monkeypatch):
+def test_compile_block_runs_the_block_functions_and_equals_default(uncompiled_release_blocks):
     """The compiled path's block functions (run uncompiled here: the math, not inductor) give the default path's
     loss and gradients on a LLaVA model; compiling them is checked by VLPEFT_TEST_COMPILE=1 in the functional tests."""
-    import vlpeft.functional.p_laplacian as kernel
-
-    calls = []
-
-    def uncompiled(function):
-        def run(*args):
-            calls.append(function.__name__)
-            return function(*args)
-        return run
-
-    monkeypatch.setattr(kernel, "_COMPILER", uncompiled)
-    monkeypatch.setattr(kernel, "_COMPILED_BLOCKS", {})
+    calls = uncompiled_release_blocks
     results = []
     for compile_block in (False, True):
         torch.manual_seed(0)
