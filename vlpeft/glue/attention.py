@@ -426,7 +426,7 @@ def _blocked_attention(
     if query.dtype not in (torch.float32, torch.float64) or attention_mask.dtype != query.dtype:
         return None
     if attention_mask.requires_grad or set(kwargs) - {"scaling", "position_ids", "cache_position",
-                                                      "output_attentions", "use_cache", "past_key_values",
+                                                      "output_attentions", "use_cache", "past_key_values", "cache",
                                                       "sliding_window", "is_causal"}:
         return None
     if kwargs.get("sliding_window") is not None:

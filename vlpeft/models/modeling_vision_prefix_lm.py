@@ -35,6 +35,7 @@ from transformers import (
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
+from vlpeft._transformers_compat import CACHE_ARGUMENT, cache_argument_of, cache_of_output
 from vlpeft.models.configuration_vision_prefix_lm import VisionPrefixLMConfig
 
 __all__ = [
@@ -74,14 +75,18 @@ class VisionPrefixCausalLMOutput(ModelOutput):
         loss: scalar mean next-token loss over the labelled text tokens.
         logits: (batch, p + seq_len, vocab) where p is the number of prefix tokens prepended **in this call**
             (m on a first forward with the prefix on, otherwise 0); ``logits[:, p - 1 + i]`` predicts text token i.
-        past_key_values: the text model's cache (covers the prefix positions).
+        cache: the text model's cache (covers the prefix positions); ``past_key_values`` before transformers 5.25.
         hidden_states / attentions: the text model's.
         visual_features: (batch, m, d_text), the ``prefix_projector`` output.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Any = None
+    # The cache field has the name transformers' generation reads (``cache`` from 5.25, ``past_key_values`` before).
+    if CACHE_ARGUMENT == "cache":
+        cache: Any = None
+    else:
+        past_key_values: Any = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     visual_features: torch.FloatTensor | None = None
@@ -144,7 +149,7 @@ class VisionPrefixLMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
 
     def __init__(
         self,
@@ -513,10 +518,11 @@ class VisionPrefixLMForCausalLM(VisionPrefixLMPreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         use_cache: bool | None = None,
         vision_features: torch.FloatTensor | None = None,
         prefix_in_sequence: bool = False,
+        past_key_values: Any = None,
         **kwargs: Any,
     ) -> VisionPrefixCausalLMOutput:
         """Next-token prediction conditioned on the image.
@@ -527,8 +533,8 @@ class VisionPrefixLMForCausalLM(VisionPrefixLMPreTrainedModel, GenerationMixin):
                 ``prefix_in_sequence``, over the whole sequence including the prefix positions.
             pixel_values: (batch, 3, H, W), or ``vision_features`` (batch, m, d_vision) precomputed.
             labels: (batch, seq_len) target ids aligned with the text, -100 to ignore.
-            past_key_values / use_cache: the text model's cache. The prefix is prepended only when the cache is
-                empty (first forward).
+            cache / use_cache: the text model's cache. The prefix is prepended only when the cache is
+                empty (first forward). ``past_key_values`` is the same (its name before transformers 5.25).
             prefix_in_sequence: used by :meth:`generate`: ``inputs_embeds`` already reserves the first m
                 positions for the prefix (they are overwritten with the projected features) and
                 ``attention_mask`` covers them.
@@ -537,7 +543,10 @@ class VisionPrefixLMForCausalLM(VisionPrefixLMPreTrainedModel, GenerationMixin):
         visual = self._visual_features(pixel_values, vision_features)
         text_embeds = self._embed_text(input_ids, inputs_embeds)
         batch_size, seq_len = text_embeds.shape[:2]
-        cache_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
+        cache_len = cache.get_seq_length() if cache is not None else 0
         use_prefix = self.config.use_visual_prefix
         num_visual = visual.shape[1]
         added = 0  # prefix positions prepended in this call
@@ -578,8 +587,8 @@ class VisionPrefixLMForCausalLM(VisionPrefixLMPreTrainedModel, GenerationMixin):
             inputs_embeds=embeds,
             attention_mask=full_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{cache_argument_of(self.text_model.forward): cache},
             **kwargs,
         )
         logits = outputs.logits
@@ -587,7 +596,7 @@ class VisionPrefixLMForCausalLM(VisionPrefixLMPreTrainedModel, GenerationMixin):
         return VisionPrefixCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_ARGUMENT: cache_of_output(outputs)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             visual_features=visual,

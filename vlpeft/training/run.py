@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments, set_seed
 
+from vlpeft._transformers_compat import activation_checkpointing_arguments
 from vlpeft.training.checkpoints import (
     CheckpointCompletionCallback,
     atomic_write_text,
@@ -160,8 +161,7 @@ def _training_arguments(config: TrainConfig, plan: ValidatedPlan, has_eval: bool
         data_seed=run.seed,
         bf16=run.precision == "bf16",
         fp16=run.precision == "fp16",
-        gradient_checkpointing=run.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if run.gradient_checkpointing else None,
+        **activation_checkpointing_arguments(run.gradient_checkpointing),
         report_to=["tensorboard"] if "tensorboard" in run.report_to and _tensorboard_available() else "none",
         load_best_model_at_end=ev.load_best_at_end and eval_strategy != "no",
         metric_for_best_model=plan.metric if eval_strategy != "no" else None,

@@ -32,6 +32,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 
+from vlpeft._transformers_compat import cache_from_kwargs, takes_cache_argument
 from vlpeft.functional import (
     accumulate_column_degrees,
     mu_from_offset,
@@ -232,17 +233,14 @@ def _child_name(module: nn.Module, candidates: tuple[str, ...]) -> str | None:
 def _runs_with_kv_cache(attention: nn.Module) -> bool:
     """Whether an attention module belongs to a (causal or prefix-LM) decoder that can decode with a KV cache.
 
-    True if it declares ``is_causal`` or a decoder config, or if its forward takes ``past_key_values`` (PaliGemma's
-    Gemma has ``is_causal = False`` because of its bidirectional prefix, yet decodes with a cache).
+    True if it declares ``is_causal`` or a decoder config, or if its forward takes a cache (``cache`` from
+    transformers 5.25, ``past_key_values`` before; PaliGemma's Gemma has ``is_causal = False`` because of its
+    bidirectional prefix, yet decodes with a cache).
     """
     config = getattr(attention, "config", None)
     if getattr(attention, "is_causal", False) or getattr(config, "is_decoder", False):
         return True
-    try:
-        parameters = inspect.signature(attention.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return "past_key_values" in parameters or "past_key_value" in parameters
+    return takes_cache_argument(attention.forward)
 
 
 def describe_attention_block(block: nn.Module, module_name: str) -> AttentionBlockSpec:
@@ -486,7 +484,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
                     f"{PADAPTER_ATTENTION!r} implementation on adapted towers (fused sdpa/flash kernels return no "
                     "attention weights). Do not change the attention implementation of a p-adapter model."
                 )
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         record: dict[str, Any] = {}
         if spec.capture == "inline" and not spec.is_cross:
             record["mask"] = kwargs.get("attention_mask")
