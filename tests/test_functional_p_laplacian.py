@@ -664,6 +664,40 @@ def test_chunking_bounds_extra_memory():
     assert chunked < 2 * pair_bytes
 
 
+def _saved_pair_tensors(fn, n_q: int, n_k: int) -> int:
+    """How many tensors shaped like a (rows, keys) block of the (n_q, n_k) graph ``fn``'s autograd graph saves
+    (features must be narrower than 8: wider tensors count as pairs)."""
+    count = 0
+
+    def pack(tensor):
+        nonlocal count
+        if tensor.dim() >= 2 and 1 < tensor.shape[-2] <= n_q and 8 <= tensor.shape[-1] <= n_k:
+            count += 1
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return count
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_paper_keeps_block_intermediates_only_without_chunks(causal):
+    """Unchunked ``paper`` keeps each row block's intermediates for the backward pass (no second Gram product);
+    with ``chunk_size`` it keeps only the attention and rebuilds them, so its memory stays O(chunk * n_k)."""
+    n = 40
+    x_q, x_kv = _leaf(make_features(1, 1, n, 6, seed=3)), _leaf(make_features(1, 1, n, 6))
+    attn = _leaf(make_attention(1, 1, n, n, causal=True))
+
+    def run(chunk_size):
+        return lambda: p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, variant="paper", causal_degrees=causal,
+                                             chunk_size=chunk_size)
+
+    assert _saved_pair_tensors(run(8), n, n) == 1  # the attention
+    assert _saved_pair_tensors(run(None), n, n) > 5
+    with torch.no_grad():
+        assert _saved_pair_tensors(run(None), n, n) == 0
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("chunk_size", [None, 2])
 def test_attn_head_mean_equals_explicit_mean(causal, chunk_size):

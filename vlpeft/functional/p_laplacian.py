@@ -108,7 +108,9 @@ def p_laplacian_aggregate(
             cache-free decoding; maintain it with :func:`accumulate_column_degrees`. Without it, the
             queries are taken to be the first ones of the sequence.
         chunk_size: process query rows in blocks of this size, in the forward and (recomputed) in the backward
-            pass, bounding the working memory to O(batch * heads * chunk_size * n_k) (exact).
+            pass, bounding the working memory to O(batch * heads * chunk_size * n_k) (exact). Without it, ``paper``
+            keeps its blocks' intermediates (about six tensors of the head-mean graph's size) for the backward
+            pass instead of recomputing them; ``release`` recomputes them either way.
         attn_head_mean: ``paper`` only. ``attn`` is per-head (batch, heads, n_q, n_k) and the graph is its mean
             over heads (§2.5), averaged block by block inside the kernel: no (n_q, n_k) mean tensor is built or
             kept for the backward pass (the per-head attention is kept by the attention's own backward anyway; when
@@ -402,11 +404,14 @@ def _as_coefficient(value: Scalar, name: str, dtype: torch.dtype, device: torch.
 # ----------------------------------------------------------------------------------------------------------
 # Fused kernels (float32/float64, autocast off)
 #
-# Each variant is one autograd Function with a hand-written backward. The forward saves only its inputs and the
-# per-row log-normaliser L (batch, heads, n_q, 1); the backward recomputes the (rows, n_k) intermediates block by
-# block (query rows in blocks of ``chunk_size``, or all rows at once) and applies the chain rule explicitly. So the
-# block keeps no (n_q, n_k) tensor alive between forward and backward, its working memory is O(rows * n_k), and
-# it runs a few dozen tensor operations instead of the hundred-odd autograd nodes of the op-by-op graph.
+# Each variant is one autograd Function with a hand-written backward, working on blocks of query rows (of
+# ``chunk_size``, or automatic ones, see :func:`_block_plan`). ``release`` saves only its inputs and the per-row
+# log-normaliser L (batch, heads, n_q, 1); its backward recomputes the per-head (rows, n_k) intermediates block by
+# block. ``paper`` (one head-mean graph, so its intermediates are 1 / heads the size of the attention) keeps each
+# block's intermediates for the backward pass unless ``chunk_size`` is given, in which case it recomputes them
+# like ``release``. With ``chunk_size`` neither keeps an (n_q, n_k) tensor of its own alive between forward and
+# backward and the working memory is O(chunk_size * n_k). Both run a few dozen tensor operations per block
+# instead of the hundred-odd autograd nodes of the op-by-op graph.
 #
 # Gradient conventions (as autograd gives for the op-by-op formulas): clamped distances (below the floor) and
 # ``release`` self loops forced to the floor pass no gradient to the distances; non-edges get no gradient through
@@ -884,32 +889,57 @@ def _even_row_slices(n_q: int, target: int) -> list[slice]:
 
 
 class _PaperBlock:
-    """Intermediates of the ``paper`` weights for one block of query rows (§3.2)."""
+    """Intermediates of the ``paper`` weights for one block of query rows (§3.2).
+
+    With r = D_q^(-1/2) per row and c = D_j^(-1/2) per key column (or per (q, j) with causal degrees), both 0 where
+    the degree is 0: dist = |x_q|^2 r^2 + |x_j|^2 c^2 - 2 (x_q . x_j) r c, floored at ``dist_floor``;
+    log W = (p/2) log A + ((p - 2)/2) log dist - log D_q (finite on non-edges, where A is read as 1 and the weight
+    is zeroed later); the aggregation coefficient of an edge is its normalised weight times sqrt(D_q) c.
+    """
 
     def __init__(self, x_q: Tensor, x_kv: Tensor, sq_k: Tensor, attn: Tensor, col_deg: Tensor, p: Tensor,
                  dist_floor: float) -> None:
         edge = attn > 0
         row_deg = attn.sum(dim=-1, keepdim=True)
-        self.row_pos = row_deg > 0
-        self.col_pos = col_deg > 0
-        self.log_row = row_deg.masked_fill(~self.row_pos, 1.0).log_()
-        self.log_col = col_deg.masked_fill(~self.col_pos, 1.0).log_()
-        self.inv_sqrt_row = torch.exp(-0.5 * self.log_row).masked_fill_(~self.row_pos, 0.0)
-        self.inv_sqrt_col = torch.exp(-0.5 * self.log_col).masked_fill_(~self.col_pos, 0.0)
+        row_pos = row_deg > 0
+        self.log_row = row_deg.masked_fill(~row_pos, 1.0).log_()
+        self.inv_sqrt_row = torch.exp(-0.5 * self.log_row).masked_fill_(~row_pos, 0.0)
+        self.sqrt_row = torch.exp(0.5 * self.log_row)  # 1 on empty rows, whose coefficients are all 0 anyway
+        # c = D_j^(-1/2), 0 where D_j = 0. An edge (A_qj > 0) always has D_j >= A_qj > 0.
+        self.inv_sqrt_col = torch.rsqrt(col_deg).masked_fill_(col_deg <= 0, 0.0)
         self.sq_q = (x_q * x_q).sum(dim=-1, keepdim=True)
         self.gram = torch.matmul(x_q, x_kv.transpose(-1, -2))
-        self.inv_sqrt_both = self.inv_sqrt_row * self.inv_sqrt_col
-        dist_sq = (self.sq_q * self.inv_sqrt_row.square() + sq_k * self.inv_sqrt_col.square()
-                   - 2.0 * self.gram * self.inv_sqrt_both)
+        ir, ic = self.inv_sqrt_row, self.inv_sqrt_col
+        dist_sq = torch.addcmul(self.sq_q * ir.square(), sq_k * ic, ic).addcmul_(self.gram, ir * ic, value=-2.0)
         self.free = dist_sq > dist_floor  # distances above the floor carry gradient
         self.dist_sq = dist_sq.clamp_min_(dist_floor)
-        self.attn_or_one = attn.masked_fill(~edge, 1.0)
-        self.log_attn = torch.log(self.attn_or_one)
-        self.log_dist = torch.log(self.dist_sq)
-        log_w = 0.5 * p * self.log_attn + 0.5 * (p - 2.0) * self.log_dist - self.log_row
-        self.log_w = log_w  # finite on non-edges too: see _normalised_weights
+        self.attn_or_one = torch.where(edge, attn, 1.0)
+        log_attn = torch.log(self.attn_or_one)
+        log_dist = torch.log(self.dist_sq)
+        self.log_w = torch.addcmul(log_dist * (0.5 * (p - 2.0)), log_attn, 0.5 * p).sub_(self.log_row)
+        self.log_sum = log_attn.add_(log_dist)  # d log W / dp = (log A + log dist) / 2
         self.non_edge = ~edge
-        self.scale = torch.exp(0.5 * (self.log_row - self.log_col))  # sqrt(D_q / D_j) on edges
+
+    def scale(self) -> Tensor:
+        """sqrt(D_q / D_j) (rows, keys): the factor from a normalised weight to an aggregation coefficient."""
+        return self.sqrt_row * self.inv_sqrt_col
+
+    #: What the backward pass reads (:meth:`saved` / :meth:`from_saved`).
+    _SAVED = ("omega", "log_sum", "dist_sq", "free", "inv_sqrt_col", "gram", "attn_or_one", "inv_sqrt_row",
+              "sqrt_row", "sq_q")
+
+    def saved(self, omega: Tensor) -> tuple[Tensor, ...]:
+        """The tensors the backward pass reads, with the block's normalised weights ``omega``."""
+        self.omega = omega
+        return tuple(getattr(self, name) for name in self._SAVED)
+
+    @classmethod
+    def from_saved(cls, tensors: tuple[Tensor, ...]) -> _PaperBlock:
+        """A block restored from :meth:`saved` (for the backward pass only)."""
+        block = cls.__new__(cls)
+        for name, tensor in zip(cls._SAVED, tensors, strict=True):
+            setattr(block, name, tensor)
+        return block
 
 
 class _PaperAggregate(torch.autograd.Function):
@@ -921,6 +951,11 @@ class _PaperAggregate(torch.autograd.Function):
         sq_k = (x_kv * x_kv).sum(dim=-1).unsqueeze(-2)
         log_c = torch.log(2.0 * mu / p)
         outputs, normalisers, bases = [], [], []
+        # Without chunk_size the blocks' intermediates are kept for the backward pass (about six (rows, keys) tensors
+        # of the single head-mean graph each), which then needs no second Gram product and no rebuild; with
+        # chunk_size they are rebuilt block by block there, so that the memory stays O(chunk_size * n_k).
+        keep = chunk_size is None and any(ctx.needs_input_grad)
+        kept: list[Tensor] = []
         running = base
         n_k = x_kv.shape[-2]
         plan = _block_plan(attn, x_q.shape[-2], chunk_size)
@@ -933,23 +968,28 @@ class _PaperAggregate(torch.autograd.Function):
                                 _row_block(p, rows), dist_floor)
             log_c_rows = _row_block(log_c, rows)
             omega, log_norm = _normalised_weights(block.log_w, log_c_rows, block.non_edge)
-            coefficients = omega.mul_(block.scale)
+            coefficients = omega * block.scale() if keep else omega.mul_(block.scale())
             outputs.append(_thin_matmul(coefficients, x_kv[..., :n_keys, :])
                            + torch.exp(log_c_rows - log_norm) * x_q[..., rows, :])
             normalisers.append(log_norm)
             bases.append(running)
+            if keep:
+                kept.extend(block.saved(omega))
             if causal:
                 running = running + _pad_keys(attn_rows.sum(dim=-2, keepdim=True), n_k)
             del block, omega, coefficients, attn_rows, col_deg  # before the next block is built
-        ctx.save_for_backward(x_q, x_kv, attn, p, mu, _concat_rows(normalisers), *bases)
-        ctx.settings = (dist_floor, causal, plan, head_mean)
+        ctx.save_for_backward(x_q, x_kv, attn, p, mu, _concat_rows(normalisers), *bases, *kept)
+        ctx.settings = (dist_floor, causal, plan, head_mean, keep)
         return _concat_rows(outputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x_q, x_kv, attn, p, mu, log_norm_all, *bases = ctx.saved_tensors
-        dist_floor, causal, plan, head_mean = ctx.settings
+        dist_floor, causal, plan, head_mean, kept = ctx.settings
+        if kept:
+            bases, kept_tensors = bases[:len(plan)], bases[len(plan):]
+            per_block = len(_PaperBlock._SAVED)
         n_k = x_kv.shape[-2]
         with autocast_disabled(grad_out.device.type):
             sq_k = (x_kv * x_kv).sum(dim=-1).unsqueeze(-2)
@@ -965,40 +1005,47 @@ class _PaperAggregate(torch.autograd.Function):
             carry = None  # causal: gradient w.r.t. the running column degrees after the current block
             for index in reversed(range(len(slices))):
                 rows, n_keys = plan[index]
-                attn_rows = _graph_rows(attn, rows, head_mean, n_keys)
-                col_deg = _key_columns(bases[index], n_keys)
-                if causal:
-                    col_deg = col_deg + torch.cumsum(attn_rows, dim=-2)
                 p_rows = _row_block(p, rows)
                 x_keys = x_kv[..., :n_keys, :]
-                block = _PaperBlock(x_q[..., rows, :], x_keys, sq_k[..., :n_keys], attn_rows, col_deg, p_rows,
-                                    dist_floor)
                 log_norm = log_norm_all[..., rows, :]
+                if kept:
+                    block = _PaperBlock.from_saved(tuple(kept_tensors[index * per_block:(index + 1) * per_block]))
+                    omega = block.omega
+                else:
+                    attn_rows = _graph_rows(attn, rows, head_mean, n_keys)
+                    col_deg = _key_columns(bases[index], n_keys)
+                    if causal:
+                        col_deg = col_deg + torch.cumsum(attn_rows, dim=-2)
+                    block = _PaperBlock(x_q[..., rows, :], x_keys, sq_k[..., :n_keys], attn_rows, col_deg, p_rows,
+                                        dist_floor)
+                    omega = _edge_weights(block.log_w.sub_(log_norm), block.non_edge)
+                    del attn_rows, col_deg
                 xq = x_q[..., rows, :]
                 grad = grad_out[..., rows, :]
-                omega = _edge_weights(block.log_w.sub_(log_norm), block.non_edge)
                 beta = torch.exp(_row_block(log_c, rows) - log_norm)
-                coefficients = omega * block.scale
-                grad_coef = torch.matmul(grad, x_keys.transpose(-1, -2))
+                ir, ic = block.inv_sqrt_row, block.inv_sqrt_col
+                coefficients = omega * block.scale()
                 grad_beta = (grad * xq).sum(dim=-1, keepdim=True)
                 # coefficients = omega * scale; t = dL/dscale * scale = dL/domega * omega.
-                t = grad_coef * coefficients
-                total = t.sum(dim=-1, keepdim=True) + beta * grad_beta
-                grad_log_w = t - omega * total  # exactly 0 on non-edges
+                t = torch.matmul(grad, x_keys.transpose(-1, -2)).mul_(coefficients)
+                t_sum = t.sum(dim=-1, keepdim=True)
+                total = t_sum + beta * grad_beta
+                grad_log_w = torch.addcmul(t, omega, total, value=-1.0)  # exactly 0 on non-edges
                 grad_log_c_rows[index] = beta * (grad_beta - total)
-                grad_p_rows[index] = 0.5 * (grad_log_w * (block.log_attn + block.log_dist)).sum(dim=-1, keepdim=True)
-                grad_log_row = 0.5 * t.sum(dim=-1, keepdim=True) - grad_log_w.sum(dim=-1, keepdim=True)
-                grad_log_col = -0.5 * t
-                grad_dist = (grad_log_w * (0.5 * (p_rows - 2.0))).div_(block.dist_sq).masked_fill_(~block.free, 0.0)
-                # dist = sq_q r^2 + sq_k c^2 - 2 gram r c, with r = D_q^(-1/2), c = D_j^(-1/2).
-                ir, ic = block.inv_sqrt_row, block.inv_sqrt_col
-                grad_gram = -2.0 * grad_dist * block.inv_sqrt_both
-                grad_ir = (grad_dist * (2.0 * block.sq_q * ir - 2.0 * block.gram * ic)).sum(dim=-1, keepdim=True)
-                grad_ic = grad_dist * (2.0 * sq_k[..., :n_keys] * ic - 2.0 * block.gram * ir)
-                # ir and ic are 0 where the degree is 0, so these terms vanish there as they should.
+                grad_p_rows[index] = 0.5 * _row_dot(grad_log_w, block.log_sum)
+                grad_log_row = 0.5 * t_sum - grad_log_w.sum(dim=-1, keepdim=True)
+                grad_dist = torch.where(block.free, grad_log_w / block.dist_sq, 0.0).mul_(0.5 * (p_rows - 2.0))
+                # dist = sq_q r^2 + sq_k c^2 - 2 gram r c, with r = D_q^(-1/2), c = D_j^(-1/2); g = dL/ddist * c.
+                # ir and ic are 0 where the degree is 0, so the degree terms vanish there as they should.
+                grad_dist_ic = grad_dist * ic
+                grad_gram = grad_dist_ic * (-2.0 * ir)
+                grad_dist_sum = grad_dist.sum(dim=-1, keepdim=True)
+                grad_ir = 2.0 * block.sq_q * ir * grad_dist_sum - 2.0 * _row_dot(grad_dist_ic, block.gram)
                 grad_row_deg = (-0.5 * grad_ir * ir + grad_log_row) * ir.square()
-                grad_col_deg = (-0.5 * grad_ic * ic + grad_log_col) * ic.square()
-                grad_attn = 0.5 * p_rows * grad_log_w / block.attn_or_one + grad_row_deg
+                # dL/dD_j = (-c/2 dL/dc - t/2) c^2 with dL/dc = 2 g' (sq_k c - gram r): c^2 (g (r gram - sq_k c) - t/2)
+                grad_col_deg = (block.gram * ir).addcmul_(sq_k[..., :n_keys], ic, value=-1.0).mul_(grad_dist_ic)
+                grad_col_deg = grad_col_deg.add_(t, alpha=-0.5).mul_(ic).mul_(ic)
+                grad_attn = torch.addcmul(grad_row_deg, grad_log_w.div_(block.attn_or_one), 0.5 * p_rows)
                 if causal:
                     # col_deg = base + cumsum(attn_rows): reverse cumulative sum over the rows, plus the later
                     # blocks' dependence on this block's column sums.
@@ -1015,15 +1062,15 @@ class _PaperAggregate(torch.autograd.Function):
                         # row degree, and (causal) the column degrees of the later rows.
                         rest = grad_row_deg if not causal or later is None else grad_row_deg + later[..., n_keys:]
                         _write_rows(grad_attn_full[..., n_keys:], rows, rest.expand(*rest.shape[:-1], n_k - n_keys))
-                grad_xq_rows[index] = (beta * grad + 2.0 * (grad_dist * ir.square()).sum(dim=-1, keepdim=True) * xq
+                grad_xq_rows[index] = (beta * grad + 2.0 * grad_dist_sum * ir.square() * xq
                                        + _thin_matmul(grad_gram, x_keys))
-                grad_sq_k = (grad_dist * ic.square()).sum(dim=-2).unsqueeze(-1)
+                grad_sq_k = (grad_dist_ic * ic).sum(dim=-2).unsqueeze(-1)
                 grad_xk = _add_key_rows(grad_xk, _thin_matmul(coefficients.transpose(-1, -2), grad)
                                         + 2.0 * grad_sq_k * x_keys + _thin_matmul(grad_gram.transpose(-1, -2), xq),
                                         n_k)
                 # Free this block's (rows, n_k) tensors before the next block is built (not at reassignment).
-                del block, omega, coefficients, grad_coef, t, grad_log_w, grad_log_col, grad_dist, grad_gram, grad_ic
-                del grad_col_deg, grad_attn
+                del block, omega, coefficients, t, grad_log_w, grad_dist, grad_dist_ic, grad_gram, grad_col_deg
+                del grad_attn
             needs = ctx.needs_input_grad
             grad_p, grad_mu = _coefficient_grads(needs[3], needs[4], p, mu, grad_p_rows, grad_log_c_rows)
             if head_mean and grad_attn_full is not None:
