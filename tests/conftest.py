@@ -33,3 +33,9 @@ def uncompiled_release_blocks(monkeypatch):
     monkeypatch.setattr(kernel, "_COMPILER", uncompiled)
     monkeypatch.setattr(kernel, "_COMPILED_BLOCKS", {})
     return calls
+
+
+@pytest.fixture
+def torch_release_path(monkeypatch):
+    """Run the ``release`` p-Laplacian block on its torch path (the fused CPU kernels switched off)."""
+    monkeypatch.setenv("VLPEFT_CPU_KERNEL", "0")

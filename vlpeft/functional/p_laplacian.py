@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from vlpeft.functional._precision import autocast_disabled, compute_dtype, output_dtype
+from vlpeft.functional.p_laplacian_cpu import release_aggregate_cpu, release_kernel_applies
 from vlpeft.functional.parameters import DEFAULT_P_BOUNDS, check_p_bounds
 
 VARIANTS: tuple[str, ...] = ("paper", "release")
@@ -1095,6 +1096,10 @@ class _PaperAggregate(torch.autograd.Function):
 
 def _run_release(x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, options: dict) -> Tensor:
     self_graph = options["graph"] == "self"
+    if release_kernel_applies(x_q, x_kv, attn, p, mu, compiled=options["compiled"], recompute=options["recompute"]):
+        return release_aggregate_cpu(x_q, x_kv, attn, p, mu, eps=options["eps"], self_graph=self_graph,
+                                     drop_self_loops=self_graph and options["self_loop"] == "drop",
+                                     query_offset=options["query_offset"] if self_graph else 0)
     return _ReleaseAggregate.apply(
         x_q, x_kv, attn, p, mu, options["eps"], self_graph, self_graph and options["self_loop"] == "drop",
         options["query_offset"] if self_graph else 0, options["chunk_size"], options["recompute"],

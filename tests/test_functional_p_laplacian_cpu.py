@@ -1,0 +1,175 @@
+"""The fused CPU kernels of the ``release`` p-Laplacian block (vlpeft/functional/p_laplacian_cpu.py).
+
+They compute in float32; the reference is the torch path in float64. The kernels must be as accurate as the
+torch path's own float32 result (which uses the Gram form of the distances), for values and every gradient.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from test_functional_p_laplacian import _leaf, make_attention, make_features
+
+from vlpeft.functional import p_laplacian_aggregate
+from vlpeft.functional import p_laplacian_cpu as cpu
+
+needs_kernel = pytest.mark.skipif(not cpu.kernel_available(), reason="no C compiler: fused CPU kernels not built")
+
+
+def test_kernels_build_where_a_compiler_exists():
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    assert cpu.kernel_available()
+
+
+def _run(inputs, options, *, dtype, kernel, monkeypatch, threads=1):
+    """(output, gradients of x_q, x_kv, attn, p, mu) of one call, on the kernels or the torch path."""
+    monkeypatch.setenv(cpu.ENV_SWITCH, "1" if kernel else "0")
+    x_q, x_kv, attn, p, mu = (_leaf(t.to(dtype)) for t in inputs)
+    if options.get("shared_features"):
+        x_q = x_kv  # self graph on the key nodes themselves: one leaf, as in the p-adapter layer
+    kwargs = {k: v for k, v in options.items() if k != "shared_features"}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = p_laplacian_aggregate(x_q, x_kv, attn, p, mu, variant="release", **kwargs)
+        weights = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view_as(out)
+        (out * weights).sum().backward()
+    finally:
+        torch.set_num_threads(previous)
+    grads = [t.grad for t in (x_q, x_kv, attn, p, mu)]
+    if options.get("shared_features"):
+        grads[0] = torch.zeros_like(grads[1])
+    return [out.detach(), *grads]
+
+
+def _inputs(heads=2, n_q=23, n_k=23, d=8, *, causal=True, holes=0.0, zero_rows=(), offset=None, per_head_p=True):
+    x_kv = make_features(2, heads, n_k, d, seed=1)
+    x_q = make_features(2, heads, n_q, d, seed=3) if n_q != n_k else x_kv
+    attn = make_attention(2, heads, n_q, n_k, causal=causal, holes=holes, zero_rows=zero_rows, offset=offset)
+    p = torch.tensor([1.3, 1.7][:heads], dtype=torch.float64) if per_head_p else torch.tensor(1.5, dtype=torch.float64)
+    return x_q, x_kv, attn, p, torch.tensor(0.3, dtype=torch.float64)
+
+
+CASES = {
+    "self_causal": (dict(), dict(graph="self", shared_features=True)),
+    "self_causal_drop": (dict(), dict(graph="self", self_loop="drop", shared_features=True)),
+    "self_padding_and_empty_rows": (dict(causal=False, holes=0.3, zero_rows=(4,)),
+                                    dict(graph="self", shared_features=True)),
+    "self_cached_queries": (dict(n_q=5, n_k=23), dict(graph="self", query_offset=18)),
+    "bipartite_pooled": (dict(n_q=19, n_k=7, causal=False, holes=0.2), dict(graph="bipartite")),
+    "bipartite_wide_features": (dict(n_q=11, n_k=90, d=13, causal=False, per_head_p=False),
+                                dict(graph="bipartite")),
+    "self_long_rows": (dict(heads=1, n_q=150, n_k=150), dict(graph="self", shared_features=True)),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kernel_as_accurate_as_the_torch_float32_path(case, monkeypatch):
+    shape, options = CASES[case]
+    inputs = _inputs(**shape)
+    reference = _run(inputs, options, dtype=torch.float64, kernel=False, monkeypatch=monkeypatch)
+    torch32 = _run(inputs, options, dtype=torch.float32, kernel=False, monkeypatch=monkeypatch)
+    kernel = _run(inputs, options, dtype=torch.float32, kernel=True, monkeypatch=monkeypatch)
+    names = ["output", "dx_q", "dx_kv", "dattn", "dp", "dmu"]
+    for name, got, ours32, expected in zip(names, kernel, torch32, reference):
+        assert got.dtype == torch.float32 and torch.isfinite(got).all(), name
+        scale = expected.abs().max().clamp_min(1e-30)
+        kernel_error = ((got.double() - expected).abs().max() / scale).item()
+        torch_error = ((ours32.double() - expected).abs().max() / scale).item()
+        assert kernel_error <= 2.0 * torch_error + 2e-6, (name, kernel_error, torch_error)
+
+
+@needs_kernel
+def test_kernel_non_edges_get_zero_attention_gradient(monkeypatch):
+    inputs = _inputs(causal=True, holes=0.3, zero_rows=(2,))
+    _, _, _, grad_attn, _, _ = _run(inputs, dict(graph="self", shared_features=True), dtype=torch.float32,
+                                    kernel=True, monkeypatch=monkeypatch)
+    attn = inputs[2]
+    assert torch.equal(grad_attn[attn == 0], torch.zeros_like(grad_attn[attn == 0]))
+
+
+@needs_kernel
+def test_kernel_results_do_not_depend_on_the_thread_count(monkeypatch):
+    inputs = _inputs(heads=2, n_q=31, n_k=31)
+    one = _run(inputs, dict(graph="self", shared_features=True), dtype=torch.float32, kernel=True,
+               monkeypatch=monkeypatch, threads=1)
+    two = _run(inputs, dict(graph="self", shared_features=True), dtype=torch.float32, kernel=True,
+               monkeypatch=monkeypatch, threads=2)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
+def test_kernel_without_attention_gradient(monkeypatch):
+    monkeypatch.setenv(cpu.ENV_SWITCH, "1")
+    x_q, x_kv, attn, p, mu = _inputs()
+    x = _leaf(x_kv.float())
+    out = p_laplacian_aggregate(x, x, attn.float(), p.float(), mu.float(), variant="release", graph="self")
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_kernel_is_used_only_for_float32_cpu_calls(monkeypatch):
+    calls = []
+    real = cpu.release_aggregate_cpu
+    monkeypatch.setattr("vlpeft.functional.p_laplacian.release_aggregate_cpu",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cpu, "kernel_available", lambda: True)
+    x_q, x_kv, attn, p, mu = _inputs()
+    p_laplacian_aggregate(x_kv, x_kv, attn, p, mu, variant="release", graph="self")  # float64: torch path
+    assert calls == []
+    if cpu._library() is not None:
+        p_laplacian_aggregate(x_kv.float(), x_kv.float(), attn.float(), p.float(), mu.float(), variant="release",
+                              graph="self")
+        assert calls == [1]
+
+
+def test_switched_off_kernel_uses_the_torch_path(monkeypatch):
+    monkeypatch.setenv(cpu.ENV_SWITCH, "0")
+    assert not cpu.kernel_available()
+    monkeypatch.setenv(cpu.ENV_SWITCH, "sometimes")
+    with pytest.raises(ValueError, match="VLPEFT_CPU_KERNEL must be one of"):
+        cpu.kernel_available()
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A kernel build from scratch into an empty cache directory; the process's own build is restored after."""
+    monkeypatch.setenv("VLPEFT_CACHE_DIR", str(tmp_path / "cache"))
+    cpu._built_library.cache_clear()
+    yield tmp_path / "cache"
+    cpu._built_library.cache_clear()
+
+
+def test_failed_build_warns_and_falls_back(monkeypatch, fresh_build):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv(cpu.ENV_SWITCH, "auto")
+    x_q, x_kv, attn, p, mu = (t.float() for t in _inputs())
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        out = p_laplacian_aggregate(x_kv, x_kv, attn, p, mu, variant="release", graph="self")
+    monkeypatch.setenv(cpu.ENV_SWITCH, "0")
+    expected = p_laplacian_aggregate(x_kv, x_kv, attn, p, mu, variant="release", graph="self")
+    torch.testing.assert_close(out, expected)
+
+
+def test_failed_build_raises_when_forced_on(monkeypatch, fresh_build):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv(cpu.ENV_SWITCH, "1")
+    with pytest.raises(cpu.CpuKernelBuildError, match="/nonexistent/cc"):
+        cpu.kernel_available()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_build_writes_one_library_atomically_and_keeps_subnormals(monkeypatch, fresh_build):
+    monkeypatch.setenv(cpu.ENV_SWITCH, "1")
+    assert cpu.kernel_available()
+    built = sorted(path.name for path in fresh_build.iterdir())
+    assert len(built) == 1 and built[0].startswith("p_laplacian_cpu-") and built[0].endswith(".so")
+    # Linked without -ffast-math: loading it must not switch the process to flush-to-zero.
+    assert np.float32(1e-39) / np.float32(2.0) > 0
+    assert (torch.tensor([1e-39]) / 2).item() > 0

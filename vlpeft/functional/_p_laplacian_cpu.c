@@ -1,0 +1,196 @@
+/*
+ * Fused CPU kernels of the ``release`` p-Laplacian aggregation (p-adapter.md §3.1), float32.
+ *
+ * Built at first use by vlpeft/functional/p_laplacian_cpu.py, which also holds the autograd wrapper and the
+ * description of the layout. One call handles the slices [s0, s1) of (batch * heads) independent graphs; every
+ * query row is one pass over the keys up to its last edge, so no (n_q, n_k) intermediate is ever stored: the
+ * forward and backward passes keep two / four rows of n_k floats of scratch; the forward pass records each row's
+ * key extent (1 + its last edge) for the backward pass.
+ *
+ * Per slice: xq (n_q, d) query-node features, xkt (d, n_k) key-node features transposed, attn rows of n_k entries
+ * ``attn_stride`` apart, half / log_c (n_q) the per-row (p - 2) / 2 and log(2 mu / p). Per query row i and key j:
+ *   D = |xq_i - xk_j|^2, S = max((A + eps) D, s_min_sq) (self loop of the self graph forced to s_min_sq unless
+ *   dropped), log W = log A + half log S; L = log(sum_j W + c), omega = W / e^L, beta = c / e^L;
+ *   out_i = sum_j omega_ij xk_j (+ beta xq_i in the self graph).
+ * Non-edges (A = 0) have weight exactly 0 and get no gradient through it, as in the torch path.
+ */
+#include <float.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdlib.h>
+
+/* 1 + the last key column with a non-zero attention entry of a row (0 for an empty row). Attention is
+ * non-negative, so a run of zeros is one whose maximum is 0: skipped 64 entries at a time (vectorised). */
+static int row_extent(const float *a, int n_k) {
+    int n = n_k;
+    while (n >= 64) {
+        float largest = 0.0f;
+        for (int t = n - 64; t < n; t++) largest = fmaxf(largest, a[t]);
+        if (largest != 0.0f) break;
+        n -= 64;
+    }
+    while (n > 0 && a[n - 1] == 0.0f) n--;
+    return n;
+}
+
+/* dist[j] = |xq - xk_j|^2 for j < n, from the transposed key features (contiguous over j for each feature). */
+static void distances(const float *xq, const float *xkt, int d, int n_k, int n, float *dist) {
+    for (int j = 0; j < n; j++) dist[j] = 0.0f;
+    for (int c = 0; c < d; c++) {
+        const float q = xq[c];
+        const float *k = xkt + (size_t)c * n_k;
+        for (int j = 0; j < n; j++) {
+            const float t = q - k[j];
+            dist[j] += t * t;
+        }
+    }
+}
+
+/* log S[j] into log_s (S = max((A + eps) D, s_min_sq), forced self loop). Returns the loop column or -1. */
+static int log_scaled(const float *a, const float *dist, int n, float eps, float s_min_sq, int loop_col,
+                      int force_loop, float *log_s) {
+    for (int j = 0; j < n; j++) log_s[j] = logf(fmaxf((a[j] + eps) * dist[j], s_min_sq));
+    if (loop_col >= 0 && loop_col < n) {
+        if (force_loop) log_s[loop_col] = logf(s_min_sq);
+        return loop_col;
+    }
+    return -1;
+}
+
+typedef struct {
+    int n_q, n_k, d;
+    long attn_stride;       /* elements between attention rows */
+    long attn_slice_stride; /* elements between attention slices */
+    float eps, s_min_sq;
+    int self_graph, drop_self_loops, query_offset;
+} Settings;
+
+int vlpeft_release_forward(int s0, int s1, const Settings *cfg, const float *xq, const float *xkt, const float *attn,
+                           const float *half, const float *log_c, float *out, float *agg, float *log_norm,
+                           int *extents) {
+    const int n_q = cfg->n_q, n_k = cfg->n_k, d = cfg->d;
+    float *scratch = malloc(sizeof(float) * 2 * (size_t)(n_k > 0 ? n_k : 1));
+    if (scratch == NULL) return 1;
+    float *dist = scratch, *w = scratch + n_k;
+    for (int s = s0; s < s1; s++) {
+        const float *xq_s = xq + (size_t)s * n_q * d, *xkt_s = xkt + (size_t)s * d * n_k;
+        const float *attn_s = attn + (size_t)s * cfg->attn_slice_stride;
+        for (int i = 0; i < n_q; i++) {
+            const size_t row = (size_t)s * n_q + i;
+            const float *a = attn_s + (size_t)i * cfg->attn_stride, *x = xq_s + (size_t)i * d;
+            const int n = row_extent(a, n_k);
+            const int loop = cfg->self_graph ? cfg->query_offset + i : -1;
+            const float h = half[row], lc = log_c[row];
+            extents[row] = n;
+            distances(x, xkt_s, d, n_k, n, dist);
+            const int loop_col = log_scaled(a, dist, n, cfg->eps, cfg->s_min_sq, loop, !cfg->drop_self_loops, w);
+            float m = lc;
+            for (int j = 0; j < n; j++) {
+                w[j] *= h;
+                m = fmaxf(m, w[j]);
+            }
+            for (int j = 0; j < n; j++) w[j] = a[j] * expf(w[j] - m);
+            if (loop_col >= 0 && cfg->drop_self_loops) w[loop_col] = 0.0f;
+            float total = expf(lc - m);
+            for (int j = 0; j < n; j++) total += w[j];
+            const float lnorm = m + logf(total), inv = 1.0f / total;
+            const float beta = cfg->self_graph ? expf(lc - lnorm) : 0.0f;
+            log_norm[row] = lnorm;
+            for (int c = 0; c < d; c++) {
+                const float *k = xkt_s + (size_t)c * n_k;
+                float acc = 0.0f;
+                for (int j = 0; j < n; j++) acc += w[j] * k[j];
+                agg[row * d + c] = acc * inv;
+                out[row * d + c] = acc * inv + beta * x[c];
+            }
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+/* grad_xkt (slices, d, n_k) is accumulated into (zeroed by the caller); grad_attn (if not NULL) rows are written
+ * whole, zeros right of a row's last edge; grad_p_rows / grad_log_c_rows: per-row dL/dp of the weights and
+ * dL/dlog c. */
+int vlpeft_release_backward(int s0, int s1, const Settings *cfg, const float *xq, const float *xkt,
+                            const float *attn, const float *half, const float *log_c, const float *log_norm,
+                            const float *agg, const int *extents, const float *grad_out, float *grad_xq, float *grad_xkt,
+                            float *grad_attn, long grad_attn_stride, long grad_attn_slice_stride,
+                            float *grad_p_rows, float *grad_log_c_rows) {
+    const int n_q = cfg->n_q, n_k = cfg->n_k, d = cfg->d;
+    float *scratch = malloc(sizeof(float) * 4 * (size_t)(n_k > 0 ? n_k : 1));
+    if (scratch == NULL) return 1;
+    float *dist = scratch, *log_s = scratch + n_k, *omega = scratch + 2 * (size_t)n_k, *gx = scratch + 3 * (size_t)n_k;
+    for (int s = s0; s < s1; s++) {
+        const float *xq_s = xq + (size_t)s * n_q * d, *xkt_s = xkt + (size_t)s * d * n_k;
+        const float *attn_s = attn + (size_t)s * cfg->attn_slice_stride;
+        float *gxkt_s = grad_xkt + (size_t)s * d * n_k;
+        for (int i = 0; i < n_q; i++) {
+            const size_t row = (size_t)s * n_q + i;
+            const float *a = attn_s + (size_t)i * cfg->attn_stride, *x = xq_s + (size_t)i * d;
+            const float *g = grad_out + row * d;
+            const int n = extents[row];
+            const int loop = cfg->self_graph ? cfg->query_offset + i : -1;
+            const float h = half[row], lc = log_c[row], lnorm = log_norm[row];
+            const float beta = expf(lc - lnorm);
+            /* dL/dlog c = beta g . (xq_i - U_i) (self graph; U_i = agg_i + beta xq_i) or -beta g . U_i. */
+            float g_dot = 0.0f;
+            for (int c = 0; c < d; c++) {
+                const float u = agg[row * d + c] + (cfg->self_graph ? beta * x[c] : 0.0f);
+                g_dot += g[c] * (cfg->self_graph ? x[c] - u : -u);
+            }
+            grad_log_c_rows[row] = beta * g_dot;
+            float *gq = grad_xq + row * d;
+            for (int c = 0; c < d; c++) gq[c] = cfg->self_graph ? beta * g[c] : 0.0f;
+            distances(x, xkt_s, d, n_k, n, dist);
+            const int loop_col = log_scaled(a, dist, n, cfg->eps, cfg->s_min_sq, loop, !cfg->drop_self_loops, log_s);
+            for (int j = 0; j < n; j++) omega[j] = a[j] * expf(h * log_s[j] - lnorm);
+            if (loop_col >= 0 && cfg->drop_self_loops) omega[loop_col] = 0.0f;
+            /* dL/domega_j = g . xk_j; minus total = g . U_i, taken as g . (xk_j - U_i) against cancellation. */
+            for (int j = 0; j < n; j++) gx[j] = 0.0f;
+            for (int c = 0; c < d; c++) {
+                const float gc = g[c], u = agg[row * d + c] + (cfg->self_graph ? beta * x[c] : 0.0f);
+                const float *k = xkt_s + (size_t)c * n_k;
+                for (int j = 0; j < n; j++) gx[j] += gc * (k[j] - u);
+            }
+            /* gx <- dL/dlog W; log_s is kept for dL/dp; dist <- dL/dD (0 at the floor and on forced loops). */
+            float grad_p = 0.0f;
+            float *ga = grad_attn != NULL
+                            ? grad_attn + (size_t)s * grad_attn_slice_stride + (size_t)i * grad_attn_stride
+                            : NULL;
+            for (int j = 0; j < n; j++) {
+                const float glw = gx[j] * omega[j];
+                grad_p += glw * log_s[j];
+                const float a_eps = a[j] + cfg->eps;
+                /* S above the floor: dL/dS = glw h / S with S = (A + eps) D, so dL/dS D = glw h / (A + eps). */
+                const float free_grad = a_eps * dist[j] > cfg->s_min_sq ? glw * h : 0.0f;
+                const float grad_d = free_grad / fmaxf(dist[j], FLT_MIN);
+                if (ga != NULL) ga[j] = glw / fmaxf(a[j], FLT_MIN) + free_grad / a_eps;
+                dist[j] = grad_d;
+                gx[j] = glw;
+            }
+            if (loop_col >= 0 && !cfg->drop_self_loops) {
+                /* S forced to the floor: no gradient to the distance, dL/dA = dL/dlog W / A only. */
+                dist[loop_col] = 0.0f;
+                if (ga != NULL) ga[loop_col] = gx[loop_col] / fmaxf(a[loop_col], FLT_MIN);
+            }
+            if (ga != NULL)
+                for (int j = n; j < n_k; j++) ga[j] = 0.0f;
+            grad_p_rows[row] = 0.5f * grad_p;
+            for (int c = 0; c < d; c++) {
+                const float q = x[c], gc = g[c];
+                const float *k = xkt_s + (size_t)c * n_k;
+                float *gk = gxkt_s + (size_t)c * n_k;
+                float acc = 0.0f;
+                for (int j = 0; j < n; j++) {
+                    const float diff = q - k[j];
+                    acc += dist[j] * diff;
+                    gk[j] += omega[j] * gc - 2.0f * dist[j] * diff;
+                }
+                gq[c] += 2.0f * acc;
+            }
+        }
+    }
+    free(scratch);
+    return 0;
+}

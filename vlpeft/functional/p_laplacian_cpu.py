@@ -1,0 +1,267 @@
+"""Fused CPU kernels of the ``release`` p-Laplacian aggregation (float32), compiled from C at first use.
+
+The torch path of :func:`vlpeft.functional.p_laplacian_aggregate` spends most of its CPU time in a dozen
+elementwise passes over per-head (rows, n_k) tensors (distances, scaled norms, their log, the exponential weights,
+the chain rule of the backward pass), each a round trip through memory plus a dispatch. The kernels of
+``_p_laplacian_cpu.c`` do the same arithmetic row by row, one pass over the keys up to the row's last edge, with
+the distances taken directly as |F_i - F_j|^2 (no Gram form, so no centring is needed) and nothing of size
+(n_q, n_k) stored: O(n_k) scratch per row, and only the per-row log-normaliser and aggregate kept for backward.
+
+When used: float32 CPU tensors, not ``compiled`` and no ``recompute_attention`` (see
+:func:`release_kernel_applies`), if the library could be built. It is built once per machine (source, flags and
+CPU features are the cache key) with the C compiler ``$CC`` (default ``cc``) as ``-O3 -march=native -ffast-math``
+into ``$VLPEFT_CACHE_DIR`` (default ``~/.cache/vlpeft``), written atomically; the object is linked without
+``-ffast-math`` so that loading it does not switch the process to flush-to-zero. glibc's vector math library
+(libmvec) gives vectorised ``expf``/``logf``; without it the loops call the scalar functions. If no compiler is
+found or the build fails, a warning says so once and the torch path is used. ``VLPEFT_CPU_KERNEL=0`` turns the
+kernels off (``=1`` makes a failed build an error instead of a warning).
+
+Threads: the (batch * heads) graphs are split over ``torch.get_num_threads()`` Python threads (ctypes releases
+the GIL during each call); every slice is written by one thread, so results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("_p_laplacian_cpu.c")
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c99")
+ENV_SWITCH = "VLPEFT_CPU_KERNEL"
+
+
+class CpuKernelBuildError(RuntimeError):
+    """The fused CPU kernels could not be built (with ``VLPEFT_CPU_KERNEL=1``)."""
+
+
+class _Settings(ctypes.Structure):
+    _fields_ = [
+        ("n_q", ctypes.c_int), ("n_k", ctypes.c_int), ("d", ctypes.c_int),
+        ("attn_stride", ctypes.c_long), ("attn_slice_stride", ctypes.c_long),
+        ("eps", ctypes.c_float), ("s_min_sq", ctypes.c_float),
+        ("self_graph", ctypes.c_int), ("drop_self_loops", ctypes.c_int), ("query_offset", ctypes.c_int),
+    ]
+
+
+def _switch() -> str:
+    value = os.environ.get(ENV_SWITCH, "auto").strip().lower()
+    if value not in ("auto", "0", "1", "off", "on"):
+        raise ValueError(f"{ENV_SWITCH} must be one of auto, 0, 1 (off/on), got {value!r}")
+    return {"off": "0", "on": "1"}.get(value, value)
+
+
+def cache_dir() -> Path:
+    """Where the built library is kept: ``$VLPEFT_CACHE_DIR``, else ``$XDG_CACHE_HOME/vlpeft`` or ``~/.cache/vlpeft``."""
+    if os.environ.get("VLPEFT_CACHE_DIR"):
+        return Path(os.environ["VLPEFT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vlpeft"
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags (``-march=native`` builds are only valid on CPUs that have them)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _library_path(compiler: str) -> Path:
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(COMPILE_FLAGS).encode(), compiler.encode(), _cpu_features().encode(),
+                 platform.machine().encode(), sys.platform.encode()):
+        key.update(part)
+        key.update(b"\0")
+    return cache_dir() / f"p_laplacian_cpu-{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile (with -ffast-math) and link (without it, and with libmvec if present) into ``target`` atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as work:
+        obj = os.path.join(work, "kernel.o")
+        lib = os.path.join(work, "kernel.so")
+        subprocess.run([compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", obj], check=True, capture_output=True,
+                       text=True)
+        try:
+            subprocess.run([compiler, "-shared", obj, "-o", lib, "-lmvec", "-lm"], check=True, capture_output=True,
+                           text=True)
+        except subprocess.CalledProcessError:  # no libmvec (not glibc): scalar expf/logf
+            subprocess.run([compiler, "-shared", obj, "-o", lib, "-lm"], check=True, capture_output=True, text=True)
+        os.replace(lib, target)
+
+
+def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
+    pointer, integer, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    settings = ctypes.POINTER(_Settings)
+    library.vlpeft_release_forward.argtypes = [integer, integer, settings] + [pointer] * 9
+    library.vlpeft_release_forward.restype = integer
+    library.vlpeft_release_backward.argtypes = ([integer, integer, settings] + [pointer] * 12 + [long, long]
+                                                + [pointer] * 2)
+    library.vlpeft_release_backward.restype = integer
+    return library
+
+
+def _library() -> ctypes.CDLL | None:
+    """The built kernels, or None: switched off (read at every call), or the build failed."""
+    return None if _switch() == "0" else _built_library(_switch() == "1")
+
+
+@functools.cache
+def _built_library(forced: bool) -> ctypes.CDLL | None:
+    """Build (once per process) and load the kernels; a failed build warns, or raises if ``forced``."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or ""
+    try:
+        if not compiler:
+            raise FileNotFoundError("no C compiler found (set CC, or install cc/gcc)")
+        target = _library_path(compiler)
+        if not target.exists():
+            _build(compiler, target)
+        return _bind(ctypes.CDLL(str(target)))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", None) or str(error)
+        message = (f"vlpeft: the fused CPU kernels of the release p-Laplacian block could not be built ({detail.strip()}); "
+                   "using the slower torch path")
+        if forced:
+            raise CpuKernelBuildError(message) from error
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return None
+
+
+def kernel_available() -> bool:
+    """Whether the fused CPU kernels are built and switched on (builds them on the first call)."""
+    return _library() is not None
+
+
+def release_kernel_applies(*tensors: Tensor, compiled: bool, recompute: Any) -> bool:
+    """Whether :func:`release_aggregate_cpu` computes this call: float32 CPU tensors, no compiled block, no
+    recomputed attention, and the kernels are available."""
+    if compiled or recompute is not None:
+        return False
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    return kernel_available()
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlpeft-plap")
+
+
+def _run_slices(function: Any, slices: int, *args: Any) -> None:
+    """function(s0, s1, *args) over [0, slices), split over torch's intra-op thread count."""
+    workers = max(1, min(torch.get_num_threads(), slices))
+    if workers == 1:
+        bounds = [(0, slices)]
+    else:
+        step = -(-slices // workers)
+        bounds = [(start, min(start + step, slices)) for start in range(0, slices, step)]
+    if len(bounds) == 1:
+        codes = [function(0, slices, *args)]
+    else:
+        codes = list(_pool(workers).map(lambda b: function(b[0], b[1], *args), bounds))
+    if any(codes):
+        raise MemoryError("vlpeft: the fused CPU kernel could not allocate its scratch rows")
+
+
+def _ptr(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+class _ReleaseCpuAggregate(torch.autograd.Function):
+    """U = sum_j omega_qj x_kv,j (+ beta_q x_q for the self graph) with the ``release`` weights, by the C kernels.
+
+    Inputs as for the torch path's ``_ReleaseAggregate``: x_q (.., n_q, d), x_kv (.., n_k, d), attn (.., n_q, n_k),
+    p and mu broadcastable to (.., n_q, 1), all float32 on the CPU and broadcastable to one leading shape.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, eps: float,
+                self_graph: bool, drop_self_loops: bool, query_offset: int) -> Tensor:
+        library = _library()
+        n_q, d = x_q.shape[-2:]
+        n_k = x_kv.shape[-2]
+        lead = torch.broadcast_shapes(x_q.shape[:-2], x_kv.shape[:-2], attn.shape[:-2], p.shape[:-2] if p.dim() >= 2
+                                      else (), mu.shape[:-2] if mu.dim() >= 2 else ())
+        slices = 1
+        for size in lead:
+            slices *= size
+        xq = x_q.expand(*lead, n_q, d).reshape(slices, n_q, d).contiguous()
+        xkt = x_kv.expand(*lead, n_k, d).reshape(slices, n_k, d).transpose(1, 2).contiguous()
+        graph = attn.expand(*lead, n_q, n_k).reshape(slices, n_q, n_k)
+        if graph.stride(-1) != 1:
+            graph = graph.contiguous()
+        rows = (*lead, n_q, 1)
+        half = (0.5 * (p - 2.0)).expand(rows).reshape(-1).contiguous()
+        log_c = torch.log(2.0 * mu / p).expand(rows).reshape(-1).contiguous()
+        settings = _Settings(n_q, n_k, d, graph.stride(1), graph.stride(0), eps, eps * eps * d, int(self_graph),
+                             int(drop_self_loops), int(query_offset))
+        out = x_q.new_empty(slices, n_q, d)
+        aggregated = x_q.new_empty(slices, n_q, d)
+        log_norm = x_q.new_empty(slices * n_q)
+        extents = torch.empty(slices * n_q, dtype=torch.int32)
+        _run_slices(library.vlpeft_release_forward, slices, ctypes.byref(settings), _ptr(xq), _ptr(xkt),
+                    _ptr(graph), _ptr(half), _ptr(log_c), _ptr(out), _ptr(aggregated), _ptr(log_norm), _ptr(extents))
+        ctx.save_for_backward(x_q, x_kv, attn, p, mu, xq, xkt, graph, half, log_c, log_norm, aggregated, extents)
+        ctx.settings = settings
+        ctx.lead = lead
+        return out.view(*lead, n_q, d)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        from vlpeft.functional.p_laplacian import _coefficient_grads, _reduce_to
+
+        x_q, x_kv, attn, p, mu, xq, xkt, graph, half, log_c, log_norm, aggregated, extents = ctx.saved_tensors
+        settings, lead = ctx.settings, ctx.lead
+        needs = ctx.needs_input_grad
+        slices, n_q, d = xq.shape
+        n_k = xkt.shape[-1]
+        grad = grad_out.to(torch.float32).expand(*lead, n_q, d).reshape(slices, n_q, d).contiguous()
+        grad_xq = xq.new_empty(slices, n_q, d)
+        grad_xkt = xq.new_zeros(slices, d, n_k)
+        grad_graph = xq.new_empty(slices, n_q, n_k) if needs[2] else None
+        grad_p_rows = xq.new_empty(slices * n_q)
+        grad_log_c_rows = xq.new_empty(slices * n_q)
+        _run_slices(_library().vlpeft_release_backward, slices, ctypes.byref(settings), _ptr(xq), _ptr(xkt),
+                    _ptr(graph), _ptr(half), _ptr(log_c), _ptr(log_norm), _ptr(aggregated), _ptr(extents), _ptr(grad),
+                    _ptr(grad_xq), _ptr(grad_xkt), _ptr(grad_graph), n_k, n_q * n_k, _ptr(grad_p_rows),
+                    _ptr(grad_log_c_rows))
+        n_rows = (*lead, n_q, 1)
+        grad_p, grad_mu = _coefficient_grads(needs[3], needs[4], p, mu, [grad_p_rows.view(n_rows)],
+                                             [grad_log_c_rows.view(n_rows)])
+        grad_attn = None
+        if grad_graph is not None:
+            grad_attn = _reduce_to(grad_graph.view(*lead, n_q, n_k), attn, True)
+        return (
+            _reduce_to(grad_xq.view(*lead, n_q, d), x_q, needs[0]),
+            _reduce_to(grad_xkt.transpose(1, 2).reshape(*lead, n_k, d), x_kv, needs[1]),
+            grad_attn,
+            grad_p,
+            grad_mu,
+            None, None, None, None,
+        )
+
+
+def release_aggregate_cpu(x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, *, eps: float,
+                          self_graph: bool, drop_self_loops: bool, query_offset: int) -> Tensor:
+    """The ``release`` aggregation by the fused CPU kernels; p and mu as coefficient tensors (0-d or broadcastable
+    to (.., n_q, 1)). Callers check :func:`release_kernel_applies` first."""
+    return _ReleaseCpuAggregate.apply(x_q, x_kv, attn, p, mu, eps, self_graph, drop_self_loops, query_offset)
