@@ -8,8 +8,12 @@ Workloads (batch B, heads H, n tokens, head dim d; p = 1.5, mu = 0.2):
 
 Implementations:
 
-- ``efficient``  :func:`vlpeft.functional.p_laplacian_aggregate` (Gram-form distances, log-space weights).
-- ``chunked``    the same with ``chunk_size=32`` (query blocks recomputed in backward).
+- ``efficient``  :func:`vlpeft.functional.p_laplacian_aggregate` as called by default: for ``release`` in float32 on
+                 the CPU the fused CPU kernels (:mod:`vlpeft.functional.p_laplacian_cpu`), otherwise the torch path
+                 (Gram-form distances, log-space weights).
+- ``torch``      (``release`` workloads) the torch path, with the fused CPU kernels switched off.
+- ``chunked``    ``efficient`` with ``chunk_size=32`` (query blocks recomputed in backward; the fused CPU kernels
+                 keep nothing of size n^2 either way, so for ``release`` on the CPU this equals ``efficient``).
 - ``naive``      equation-level: pairwise difference tensors (n_q, n_k, d) built by broadcasting; for
                  ``paper`` the full (2n x 2n) augmented graph of Eq. 9 with the dense diag matrices of Eq. 16;
                  for ``release`` the query-to-key block with alpha/beta applied by broadcasting.
@@ -47,6 +51,7 @@ from torch import Tensor
 
 from vlpeft.benchmarking.measure import TIMERS, peak_memory_bytes, time_round_robin
 from vlpeft.functional import p_laplacian_aggregate
+from vlpeft.functional.p_laplacian_cpu import cpu_kernels
 
 EPS = 1e-8
 WORKLOADS: tuple[str, ...] = ("release_self", "release_cross", "paper_cross")
@@ -54,8 +59,8 @@ CHUNK_SIZE = 32
 #: Token counts of the default run (``vlpeft bench``).
 DEFAULT_NS: tuple[int, ...] = (64, 256, 1024)
 IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
-    "release_self": ("efficient", "chunked", "naive", "released"),
-    "release_cross": ("efficient", "chunked", "naive", "released"),
+    "release_self": ("efficient", "torch", "chunked", "naive", "released"),
+    "release_cross": ("efficient", "torch", "chunked", "naive", "released"),
     "paper_cross": ("efficient", "chunked", "naive"),
 }
 
@@ -144,6 +149,14 @@ def implementation(workload: str, name: str) -> Callable[[Inputs], Tensor]:
     if name == "chunked":
         efficient = implementation(workload, "efficient")
         return lambda t: efficient({**t, "chunk_size": CHUNK_SIZE})
+    if name == "torch":
+        efficient = implementation(workload, "efficient")
+
+        def torch_path(t: Inputs) -> Tensor:
+            with cpu_kernels(False):
+                return efficient(t)
+
+        return torch_path
     if workload == "release_self":
         table = {
             "efficient": lambda t: p_laplacian_aggregate(t["x"], t["x"], t["attn"], t["p"], t["mu"],
@@ -170,7 +183,7 @@ def implementation(workload: str, name: str) -> Callable[[Inputs], Tensor]:
 
 def largest_pair_tensor_bytes(workload: str, name: str, batch: int, heads: int, n: int, d: int) -> int:
     """Bytes of the largest (.., n_i, n_j, d) float32 tensor the implementation materialises."""
-    if name == "efficient":
+    if name in ("efficient", "torch"):
         return 4 * batch * heads * n * n
     if name == "chunked":
         return 4 * batch * heads * min(n, CHUNK_SIZE) * n

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from vlpeft.functional import p_laplacian_cpu
+
 SUITES: tuple[str, ...] = ("p_laplacian", "training", "long")
 
 _LLAVA_METHODS = ("frozen", "lora", "routed_lora_mul", "routed_lora_matmul", "adapter", "adapter_eager",
@@ -72,6 +74,7 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "processor": _cpu_model(),
+        "fused_cpu_kernels": p_laplacian_cpu.kernel_available(),
     }
     if hasattr(os, "getloadavg"):
         info["load_average_start"] = list(os.getloadavg())
@@ -179,7 +182,8 @@ def markdown_report(result: dict[str, Any], comparison: list[dict] | None = None
         f"Machine: {machine['processor']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
         f"({machine['torch_threads']} threads), Python {machine['python']}; load average at start "
         f"{machine.get('load_average_start')}, at end {machine.get('load_average_end')}; "
-        f"profile `{result['profile']}`, timer `{result.get('timer', 'wall')}`, {result['elapsed_s']:.0f} s.",
+        f"profile `{result['profile']}`, timer `{result.get('timer', 'wall')}`, {result['elapsed_s']:.0f} s; "
+        f"fused CPU kernels of the release block: {'on' if machine.get('fused_cpu_kernels') else 'off'}.",
         "",
     ]
     suites = result["suites"]

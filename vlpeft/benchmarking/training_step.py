@@ -32,6 +32,8 @@ Methods (every adapter method is placed in the language tower(s) only, at the sa
 - ``p_adapter_paper_chunked`` / ``p_adapter_release_chunked`` (optional): the same with ``chunk_size``.
 - ``p_adapter_release_compiled`` (optional): ``release`` with ``compile_block=True``; its first step (which compiles)
   is run and timed (``first_step_s``, wall-clock) before the round-robin timing.
+- ``p_adapter_release_torch``: ``release`` with the fused CPU kernels switched off (the torch path of the block,
+  as before the kernels; on CUDA the same as ``p_adapter_release``).
 
 Reported per method: step time (minimum on the chosen clock, ``timer="wall"`` or ``"cpu"``, and the wall-clock
 median over the round-robin runs), the ratio to ``frozen``, ``lora``, ``adapter`` and ``adapter_eager``
@@ -41,6 +43,7 @@ trainable parameters. See :mod:`vlpeft.benchmarking.measure` for how time and me
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable, Sequence
@@ -143,6 +146,7 @@ METHOD_NAMES: tuple[str, ...] = (
     "p_adapter_paper_chunked",
     "p_adapter_release_chunked",
     "p_adapter_release_compiled",
+    "p_adapter_release_torch",
 )
 #: Without the chunked, eager and compiled rows (the compiled row compiles for about a minute: opt-in).
 DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHOD_NAMES if not m.endswith(("_chunked", "_eager", "_compiled")))
@@ -285,15 +289,19 @@ def trainable_parameters(model: nn.Module) -> int:
 class TrainingStep:
     """One optimisation step of a model on fixed inputs (AdamW over its trainable parameters)."""
 
-    def __init__(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, inputs: dict[str, torch.Tensor], *, cpu_kernels: bool = True) -> None:
         self.model = model
         self.inputs = inputs
+        self.cpu_kernels = cpu_kernels
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
 
     def __call__(self) -> float:
-        loss = self.model(**self.inputs).loss
-        loss.backward()
+        from vlpeft.functional.p_laplacian_cpu import cpu_kernels
+
+        with contextlib.nullcontext() if self.cpu_kernels else cpu_kernels(False):
+            loss = self.model(**self.inputs).loss
+            loss.backward()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -337,7 +345,7 @@ def run(
         model_rows: dict[str, dict] = {}
         for method in methods:
             model = build_method(method, base, spec, chunk_size=chunk_size)
-            steps[method] = TrainingStep(model, inputs)
+            steps[method] = TrainingStep(model, inputs, cpu_kernels=not method.endswith("_torch"))
             model_rows[method] = {
                 "model": model_name,
                 "method": method,

@@ -22,6 +22,7 @@ the GIL during each call); every slice is written by one thread, so results do n
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,20 @@ def _built_library(forced: bool) -> ctypes.CDLL | None:
             raise CpuKernelBuildError(message) from error
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         return None
+
+
+@contextlib.contextmanager
+def cpu_kernels(enabled: bool) -> Iterator[None]:
+    """Within the block, the fused CPU kernels are switched on (``VLPEFT_CPU_KERNEL=auto``) or off (``=0``)."""
+    previous = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = "auto" if enabled else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_SWITCH, None)
+        else:
+            os.environ[ENV_SWITCH] = previous
 
 
 def kernel_available() -> bool:
