@@ -31,11 +31,11 @@ def _run(inputs, options, *, dtype, kernel, monkeypatch, threads=1):
     x_q, x_kv, attn, p, mu = (_leaf(t.to(dtype)) for t in inputs)
     if options.get("shared_features"):
         x_q = x_kv  # self graph on the key nodes themselves: one leaf, as in the p-adapter layer
-    kwargs = {k: v for k, v in options.items() if k != "shared_features"}
+    kwargs = {"variant": "release", **{k: v for k, v in options.items() if k != "shared_features"}}
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = p_laplacian_aggregate(x_q, x_kv, attn, p, mu, variant="release", **kwargs)
+        out = p_laplacian_aggregate(x_q, x_kv, attn, p, mu, **kwargs)
         weights = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view_as(out)
         (out * weights).sum().backward()
     finally:
@@ -46,9 +46,11 @@ def _run(inputs, options, *, dtype, kernel, monkeypatch, threads=1):
     return [out.detach(), *grads]
 
 
-def _inputs(heads=2, n_q=23, n_k=23, d=8, *, causal=True, holes=0.0, zero_rows=(), offset=None, per_head_p=True):
-    x_kv = make_features(2, heads, n_k, d, seed=1)
-    x_q = make_features(2, heads, n_q, d, seed=3) if n_q != n_k else x_kv
+def _inputs(heads=2, n_q=23, n_k=23, d=8, *, causal=True, holes=0.0, zero_rows=(), offset=None, per_head_p=True,
+            feature_heads=None):
+    feature_heads = heads if feature_heads is None else feature_heads
+    x_kv = make_features(2, feature_heads, n_k, d, seed=1)
+    x_q = make_features(2, feature_heads, n_q, d, seed=3) if n_q != n_k else x_kv
     attn = make_attention(2, heads, n_q, n_k, causal=causal, holes=holes, zero_rows=zero_rows, offset=offset)
     p = torch.tensor([1.3, 1.7][:heads], dtype=torch.float64) if per_head_p else torch.tensor(1.5, dtype=torch.float64)
     return x_q, x_kv, attn, p, torch.tensor(0.3, dtype=torch.float64)
@@ -64,6 +66,13 @@ CASES = {
     "bipartite_wide_features": (dict(n_q=11, n_k=90, d=13, causal=False, per_head_p=False),
                                 dict(graph="bipartite")),
     "self_long_rows": (dict(heads=1, n_q=150, n_k=150), dict(graph="self", shared_features=True)),
+    "paper": (dict(n_q=19, n_k=23, causal=False, holes=0.2, zero_rows=(3,)), dict(variant="paper")),
+    "paper_causal_degrees": (dict(n_q=23, n_k=23), dict(variant="paper", causal_degrees=True)),
+    "paper_causal_row_blocks": (dict(heads=1, n_q=300, n_k=300, d=16, per_head_p=False),
+                                dict(variant="paper", causal_degrees=True)),
+    "paper_chunked_past_degrees": (dict(n_q=9, n_k=23), dict(variant="paper", causal_degrees=True, chunk_size=4)),
+    "paper_head_mean": (dict(heads=3, feature_heads=1, n_q=17, n_k=17, per_head_p=False),
+                        dict(variant="paper", causal_degrees=True, attn_head_mean=True)),
 }
 
 

@@ -194,3 +194,190 @@ int vlpeft_release_backward(int s0, int s1, const Settings *cfg, const float *xq
     free(scratch);
     return 0;
 }
+
+/*
+ * ``paper`` variant (p-adapter.md §3.2), one block of query rows of a graph: the elementwise work between the
+ * Gram product G = xq xk^T and the aggregation products, which stay BLAS matrix products in the caller.
+ * Per slice: G, A (rows x keys, contiguous), col0 (keys) the column degrees before the block (causal) or of all
+ * queries, sq_q (rows) / sq_k (keys) squared feature norms, half_p / log_c (rows) p/2 and log(2 mu / p).
+ * With r = D_q^-1/2, c = D_j^-1/2 (0 for zero degrees; causal: D_j of row q counts rows <= q):
+ *   dist = max(sq_q r^2 + sq_k c^2 - 2 G r c, floor), log W = (p/2) log A + (p/2 - 1) log dist - log D_q,
+ *   L = log(sum_edges W + e^log_c), coefficient = W e^-L sqrt(D_q) c (0 on non-edges).
+ */
+typedef struct {
+    int rows, keys;
+    float floor;
+    int causal;
+} PaperSettings;
+
+typedef struct {
+    float r, sqrt_row, log_row;
+} RowDegree;
+
+static RowDegree row_degree(const float *a, int keys) {
+    float deg = 0.0f;
+    for (int j = 0; j < keys; j++) deg += a[j];
+    RowDegree out = {0.0f, 1.0f, 0.0f};
+    if (deg > 0.0f) {
+        out.r = 1.0f / sqrtf(deg);
+        out.sqrt_row = sqrtf(deg);
+        out.log_row = logf(deg);
+    }
+    return out;
+}
+
+/* Per key of one row: c (inv_col), log dist (log_dist), 1 / dist above the floor else 0 (free_inv), log A' (log_a,
+ * 0 on non-edges), log W. */
+static void paper_row(const float *a, const float *g, const float *col, const float *sq_k, int keys, float sq_q,
+                      RowDegree rd, float half_p, float floor, float *restrict inv_col, float *restrict log_dist,
+                      float *restrict free_inv, float *restrict log_a, float *restrict log_w) {
+    const float sq_q_r2 = sq_q * rd.r * rd.r;
+    for (int j = 0; j < keys; j++) {
+        const float c = col[j] > 0.0f ? 1.0f / sqrtf(col[j]) : 0.0f;
+        const float raw = sq_q_r2 + sq_k[j] * c * c - 2.0f * g[j] * rd.r * c;
+        const float dist = fmaxf(raw, floor);
+        inv_col[j] = c;
+        free_inv[j] = raw > floor ? 1.0f / dist : 0.0f;
+        log_dist[j] = logf(dist);
+        log_a[j] = logf(a[j] > 0.0f ? a[j] : 1.0f);
+        log_w[j] = half_p * log_a[j] + (half_p - 1.0f) * log_dist[j] - rd.log_row;
+    }
+}
+
+/* Normaliser L of a row: log(sum over edges of e^log_w + e^log_c). */
+static float paper_normaliser(const float *a, const float *log_w, int keys, float log_c) {
+    float m = log_c;
+    for (int j = 0; j < keys; j++) m = fmaxf(m, a[j] > 0.0f ? log_w[j] : log_c);
+    float total = expf(log_c - m);
+    for (int j = 0; j < keys; j++) total += a[j] > 0.0f ? expf(log_w[j] - m) : 0.0f;
+    return m + logf(total);
+}
+
+/* Second backward pass over one row's keys (omega in ``omega``, t = dL/dcoef * coef): writes dL/dG, the column
+ * degree gradient, the edge part of dL/dA, accumulates dL/dsq_k and the row sums. */
+static void paper_row_grads(const float *restrict a, const float *restrict g, const float *restrict sqk,
+                            const float *restrict t, const float *restrict omega, const float *restrict inv_col,
+                            const float *restrict log_dist, const float *restrict free_inv,
+                            const float *restrict log_a, int keys, float total, float hp, float r,
+                            float *restrict dgram, float *restrict grad_col, float *restrict grad_attn,
+                            float *restrict gsqk, float *gp_out, float *glw_out, float *gd_out, float *gic_out) {
+    float gp = 0.0f, glw_sum = 0.0f, gd_sum = 0.0f, gic_g = 0.0f;
+    for (int j = 0; j < keys; j++) {
+        const float glw = t[j] - omega[j] * total; /* exactly 0 on non-edges */
+        const float c = inv_col[j];
+        gp += glw * (log_a[j] + log_dist[j]);
+        glw_sum += glw;
+        const float gd = glw * (hp - 1.0f) * free_inv[j];
+        const float g_ic = gd * c;
+        dgram[j] = -2.0f * r * g_ic;
+        gd_sum += gd;
+        gic_g += g_ic * g[j];
+        grad_col[j] = c * c * (g_ic * (r * g[j] - sqk[j] * c) - 0.5f * t[j]);
+        grad_attn[j] = hp * glw / (a[j] > 0.0f ? a[j] : 1.0f);
+        gsqk[j] += g_ic * c;
+    }
+    *gp_out = gp;
+    *glw_out = glw_sum;
+    *gd_out = gd_sum;
+    *gic_out = gic_g;
+}
+
+int vlpeft_paper_forward(int s0, int s1, const PaperSettings *cfg, const float *gram, const float *attn,
+                         const float *col0, const float *sq_q, const float *sq_k, const float *half_p,
+                         const float *log_c, float *coef, float *log_norm) {
+    const int rows = cfg->rows, keys = cfg->keys;
+    float *scratch = malloc(sizeof(float) * 6 * (size_t)(keys > 0 ? keys : 1));
+    if (scratch == NULL) return 1;
+    float *col = scratch, *inv_col = col + keys, *log_dist = inv_col + keys, *free_inv = log_dist + keys;
+    float *log_a = free_inv + keys, *log_w = log_a + keys;
+    for (int s = s0; s < s1; s++) {
+        const size_t block = (size_t)s * rows * keys;
+        for (int j = 0; j < keys; j++) col[j] = col0[(size_t)s * keys + j];
+        for (int i = 0; i < rows; i++) {
+            const size_t row = (size_t)s * rows + i;
+            const float *a = attn + block + (size_t)i * keys, *g = gram + block + (size_t)i * keys;
+            float *out = coef + block + (size_t)i * keys;
+            if (cfg->causal)
+                for (int j = 0; j < keys; j++) col[j] += a[j];
+            const RowDegree rd = row_degree(a, keys);
+            paper_row(a, g, col, sq_k + (size_t)s * keys, keys, sq_q[row], rd, half_p[row], cfg->floor, inv_col,
+                      log_dist, free_inv, log_a, log_w);
+            const float lnorm = paper_normaliser(a, log_w, keys, log_c[row]);
+            log_norm[row] = lnorm;
+            for (int j = 0; j < keys; j++)
+                out[j] = a[j] > 0.0f ? expf(log_w[j] - lnorm) * rd.sqrt_row * inv_col[j] : 0.0f;
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+/*
+ * Backward of one block. Inputs as the forward plus log_norm, dcoef = dL/dcoefficient (grad_out xk^T), grad_beta
+ * (rows) = grad_out . xq and carry (keys): dL/dD_j of the later blocks (causal; added to every row's column term).
+ * Outputs: coef (recomputed), dgram = dL/dG, grad_attn (rows x keys), per row grad_p (dL/dp of the weights),
+ * grad_log_c, grad_sq_q (dL/dsq_q), grad_row_deg (dL/dD_q); per key grad_sq_k (+=) and col_grad_sum (the block's
+ * sum over rows of dL/dD_j). grad_col is rows x keys scratch.
+ */
+int vlpeft_paper_backward(int s0, int s1, const PaperSettings *cfg, const float *gram, const float *attn,
+                          const float *col0, const float *sq_q, const float *sq_k, const float *half_p,
+                          const float *log_c, const float *log_norm, const float *dcoef, const float *grad_beta,
+                          const float *carry, float *coef, float *dgram, float *grad_attn, float *grad_col,
+                          float *grad_p, float *grad_log_c, float *grad_sq_q, float *grad_row_deg, float *grad_sq_k,
+                          float *col_grad_sum) {
+    const int rows = cfg->rows, keys = cfg->keys;
+    float *scratch = malloc(sizeof(float) * 7 * (size_t)(keys > 0 ? keys : 1));
+    if (scratch == NULL) return 1;
+    float *col = scratch, *inv_col = col + keys, *log_dist = inv_col + keys, *free_inv = log_dist + keys;
+    float *log_a = free_inv + keys, *log_w = log_a + keys, *t = log_w + keys;
+    for (int s = s0; s < s1; s++) {
+        const size_t block = (size_t)s * rows * keys;
+        const float *sqk = sq_k + (size_t)s * keys;
+        float *gsqk = grad_sq_k + (size_t)s * keys;
+        for (int j = 0; j < keys; j++) col[j] = col0[(size_t)s * keys + j];
+        for (int i = 0; i < rows; i++) {
+            const size_t row = (size_t)s * rows + i, at = block + (size_t)i * keys;
+            const float *a = attn + at, *g = gram + at, *dc = dcoef + at;
+            if (cfg->causal)
+                for (int j = 0; j < keys; j++) col[j] += a[j];
+            const RowDegree rd = row_degree(a, keys);
+            const float hp = half_p[row], lnorm = log_norm[row];
+            paper_row(a, g, col, sqk, keys, sq_q[row], rd, hp, cfg->floor, inv_col, log_dist, free_inv, log_a,
+                      log_w);
+            const float beta = expf(log_c[row] - lnorm);
+            float t_sum = 0.0f;
+            for (int j = 0; j < keys; j++) {
+                const float omega = a[j] > 0.0f ? expf(log_w[j] - lnorm) : 0.0f;
+                log_w[j] = omega;
+                coef[at + j] = omega * rd.sqrt_row * inv_col[j];
+                t[j] = dc[j] * coef[at + j];
+                t_sum += t[j];
+            }
+            const float total = t_sum + beta * grad_beta[row];
+            float gp = 0.0f, glw_sum = 0.0f, gd_sum = 0.0f, gic_g = 0.0f;
+            paper_row_grads(a, g, sqk, t, log_w, inv_col, log_dist, free_inv, log_a, keys, total, hp, rd.r,
+                            dgram + at, grad_col + at, grad_attn + at, gsqk, &gp, &glw_sum, &gd_sum, &gic_g);
+            const float grad_ir = 2.0f * sq_q[row] * rd.r * gd_sum - 2.0f * gic_g;
+            grad_row_deg[row] = (-0.5f * grad_ir * rd.r + 0.5f * t_sum - glw_sum) * rd.r * rd.r;
+            grad_p[row] = 0.5f * gp;
+            grad_log_c[row] = beta * (grad_beta[row] - total);
+            grad_sq_q[row] = gd_sum * rd.r * rd.r;
+        }
+        /* Column-degree terms: causal D_j of row q sums rows <= q, so row q' gets the sum over q >= q' (and the
+         * later blocks' carry); otherwise the caller takes the column sum through the full degrees. */
+        float *sums = col_grad_sum + (size_t)s * keys;
+        for (int j = 0; j < keys; j++) col[j] = cfg->causal ? carry[(size_t)s * keys + j] : 0.0f;
+        for (int j = 0; j < keys; j++) sums[j] = 0.0f;
+        for (int i = rows - 1; i >= 0; i--) {
+            const size_t row = (size_t)s * rows + i, at = block + (size_t)i * keys;
+            const float rdeg = grad_row_deg[row];
+            for (int j = 0; j < keys; j++) {
+                sums[j] += grad_col[at + j];
+                col[j] += cfg->causal ? grad_col[at + j] : 0.0f;
+                grad_attn[at + j] += rdeg + col[j];
+            }
+        }
+    }
+    free(scratch);
+    return 0;
+}

@@ -41,13 +41,19 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from vlpeft.functional._precision import autocast_disabled, compute_dtype, output_dtype
-from vlpeft.functional.p_laplacian_cpu import release_aggregate_cpu, release_kernel_applies
+from vlpeft.functional.p_laplacian_cpu import (
+    kernel_applies,
+    paper_backward_block,
+    paper_forward_block,
+    release_aggregate_cpu,
+    release_kernel_applies,
+)
 from vlpeft.functional.parameters import DEFAULT_P_BOUNDS, check_p_bounds
 
 VARIANTS: tuple[str, ...] = ("paper", "release")
@@ -960,8 +966,27 @@ class _PaperAggregate(torch.autograd.Function):
         running = base
         n_k = x_kv.shape[-2]
         plan = _block_plan(attn, x_q.shape[-2], chunk_size)
+        # Fused CPU kernels (float32 CPU): the elementwise work of each block in C around the same BLAS products;
+        # only the Gram product is kept for the backward pass (without chunk_size).
+        kernel = kernel_applies(x_q, x_kv, attn, p, mu)
         for rows, n_keys in plan:
             attn_rows = _graph_rows(attn, rows, head_mean, n_keys)
+            if kernel:
+                xq_rows, x_keys = x_q[..., rows, :], x_kv[..., :n_keys, :]
+                gram = torch.matmul(xq_rows, x_keys.transpose(-1, -2))
+                log_c_rows = _row_block(log_c, rows)
+                coefficients, log_norm = paper_forward_block(
+                    gram, attn_rows, _key_columns(running, n_keys), (xq_rows * xq_rows).sum(dim=-1, keepdim=True),
+                    sq_k[..., :n_keys], _row_block(p, rows), log_c_rows, dist_floor=dist_floor, causal=causal)
+                outputs.append(_thin_matmul(coefficients, x_keys) + torch.exp(log_c_rows - log_norm) * xq_rows)
+                normalisers.append(log_norm)
+                bases.append(running)
+                if keep:
+                    kept.append(gram)
+                if causal:
+                    running = running + _pad_keys(attn_rows.sum(dim=-2, keepdim=True), n_k)
+                del gram, coefficients, attn_rows
+                continue
             col_deg = _key_columns(running, n_keys)
             if causal:
                 col_deg = col_deg + torch.cumsum(attn_rows, dim=-2)
@@ -980,17 +1005,17 @@ class _PaperAggregate(torch.autograd.Function):
                 running = running + _pad_keys(attn_rows.sum(dim=-2, keepdim=True), n_k)
             del block, omega, coefficients, attn_rows, col_deg  # before the next block is built
         ctx.save_for_backward(x_q, x_kv, attn, p, mu, _concat_rows(normalisers), *bases, *kept)
-        ctx.settings = (dist_floor, causal, plan, head_mean, keep)
+        ctx.settings = (dist_floor, causal, plan, head_mean, keep, kernel)
         return _concat_rows(outputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x_q, x_kv, attn, p, mu, log_norm_all, *bases = ctx.saved_tensors
-        dist_floor, causal, plan, head_mean, kept = ctx.settings
+        dist_floor, causal, plan, head_mean, kept, kernel = ctx.settings
         if kept:
             bases, kept_tensors = bases[:len(plan)], bases[len(plan):]
-            per_block = len(_PaperBlock._SAVED)
+            per_block = 1 if kernel else len(_PaperBlock._SAVED)
         n_k = x_kv.shape[-2]
         with autocast_disabled(grad_out.device.type):
             sq_k = (x_kv * x_kv).sum(dim=-1).unsqueeze(-2)
@@ -1006,72 +1031,48 @@ class _PaperAggregate(torch.autograd.Function):
             carry = None  # causal: gradient w.r.t. the running column degrees after the current block
             for index in reversed(range(len(slices))):
                 rows, n_keys = plan[index]
-                p_rows = _row_block(p, rows)
-                x_keys = x_kv[..., :n_keys, :]
+                p_rows, log_c_rows = _row_block(p, rows), _row_block(log_c, rows)
+                xq, x_keys = x_q[..., rows, :], x_kv[..., :n_keys, :]
                 log_norm = log_norm_all[..., rows, :]
-                if kept:
-                    block = _PaperBlock.from_saved(tuple(kept_tensors[index * per_block:(index + 1) * per_block]))
-                    omega = block.omega
-                else:
-                    attn_rows = _graph_rows(attn, rows, head_mean, n_keys)
-                    col_deg = _key_columns(bases[index], n_keys)
-                    if causal:
-                        col_deg = col_deg + torch.cumsum(attn_rows, dim=-2)
-                    block = _PaperBlock(x_q[..., rows, :], x_keys, sq_k[..., :n_keys], attn_rows, col_deg, p_rows,
-                                        dist_floor)
-                    omega = _edge_weights(block.log_w.sub_(log_norm), block.non_edge)
-                    del attn_rows, col_deg
-                xq = x_q[..., rows, :]
                 grad = grad_out[..., rows, :]
-                beta = torch.exp(_row_block(log_c, rows) - log_norm)
-                ir, ic = block.inv_sqrt_row, block.inv_sqrt_col
-                coefficients = omega * block.scale()
-                grad_beta = (grad * xq).sum(dim=-1, keepdim=True)
-                # coefficients = omega * scale; t = dL/dscale * scale = dL/domega * omega.
-                t = torch.matmul(grad, x_keys.transpose(-1, -2)).mul_(coefficients)
-                t_sum = t.sum(dim=-1, keepdim=True)
-                total = t_sum + beta * grad_beta
-                grad_log_w = torch.addcmul(t, omega, total, value=-1.0)  # exactly 0 on non-edges
-                grad_log_c_rows[index] = beta * (grad_beta - total)
-                grad_p_rows[index] = 0.5 * _row_dot(grad_log_w, block.log_sum)
-                grad_log_row = 0.5 * t_sum - grad_log_w.sum(dim=-1, keepdim=True)
-                grad_dist = torch.where(block.free, grad_log_w / block.dist_sq, 0.0).mul_(0.5 * (p_rows - 2.0))
-                # dist = sq_q r^2 + sq_k c^2 - 2 gram r c, with r = D_q^(-1/2), c = D_j^(-1/2); g = dL/ddist * c.
-                # ir and ic are 0 where the degree is 0, so the degree terms vanish there as they should.
-                grad_dist_ic = grad_dist * ic
-                grad_gram = grad_dist_ic * (-2.0 * ir)
-                grad_dist_sum = grad_dist.sum(dim=-1, keepdim=True)
-                grad_ir = 2.0 * block.sq_q * ir * grad_dist_sum - 2.0 * _row_dot(grad_dist_ic, block.gram)
-                grad_row_deg = (-0.5 * grad_ir * ir + grad_log_row) * ir.square()
-                # dL/dD_j = (-c/2 dL/dc - t/2) c^2 with dL/dc = 2 g' (sq_k c - gram r): c^2 (g (r gram - sq_k c) - t/2)
-                grad_col_deg = (block.gram * ir).addcmul_(sq_k[..., :n_keys], ic, value=-1.0).mul_(grad_dist_ic)
-                grad_col_deg = grad_col_deg.add_(t, alpha=-0.5).mul_(ic).mul_(ic)
-                grad_attn = torch.addcmul(grad_row_deg, grad_log_w.div_(block.attn_or_one), 0.5 * p_rows)
-                if causal:
-                    # col_deg = base + cumsum(attn_rows): reverse cumulative sum over the rows, plus the later
-                    # blocks' dependence on this block's column sums.
-                    grad_attn = grad_attn + grad_col_deg.flip(-2).cumsum(-2).flip(-2)
-                    if carry is not None:
-                        grad_attn = grad_attn + _key_columns(carry, n_keys)
-                block_sum = _pad_keys(grad_col_deg.sum(dim=-2, keepdim=True), n_k)
                 later = carry  # the later blocks' column-degree gradient, before this block's
+                carry_keys = _key_columns(carry, n_keys) if causal and carry is not None else None
+                if kernel:
+                    attn_rows = _graph_rows(attn, rows, head_mean, n_keys)
+                    gram = kept_tensors[index] if kept else torch.matmul(xq, x_keys.transpose(-1, -2))
+                    part = _paper_backward_kernel(gram, attn_rows, _key_columns(bases[index], n_keys), xq, x_keys,
+                                                  sq_k[..., :n_keys], grad, p_rows, log_c_rows, log_norm, carry_keys,
+                                                  dist_floor, causal)
+                    del gram, attn_rows
+                else:
+                    if kept:
+                        block = _PaperBlock.from_saved(tuple(kept_tensors[index * per_block:(index + 1) * per_block]))
+                        omega = block.omega
+                    else:
+                        attn_rows = _graph_rows(attn, rows, head_mean, n_keys)
+                        col_deg = _key_columns(bases[index], n_keys)
+                        if causal:
+                            col_deg = col_deg + torch.cumsum(attn_rows, dim=-2)
+                        block = _PaperBlock(xq, x_keys, sq_k[..., :n_keys], attn_rows, col_deg, p_rows, dist_floor)
+                        omega = _edge_weights(block.log_w.sub_(log_norm), block.non_edge)
+                        del attn_rows, col_deg
+                    part = _paper_backward_torch(block, omega, xq, x_keys, sq_k[..., :n_keys], grad, p_rows,
+                                                 log_c_rows, log_norm, carry_keys, causal)
+                    del block, omega
+                grad_xq_rows[index], grad_p_rows[index], grad_log_c_rows[index] = part.grad_xq, part.grad_p, \
+                    part.grad_log_c
+                grad_xk = _add_key_rows(grad_xk, part.grad_xk, n_k)
+                block_sum = _pad_keys(part.column_sum, n_k)
                 carry = block_sum if carry is None else carry + block_sum
                 if grad_attn_full is not None:
-                    _write_rows(grad_attn_full[..., :n_keys], rows, grad_attn)
+                    _write_rows(grad_attn_full[..., :n_keys], rows, part.grad_attn)
                     if n_keys < n_k:
                         # Right of the block's last edge only the degree sums depend on the (zero) attention: the
                         # row degree, and (causal) the column degrees of the later rows.
-                        rest = grad_row_deg if not causal or later is None else grad_row_deg + later[..., n_keys:]
+                        rest = part.grad_row_deg if not causal or later is None \
+                            else part.grad_row_deg + later[..., n_keys:]
                         _write_rows(grad_attn_full[..., n_keys:], rows, rest.expand(*rest.shape[:-1], n_k - n_keys))
-                grad_xq_rows[index] = (beta * grad + 2.0 * grad_dist_sum * ir.square() * xq
-                                       + _thin_matmul(grad_gram, x_keys))
-                grad_sq_k = (grad_dist_ic * ic).sum(dim=-2).unsqueeze(-1)
-                grad_xk = _add_key_rows(grad_xk, _thin_matmul(coefficients.transpose(-1, -2), grad)
-                                        + 2.0 * grad_sq_k * x_keys + _thin_matmul(grad_gram.transpose(-1, -2), xq),
-                                        n_k)
-                # Free this block's (rows, n_k) tensors before the next block is built (not at reassignment).
-                del block, omega, coefficients, t, grad_log_w, grad_dist, grad_dist_ic, grad_gram, grad_col_deg
-                del grad_attn
+                del part  # this block's (rows, n_k) tensors, before the next block's are built
             needs = ctx.needs_input_grad
             grad_p, grad_mu = _coefficient_grads(needs[3], needs[4], p, mu, grad_p_rows, grad_log_c_rows)
             if head_mean and grad_attn_full is not None:
@@ -1087,6 +1088,77 @@ class _PaperAggregate(torch.autograd.Function):
                 _reduce_to(carry, bases[0], needs[5]),
                 None, None, None, None,
             )
+
+
+class _PaperBlockBackward(NamedTuple):
+    """One ``paper`` block's share of the gradients (rows of x_q, the block's key rows of x_kv, its graph rows)."""
+
+    grad_xq: Tensor  # (.., rows, d)
+    grad_xk: Tensor  # (.., keys, d)
+    grad_attn: Tensor  # (.., rows, keys), row- and (causal) column-degree terms included
+    grad_row_deg: Tensor  # (.., rows, 1)
+    grad_p: Tensor  # (.., rows, 1), through the weights
+    grad_log_c: Tensor  # (.., rows, 1)
+    column_sum: Tensor  # (.., 1, keys): sum over the block's rows of dL/dD_j
+
+
+def _paper_backward_torch(block: _PaperBlock, omega: Tensor, xq: Tensor, x_keys: Tensor, sq_keys: Tensor,
+                          grad: Tensor, p_rows: Tensor, log_c_rows: Tensor, log_norm: Tensor, carry: Tensor | None,
+                          causal: bool) -> _PaperBlockBackward:
+    """The chain rule of one ``paper`` block on its intermediates (torch path); ``carry`` (.., 1, keys): the later
+    blocks' column-degree gradient (causal)."""
+    beta = torch.exp(log_c_rows - log_norm)
+    ir, ic = block.inv_sqrt_row, block.inv_sqrt_col
+    coefficients = omega * block.scale()
+    grad_beta = (grad * xq).sum(dim=-1, keepdim=True)
+    # coefficients = omega * scale; t = dL/dscale * scale = dL/domega * omega.
+    t = torch.matmul(grad, x_keys.transpose(-1, -2)).mul_(coefficients)
+    t_sum = t.sum(dim=-1, keepdim=True)
+    total = t_sum + beta * grad_beta
+    grad_log_w = torch.addcmul(t, omega, total, value=-1.0)  # exactly 0 on non-edges
+    grad_log_c = beta * (grad_beta - total)
+    grad_p = 0.5 * _row_dot(grad_log_w, block.log_sum)
+    grad_log_row = 0.5 * t_sum - grad_log_w.sum(dim=-1, keepdim=True)
+    grad_dist = torch.where(block.free, grad_log_w / block.dist_sq, 0.0).mul_(0.5 * (p_rows - 2.0))
+    # dist = sq_q r^2 + sq_k c^2 - 2 gram r c, with r = D_q^(-1/2), c = D_j^(-1/2); g = dL/ddist * c.
+    # ir and ic are 0 where the degree is 0, so the degree terms vanish there as they should.
+    grad_dist_ic = grad_dist * ic
+    grad_gram = grad_dist_ic * (-2.0 * ir)
+    grad_dist_sum = grad_dist.sum(dim=-1, keepdim=True)
+    grad_ir = 2.0 * block.sq_q * ir * grad_dist_sum - 2.0 * _row_dot(grad_dist_ic, block.gram)
+    grad_row_deg = (-0.5 * grad_ir * ir + grad_log_row) * ir.square()
+    # dL/dD_j = (-c/2 dL/dc - t/2) c^2 with dL/dc = 2 g' (sq_k c - gram r): c^2 (g (r gram - sq_k c) - t/2)
+    grad_col_deg = (block.gram * ir).addcmul_(sq_keys, ic, value=-1.0).mul_(grad_dist_ic)
+    grad_col_deg = grad_col_deg.add_(t, alpha=-0.5).mul_(ic).mul_(ic)
+    grad_attn = torch.addcmul(grad_row_deg, grad_log_w.div_(block.attn_or_one), 0.5 * p_rows)
+    if causal:
+        # col_deg = base + cumsum(attn_rows): reverse cumulative sum over the rows, plus the later blocks'
+        # dependence on this block's column sums.
+        grad_attn = grad_attn + grad_col_deg.flip(-2).cumsum(-2).flip(-2)
+        if carry is not None:
+            grad_attn = grad_attn + carry
+    grad_xq = beta * grad + 2.0 * grad_dist_sum * ir.square() * xq + _thin_matmul(grad_gram, x_keys)
+    grad_sq_k = (grad_dist_ic * ic).sum(dim=-2).unsqueeze(-1)
+    grad_xk = (_thin_matmul(coefficients.transpose(-1, -2), grad) + 2.0 * grad_sq_k * x_keys
+               + _thin_matmul(grad_gram.transpose(-1, -2), xq))
+    return _PaperBlockBackward(grad_xq, grad_xk, grad_attn, grad_row_deg, grad_p, grad_log_c,
+                               grad_col_deg.sum(dim=-2, keepdim=True))
+
+
+def _paper_backward_kernel(gram: Tensor, attn_rows: Tensor, col_base: Tensor, xq: Tensor, x_keys: Tensor,
+                           sq_keys: Tensor, grad: Tensor, p_rows: Tensor, log_c_rows: Tensor, log_norm: Tensor,
+                           carry: Tensor | None, dist_floor: float, causal: bool) -> _PaperBlockBackward:
+    """One ``paper`` block's gradients by the fused CPU kernel around the BLAS products."""
+    grad_beta = (grad * xq).sum(dim=-1, keepdim=True)
+    part = paper_backward_block(gram, attn_rows, col_base, (xq * xq).sum(dim=-1, keepdim=True), sq_keys, p_rows,
+                                log_c_rows, log_norm, torch.matmul(grad, x_keys.transpose(-1, -2)), grad_beta, carry,
+                                dist_floor=dist_floor, causal=causal)
+    beta = torch.exp(log_c_rows - log_norm)
+    grad_xq = beta * grad + 2.0 * part.grad_sq_q * xq + _thin_matmul(part.grad_gram, x_keys)
+    grad_xk = (_thin_matmul(part.coefficients.transpose(-1, -2), grad)
+               + 2.0 * part.grad_sq_k.transpose(-1, -2) * x_keys + _thin_matmul(part.grad_gram.transpose(-1, -2), xq))
+    return _PaperBlockBackward(grad_xq, grad_xk, part.grad_attn, part.grad_row_deg, part.grad_p, part.grad_log_c,
+                               part.column_sum)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,14 +1,21 @@
-"""Fused CPU kernels of the ``release`` p-Laplacian aggregation (float32), compiled from C at first use.
+"""Fused CPU kernels of the p-Laplacian aggregation (float32), compiled from C at first use.
 
-The torch path of :func:`vlpeft.functional.p_laplacian_aggregate` spends most of its CPU time in a dozen
-elementwise passes over per-head (rows, n_k) tensors (distances, scaled norms, their log, the exponential weights,
-the chain rule of the backward pass), each a round trip through memory plus a dispatch. The kernels of
-``_p_laplacian_cpu.c`` do the same arithmetic row by row, one pass over the keys up to the row's last edge, with
-the distances taken directly as |F_i - F_j|^2 (no Gram form, so no centring is needed) and nothing of size
-(n_q, n_k) stored: O(n_k) scratch per row, and only the per-row log-normaliser and aggregate kept for backward.
+The torch path of :func:`vlpeft.functional.p_laplacian_aggregate` spends much of its CPU time in a dozen or two
+elementwise passes over (rows, n_k) tensors (distances, scaled norms, their logs, the exponential weights, the
+chain rule of the backward pass), each a round trip through memory plus a dispatch. The kernels of
+``_p_laplacian_cpu.c`` do the same arithmetic row by row:
 
-When used: float32 CPU tensors, not ``compiled`` and no ``recompute_attention`` (see
-:func:`release_kernel_applies`), if the library could be built. It is built once per machine (source, flags and
+- ``release`` (per-head graphs with narrow features, e.g. 8): everything, one pass over the keys up to the row's
+  last edge, with the distances taken directly as |F_i - F_j|^2 (no Gram form, so no centring is needed) and
+  nothing of size (n_q, n_k) stored: O(n_k) scratch per row, and only the per-row log-normaliser and aggregate
+  kept for backward (:func:`release_aggregate_cpu`).
+- ``paper`` (one graph with hidden-size features, e.g. 768): the Gram product and the aggregation products stay
+  BLAS matrix products (they are most of its cost); the elementwise work of each block of rows between them is one
+  C call per direction (:func:`paper_forward_block`, :func:`paper_backward_block`), causal column degrees
+  included (running sums over the rows, reverse running sums in the backward pass).
+
+When used: float32 CPU tensors; for ``release`` also not ``compiled`` and no ``recompute_attention`` (see
+:func:`release_kernel_applies`); if the library could be built. It is built once per machine (source, flags and
 CPU features are the cache key) with the C compiler ``$CC`` (default ``cc``) as ``-O3 -march=native -ffast-math``
 into ``$VLPEFT_CACHE_DIR`` (default ``~/.cache/vlpeft``), written atomically; the object is linked without
 ``-ffast-math`` so that loading it does not switch the process to flush-to-zero. glibc's vector math library
@@ -36,7 +43,7 @@ import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -110,14 +117,22 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(lib, target)
 
 
+class _PaperSettings(ctypes.Structure):
+    _fields_ = [("rows", ctypes.c_int), ("keys", ctypes.c_int), ("floor", ctypes.c_float), ("causal", ctypes.c_int)]
+
+
 def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, integer, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     settings = ctypes.POINTER(_Settings)
     library.vlpeft_release_forward.argtypes = [integer, integer, settings] + [pointer] * 9
-    library.vlpeft_release_forward.restype = integer
     library.vlpeft_release_backward.argtypes = ([integer, integer, settings] + [pointer] * 12 + [long, long]
                                                 + [pointer] * 2)
-    library.vlpeft_release_backward.restype = integer
+    paper = ctypes.POINTER(_PaperSettings)
+    library.vlpeft_paper_forward.argtypes = [integer, integer, paper] + [pointer] * 9
+    library.vlpeft_paper_backward.argtypes = [integer, integer, paper] + [pointer] * 21
+    for name in ("vlpeft_release_forward", "vlpeft_release_backward", "vlpeft_paper_forward",
+                 "vlpeft_paper_backward"):
+        getattr(library, name).restype = integer
     return library
 
 
@@ -164,6 +179,13 @@ def cpu_kernels(enabled: bool) -> Iterator[None]:
 def kernel_available() -> bool:
     """Whether the fused CPU kernels are built and switched on (builds them on the first call)."""
     return _library() is not None
+
+
+def kernel_applies(*tensors: Tensor) -> bool:
+    """Whether the fused CPU kernels compute a call on these tensors: all float32 on the CPU, kernels available."""
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    return kernel_available()
 
 
 def release_kernel_applies(*tensors: Tensor, compiled: bool, recompute: Any) -> bool:
@@ -281,3 +303,89 @@ def release_aggregate_cpu(x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu
     """The ``release`` aggregation by the fused CPU kernels; p and mu as coefficient tensors (0-d or broadcastable
     to (.., n_q, 1)). Callers check :func:`release_kernel_applies` first."""
     return _ReleaseCpuAggregate.apply(x_q, x_kv, attn, p, mu, eps, self_graph, drop_self_loops, query_offset)
+
+
+# ------------------------------------------------------------------------------------------------ paper blocks
+
+
+def _flat(tensor: Tensor, lead: tuple[int, ...], tail: tuple[int, ...]) -> Tensor:
+    """``tensor`` broadcast to (*lead, *tail) as a contiguous float32 (prod(lead), *tail) tensor."""
+    slices = 1
+    for size in lead:
+        slices *= size
+    return tensor.expand(*lead, *tail).reshape(slices, *tail).contiguous()
+
+
+class PaperBlockGrads(NamedTuple):
+    """Backward pass of one ``paper`` block (shapes (.., rows, keys) / (.., rows, 1) / (.., 1, keys))."""
+
+    coefficients: Tensor  # the aggregation coefficients (recomputed)
+    grad_gram: Tensor  # dL/dG, G = x_q x_k^T
+    grad_attn: Tensor  # dL/dA of the block's graph rows, row- and (causal) column-degree terms included
+    grad_p: Tensor  # per-row dL/dp through the weights
+    grad_log_c: Tensor  # per-row dL/dlog c
+    grad_sq_q: Tensor  # per-row dL/d|x_q|^2
+    grad_row_deg: Tensor  # per-row dL/dD_q
+    grad_sq_k: Tensor  # per-key dL/d|x_k|^2
+    column_sum: Tensor  # per-key sum over the block's rows of dL/dD_j
+
+
+def paper_forward_block(gram: Tensor, attn: Tensor, col_base: Tensor, sq_q: Tensor, sq_k: Tensor, p: Tensor,
+                        log_c: Tensor, *, dist_floor: float, causal: bool) -> tuple[Tensor, Tensor]:
+    """(coefficients (.., rows, keys), log-normaliser (.., rows, 1)) of one ``paper`` block by the C kernel.
+
+    gram (.., rows, keys) = x_q x_k^T; attn the block's graph rows; col_base (.., 1, keys) or 0-d the column
+    degrees before the block (causal) or of all queries; sq_q (.., rows, 1), sq_k (.., 1, keys); p and log_c
+    broadcastable to (.., rows, 1).
+    """
+    rows, keys = attn.shape[-2:]
+    lead = torch.broadcast_shapes(gram.shape[:-2], attn.shape[:-2], sq_q.shape[:-2], sq_k.shape[:-2],
+                                  col_base.shape[:-2] if col_base.dim() >= 2 else (), p.shape[:-2] if p.dim() >= 2
+                                  else (), log_c.shape[:-2] if log_c.dim() >= 2 else ())
+    flat = [_flat(gram, lead, (rows, keys)), _flat(attn, lead, (rows, keys)),
+            _flat(col_base.reshape(col_base.shape[:-2] + (keys,)) if col_base.dim() >= 2 else col_base, lead, (keys,)),
+            _flat(sq_q.squeeze(-1), lead, (rows,)), _flat(sq_k.squeeze(-2), lead, (keys,)),
+            _flat((0.5 * p).expand(*lead, rows, 1).squeeze(-1), lead, (rows,)),
+            _flat(log_c.expand(*lead, rows, 1).squeeze(-1), lead, (rows,))]
+    slices = flat[0].shape[0]
+    coefficients = flat[0].new_empty(slices, rows, keys)
+    log_norm = flat[0].new_empty(slices, rows)
+    settings = _PaperSettings(rows, keys, dist_floor, int(causal))
+    _run_slices(_library().vlpeft_paper_forward, slices, ctypes.byref(settings), *(_ptr(t) for t in flat),
+                _ptr(coefficients), _ptr(log_norm))
+    return coefficients.view(*lead, rows, keys), log_norm.view(*lead, rows, 1)
+
+
+def paper_backward_block(gram: Tensor, attn: Tensor, col_base: Tensor, sq_q: Tensor, sq_k: Tensor, p: Tensor,
+                         log_c: Tensor, log_norm: Tensor, grad_coef: Tensor, grad_beta: Tensor,
+                         carry: Tensor | None, *, dist_floor: float, causal: bool) -> PaperBlockGrads:
+    """Backward pass of :func:`paper_forward_block` by the C kernel; grad_coef = dL/dcoefficients
+    (.., rows, keys), grad_beta (.., rows, 1) = dL/dbeta_q * ... = grad_out . x_q, carry (.., 1, keys) the later
+    blocks' column-degree gradient (causal) or None."""
+    rows, keys = attn.shape[-2:]
+    lead = torch.broadcast_shapes(gram.shape[:-2], attn.shape[:-2], sq_q.shape[:-2], sq_k.shape[:-2],
+                                  grad_coef.shape[:-2], log_norm.shape[:-2],
+                                  col_base.shape[:-2] if col_base.dim() >= 2 else (), p.shape[:-2] if p.dim() >= 2
+                                  else (), log_c.shape[:-2] if log_c.dim() >= 2 else ())
+    pairs, row, key = (rows, keys), (rows,), (keys,)
+    carry_flat = carry.reshape(carry.shape[:-2] + key) if carry is not None else attn.new_zeros(())
+    flat = [_flat(gram, lead, pairs), _flat(attn, lead, pairs),
+            _flat(col_base.reshape(col_base.shape[:-2] + key) if col_base.dim() >= 2 else col_base, lead, key),
+            _flat(sq_q.squeeze(-1), lead, row), _flat(sq_k.squeeze(-2), lead, key),
+            _flat((0.5 * p).expand(*lead, rows, 1).squeeze(-1), lead, row),
+            _flat(log_c.expand(*lead, rows, 1).squeeze(-1), lead, row),
+            _flat(log_norm.squeeze(-1), lead, row), _flat(grad_coef, lead, pairs),
+            _flat(grad_beta.squeeze(-1), lead, row), _flat(carry_flat, lead, key)]
+    slices = flat[0].shape[0]
+    new = flat[0].new_empty
+    outputs = [new(slices, *pairs), new(slices, *pairs), new(slices, *pairs), new(slices, *pairs),
+               new(slices, *row), new(slices, *row), new(slices, *row), new(slices, *row),
+               flat[0].new_zeros(slices, *key), new(slices, *key)]
+    settings = _PaperSettings(rows, keys, dist_floor, int(causal))
+    _run_slices(_library().vlpeft_paper_backward, slices, ctypes.byref(settings), *(_ptr(t) for t in flat),
+                *(_ptr(t) for t in outputs))
+    coefficients, grad_gram, grad_attn, _, grad_p, grad_log_c, grad_sq_q, grad_row_deg, grad_sq_k, column_sum = outputs
+    return PaperBlockGrads(coefficients.view(*lead, *pairs), grad_gram.view(*lead, *pairs),
+                           grad_attn.view(*lead, *pairs), grad_p.view(*lead, rows, 1), grad_log_c.view(*lead, rows, 1),
+                           grad_sq_q.view(*lead, rows, 1), grad_row_deg.view(*lead, rows, 1),
+                           grad_sq_k.view(*lead, 1, keys), column_sum.view(*lead, 1, keys))
