@@ -182,3 +182,12 @@ def test_build_writes_one_library_atomically_and_keeps_subnormals(monkeypatch, f
     # Linked without -ffast-math: loading it must not switch the process to flush-to-zero.
     assert np.float32(1e-39) / np.float32(2.0) > 0
     assert (torch.tensor([1e-39]) / 2).item() > 0
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_unwritable_cache_folder_builds_in_a_temporary_folder(monkeypatch, fresh_build, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("VLPEFT_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setenv(cpu.ENV_SWITCH, "1")
+    assert cpu.kernel_available()

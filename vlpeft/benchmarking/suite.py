@@ -32,7 +32,7 @@ SUITES: tuple[str, ...] = ("p_laplacian", "training", "long")
 
 _LLAVA_METHODS = ("frozen", "lora", "routed_lora_mul", "routed_lora_matmul", "adapter", "adapter_eager",
                   "routed_adapter_mul", "routed_adapter_matmul", "p_adapter_paper", "p_adapter_release",
-                  "p_adapter_release_compiled")
+                  "p_adapter_release_torch", "p_adapter_release_compiled")
 
 #: Sizes of the default run, of ``--full`` (adds the n = 1024 reference formulations of the block, which take
 #: most of its time) and of ``--quick`` (smoke-test sizes, seconds; without the compiled row, which compiles for
@@ -42,16 +42,16 @@ PROFILES: dict[str, dict[str, Any]] = {
         "p_laplacian": {"ns": (64, 256, 1024), "dims": (8, 64), "repeats": 3, "max_pair_mib": 256.0,
                         "reference_max_n": 256},
         "training": [
-            {"models": ("blip",), "methods": None, "extra_methods": ("p_adapter_release_compiled",), "repeats": 5},
-            {"models": ("llava",), "methods": _LLAVA_METHODS, "repeats": 5},
+            {"models": ("blip",), "methods": None, "extra_methods": ("p_adapter_release_compiled",), "repeats": 8},
+            {"models": ("llava",), "methods": _LLAVA_METHODS, "repeats": 8},
         ],
         "long": {"image_sizes": (400, 512, 736), "chunk_size": 64, "memory_budget_mib": 64.0},
     },
     "full": {
         "p_laplacian": {"ns": (64, 256, 1024), "dims": (8, 64), "repeats": 3, "max_pair_mib": 256.0},
         "training": [
-            {"models": ("blip",), "methods": None, "extra_methods": ("p_adapter_release_compiled",), "repeats": 5},
-            {"models": ("llava",), "methods": _LLAVA_METHODS, "repeats": 5},
+            {"models": ("blip",), "methods": None, "extra_methods": ("p_adapter_release_compiled",), "repeats": 8},
+            {"models": ("llava",), "methods": _LLAVA_METHODS, "repeats": 8},
         ],
         "long": {"image_sizes": (400, 512, 736), "chunk_size": 64, "memory_budget_mib": 64.0},
     },

@@ -17,8 +17,9 @@ chain rule of the backward pass), each a round trip through memory plus a dispat
 When used: float32 CPU tensors; for ``release`` also not ``compiled`` and no ``recompute_attention`` (see
 :func:`release_kernel_applies`); if the library could be built. It is built once per machine (source, flags and
 CPU features are the cache key) with the C compiler ``$CC`` (default ``cc``) as ``-O3 -march=native -ffast-math``
-into ``$VLPEFT_CACHE_DIR`` (default ``~/.cache/vlpeft``), written atomically; the object is linked without
-``-ffast-math`` so that loading it does not switch the process to flush-to-zero. glibc's vector math library
+into ``$VLPEFT_CACHE_DIR`` (default ``~/.cache/vlpeft``; a per-user temporary folder if that cannot be written),
+written atomically; the object is linked without ``-ffast-math`` so that loading it does not switch the process
+to flush-to-zero. glibc's vector math library
 (libmvec) gives vectorised ``expf``/``logf``; without it the loops call the scalar functions. If no compiler is
 found or the build fails, a warning says so once and the torch path is used. ``VLPEFT_CPU_KERNEL=0`` turns the
 kernels off (``=1`` makes a failed build an error instead of a warning).
@@ -101,6 +102,19 @@ def _library_path(compiler: str) -> Path:
     return cache_dir() / f"p_laplacian_cpu-{key.hexdigest()[:16]}.so"
 
 
+def _writable_target(target: Path) -> Path:
+    """``target``, or the same file name in a per-user temporary folder if its folder cannot be written."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if os.access(target.parent, os.W_OK):
+            return target
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"vlpeft-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback / target.name
+
+
 def _build(compiler: str, target: Path) -> None:
     """Compile (with -ffast-math) and link (without it, and with libmvec if present) into ``target`` atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +164,9 @@ def _built_library(forced: bool) -> ctypes.CDLL | None:
             raise FileNotFoundError("no C compiler found (set CC, or install cc/gcc)")
         target = _library_path(compiler)
         if not target.exists():
-            _build(compiler, target)
+            target = _writable_target(target)
+            if not target.exists():
+                _build(compiler, target)
         return _bind(ctypes.CDLL(str(target)))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", None) or str(error)
