@@ -159,6 +159,28 @@ def test_autocast_computes_the_block_in_float32(dtype, variant, monkeypatch):
     assert seen and all(dtypes == (torch.float32,) * 3 for dtypes in seen)
 
 
+@pytest.mark.parametrize("variant", ["paper", "release"])
+def test_float64_model_computes_the_block_in_float64(variant, monkeypatch):
+    """float32 is the floor for half precision, not a cast for float64 models (gradient checks on whole models)."""
+    seen = []
+    original = padapter_layer.p_laplacian_aggregate
+
+    def recording(x_q, x_kv, attn, *args, **kwargs):
+        seen.append((x_q.dtype, x_kv.dtype, attn.dtype))
+        return original(x_q, x_kv, attn, *args, **kwargs)
+
+    monkeypatch.setattr(padapter_layer, "p_laplacian_aggregate", recording)
+    tiny = _tiny("blip_caption")
+    model = peft.get_peft_model(tiny.model.double(), PAdapterConfig(variant=variant)).train()
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in tiny.inputs.items()}
+    output = model(**inputs)
+    output.loss.backward()
+    assert output.logits.dtype == torch.float64
+    assert seen and all(dtypes == (torch.float64,) * 3 for dtypes in seen)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
+
+
 def test_param_groups_exclude_p_mu_biases_and_norms():
     model = peft.get_peft_model(_tiny().model, PAdapterConfig(variant="release"))
     decay, no_decay = split_decay_parameters(model)

@@ -55,6 +55,12 @@ from vlpeft.glue.attention import (
 from vlpeft.tuners.p_adapter.config import PAdapterConfig
 
 
+def block_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The adapters' compute dtype for a block whose activations are ``tensor``: float32 (also under bf16/fp16
+    weights or autocast), float64 for float64 models."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
 class PAdapterMergeError(RuntimeError):
     """p-adapter cannot be merged into the base weights."""
 
@@ -604,13 +610,13 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         return FusedReleaseRequest(features, self.p_value(name), self.mu_value(name), None, settings.self_loop,
                                    settings.p_bounds)
 
-    def _release_fold(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """§3.1 step 7: the frozen W_O folded into W_down, F = Z (W_O W_down) + (b_O W_down + b_down), float32."""
+    def _release_fold(self, name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """§3.1 step 7: the frozen W_O folded into W_down, F = Z (W_O W_down) + (b_O W_down + b_down), in ``dtype``."""
         out_weight, out_bias = _projection_weights(_submodule(self.base_layer, self.spec.out_proj))
         down = self.padapter_down[name]
-        weight = down.weight.float()
-        fold_weight = weight @ out_weight.float()
-        fold_bias = down.bias.float() if out_bias is None else down.bias.float() + weight @ out_bias.float()
+        weight = down.weight.to(dtype)
+        fold_weight = weight @ out_weight.to(dtype)
+        fold_bias = down.bias.to(dtype) if out_bias is None else down.bias.to(dtype) + weight @ out_bias.to(dtype)
         return fold_weight, fold_bias
 
     def _layer_idx(self) -> int:
@@ -640,13 +646,14 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         out_weight, out_bias = _projection_weights(_submodule(self.base_layer, self.spec.out_proj))
         delta = None
         device_type = output.device.type
+        dtype = block_dtype(output)
         with autocast_disabled(device_type):
-            o32 = output.float()
-            w_o = out_weight.float()
-            b_o = None if out_bias is None else out_bias.float()
-            query = inputs.query.float()
-            value = inputs.value.float()
-            probs = None if inputs.probs is None else inputs.probs.float()
+            o32 = output.to(dtype)
+            w_o = out_weight.to(dtype)
+            b_o = None if out_bias is None else out_bias.to(dtype)
+            query = inputs.query.to(dtype)
+            value = inputs.value.to(dtype)
+            probs = None if inputs.probs is None else inputs.probs.to(dtype)
             for name in names:
                 settings = self.padapter_settings[name]
                 if inputs.aggregated is not None:  # the fused kernels computed U (single release adapter)
@@ -673,7 +680,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         ``recompute`` (rows -> probs[..., rows, :]) lets a chunked self-graph block rebuild the attention rows in the
         backward pass instead of keeping ``probs`` (the kernel uses it only when ``probs`` needs no gradient).
         """
-        fold_weight, fold_bias = self._release_fold(name)
+        fold_weight, fold_bias = self._release_fold(name, o.dtype)
         heads = probs.shape[1]
         n_q = probs.shape[-2]
         if settings.graph == "self":
@@ -707,12 +714,12 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         return self._release_output(name, o, _heads_to_tokens(aggregated))
 
     def _release_output(self, name: str, o: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """W_up(GELU(W_gate o + b_gate) ⊙ U) + b_up for U (batch, n, r), float32."""
+        """W_up(GELU(W_gate o + b_gate) ⊙ U) + b_up for U (batch, n, r), in the dtype of ``o``."""
         gate = self.padapter_gate[name]
-        hidden = F.gelu(F.linear(o, gate.weight.float(), gate.bias.float())) * u
+        hidden = F.gelu(F.linear(o, gate.weight.to(o.dtype), gate.bias.to(o.dtype))) * u.to(o.dtype)
         hidden = self.padapter_dropout[name](hidden)
         up = self.padapter_up[name]
-        return F.linear(hidden, up.weight.float(), up.bias.float())
+        return F.linear(hidden, up.weight.to(o.dtype), up.bias.to(o.dtype))
 
     def _paper_past_degrees(
         self, settings: AdapterSettings, attn: torch.Tensor, n_q: int, n_k: int, cache: Any
@@ -781,9 +788,9 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             attn_head_mean=True,
         ).squeeze(1)
         down, up = self.padapter_down[name], self.padapter_up[name]
-        hidden = F.gelu(F.linear(u_bar, down.weight.float(), down.bias.float()))
+        hidden = F.gelu(F.linear(u_bar, down.weight.to(u_bar.dtype), down.bias.to(u_bar.dtype)))
         hidden = self.padapter_dropout[name](hidden)
-        u_prime = F.linear(hidden, up.weight.float(), up.bias.float()) + u_bar
+        u_prime = F.linear(hidden, up.weight.to(u_bar.dtype), up.bias.to(u_bar.dtype)) + u_bar
         return u_prime - o
 
     def __repr__(self) -> str:
@@ -861,7 +868,7 @@ class PAdapterFFN(nn.Module, PAdapterLayer):
             else:
                 raise TypeError(f"{self.module_name}: expected (hidden_states, input_tensor) arguments.")
             with autocast_disabled(input_tensor.device.type):
-                branch = self._adapter_sum(names, input_tensor.float())
+                branch = self._adapter_sum(names, input_tensor.to(block_dtype(input_tensor)))
 
             def add(output: torch.Tensor) -> torch.Tensor:
                 return output + branch.to(output.dtype)
@@ -871,7 +878,7 @@ class PAdapterFFN(nn.Module, PAdapterLayer):
         x = args[0] if args else kwargs["hidden_states"] if "hidden_states" in kwargs else next(iter(kwargs.values()))
         output = self.base_layer(*args, **kwargs)
         with autocast_disabled(x.device.type):
-            branch = self._adapter_sum(names, x.float())
+            branch = self._adapter_sum(names, x.to(block_dtype(x)))
         return output + branch.to(output.dtype)
 
     def __repr__(self) -> str:
