@@ -6,6 +6,8 @@ torch path's own float32 result (which uses the Gram form of the distances), for
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shutil
 
 import numpy as np
@@ -191,3 +193,26 @@ def test_unwritable_cache_folder_builds_in_a_temporary_folder(monkeypatch, fresh
     monkeypatch.setenv("VLPEFT_CACHE_DIR", str(blocker / "cache"))
     monkeypatch.setenv(cpu.ENV_SWITCH, "1")
     assert cpu.kernel_available()
+
+
+@needs_kernel
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_kernel_threads_work_in_a_forked_child(monkeypatch):
+    """A child forked after the parent used the thread pool gets a pool of its own (no deadlock)."""
+    inputs = _inputs(heads=2, n_q=31, n_k=31)
+    options = dict(graph="self", shared_features=True)
+    expected = _run(inputs, options, dtype=torch.float32, kernel=True, monkeypatch=monkeypatch, threads=2)[0]
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+
+    def child():
+        result = _run(inputs, options, dtype=torch.float32, kernel=True, monkeypatch=monkeypatch, threads=2)[0]
+        queue.put(bool(torch.equal(result, expected)))
+
+    process = context.Process(target=child)
+    process.start()
+    process.join(timeout=30)
+    if process.is_alive():
+        process.kill()
+    assert process.exitcode == 0, "the forked child did not finish"
+    assert queue.get(timeout=5)

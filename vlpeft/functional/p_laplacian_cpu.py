@@ -215,7 +215,9 @@ def release_kernel_applies(*tensors: Tensor, compiled: bool, recompute: Any) -> 
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """A thread pool per process (``pid`` in the key: a forked child must not reuse its parent's, whose threads it
+    does not have)."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlpeft-plap")
 
 
@@ -230,7 +232,7 @@ def _run_slices(function: Any, slices: int, *args: Any) -> None:
     if len(bounds) == 1:
         codes = [function(0, slices, *args)]
     else:
-        codes = list(_pool(workers).map(lambda b: function(b[0], b[1], *args), bounds))
+        codes = list(_pool(workers, os.getpid()).map(lambda b: function(b[0], b[1], *args), bounds))
     if any(codes):
         raise MemoryError("vlpeft: the fused CPU kernel could not allocate its scratch rows")
 

@@ -66,7 +66,9 @@ class PAdapterConfig(PeftConfig):
         compile_block: ``release`` only, opt-in: run the p-Laplacian block's per-row-block work through
             ``torch.compile`` (inductor; on CPU a C++ compiler must be installed), fusing its elementwise passes.
             Same formulas (equal to the default path up to float rounding); the first training steps pay the
-            compilation (about a minute on a 2-core CPU machine), later steps run faster.
+            compilation (about a minute on a 2-core CPU machine). On CPUs the default path's fused C kernels are
+            faster than the compiled block (``docs/performance.md``), which bypasses them; it remains useful on
+            GPUs where the fused Triton kernels do not apply.
         modules_to_save: extra modules trained and saved in full (task heads).
         targets_resolved: set by vlpeft once ``target_modules`` holds the regex resolved from the family preset
             (``family``, ``towers``, ``positions`` then record where it came from).
