@@ -183,7 +183,7 @@ def markdown_report(result: dict[str, Any], comparison: list[dict] | None = None
         f"({machine['torch_threads']} threads), Python {machine['python']}; load average at start "
         f"{machine.get('load_average_start')}, at end {machine.get('load_average_end')}; "
         f"profile `{result['profile']}`, timer `{result.get('timer', 'wall')}`, {result['elapsed_s']:.0f} s; "
-        f"fused CPU kernels of the release block: {'on' if machine.get('fused_cpu_kernels') else 'off'}.",
+        f"fused CPU kernels of the p-Laplacian block: {'on' if machine.get('fused_cpu_kernels') else 'off'}.",
         "",
     ]
     suites = result["suites"]

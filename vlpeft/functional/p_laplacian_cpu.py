@@ -152,7 +152,8 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
 
 def _library() -> ctypes.CDLL | None:
     """The built kernels, or None: switched off (read at every call), or the build failed."""
-    return None if _switch() == "0" else _built_library(_switch() == "1")
+    switch = _switch()
+    return None if switch == "0" else _built_library(switch == "1")
 
 
 @functools.cache
@@ -170,7 +171,7 @@ def _built_library(forced: bool) -> ctypes.CDLL | None:
         return _bind(ctypes.CDLL(str(target)))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", None) or str(error)
-        message = (f"vlpeft: the fused CPU kernels of the release p-Laplacian block could not be built ({detail.strip()}); "
+        message = (f"vlpeft: the fused CPU kernels of the p-Laplacian block could not be built ({detail.strip()}); "
                    "using the slower torch path")
         if forced:
             raise CpuKernelBuildError(message) from error
@@ -207,11 +208,7 @@ def kernel_applies(*tensors: Tensor) -> bool:
 def release_kernel_applies(*tensors: Tensor, compiled: bool, recompute: Any) -> bool:
     """Whether :func:`release_aggregate_cpu` computes this call: float32 CPU tensors, no compiled block, no
     recomputed attention, and the kernels are available."""
-    if compiled or recompute is not None:
-        return False
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return False
-    return kernel_available()
+    return not compiled and recompute is None and kernel_applies(*tensors)
 
 
 @functools.cache
