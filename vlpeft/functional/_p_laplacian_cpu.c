@@ -1,8 +1,11 @@
 /*
- * Fused CPU kernels of the ``release`` p-Laplacian aggregation (p-adapter.md §3.1), float32.
+ * Fused CPU kernels of the p-Laplacian aggregation, float32: the ``release`` variant whole (p-adapter.md §3.1),
+ * the ``paper`` variant's elementwise work between its matrix products (§3.2, further below).
  *
  * Built at first use by vlpeft/functional/p_laplacian_cpu.py, which also holds the autograd wrapper and the
- * description of the layout. One call handles the slices [s0, s1) of (batch * heads) independent graphs; every
+ * description of the layout. Every function returns 0, or 1 if its scratch rows could not be allocated.
+ *
+ * ``release``: one call handles the slices [s0, s1) of (batch * heads) independent graphs; every
  * query row is one pass over the keys up to its last edge, so no (n_q, n_k) intermediate is ever stored: the
  * forward and backward passes keep two / four rows of n_k floats of scratch; the forward pass records each row's
  * key extent (1 + its last edge) for the backward pass.
