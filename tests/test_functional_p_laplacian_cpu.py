@@ -216,3 +216,25 @@ def test_kernel_threads_work_in_a_forked_child(monkeypatch):
         process.kill()
     assert process.exitcode == 0, "the forked child did not finish"
     assert queue.get(timeout=5)
+
+
+@needs_kernel
+def test_kernels_leave_few_graphs_on_many_threads_to_the_torch_path(monkeypatch):
+    """One thread per graph: a single graph (paper's head mean at batch 1) on more than 2 threads per graph runs the
+    torch path, whose ops use every thread."""
+    calls = []
+    real = cpu.paper_forward_block
+    monkeypatch.setattr("vlpeft.functional.p_laplacian.paper_forward_block",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv(cpu.ENV_SWITCH, "1")
+    x_q, x_kv, attn, p, mu = (t.float() for t in _inputs(heads=3, feature_heads=1, per_head_p=False))
+    x_q, x_kv, attn = x_q[:1], x_kv[:1], attn[:1]  # batch 1: one head-mean graph
+    previous = torch.get_num_threads()
+    try:
+        for threads, used in ((2, True), (3, False)):
+            calls.clear()
+            torch.set_num_threads(threads)
+            p_laplacian_aggregate(x_q, x_kv, attn, p, mu, variant="paper", causal_degrees=True, attn_head_mean=True)
+            assert bool(calls) == used, threads
+    finally:
+        torch.set_num_threads(previous)

@@ -968,7 +968,7 @@ class _PaperAggregate(torch.autograd.Function):
         plan = _block_plan(attn, x_q.shape[-2], chunk_size)
         # Fused CPU kernels (float32 CPU): the elementwise work of each block in C around the same BLAS products;
         # only the Gram product is kept for the backward pass (without chunk_size).
-        kernel = kernel_applies(x_q, x_kv, attn, p, mu)
+        kernel = kernel_applies(x_q, x_kv, attn, p, mu, graphs=_graph_count(x_q, x_kv, attn, head_mean))
         for rows, n_keys in plan:
             attn_rows = _graph_rows(attn, rows, head_mean, n_keys)
             if kernel:
@@ -1166,9 +1166,19 @@ def _paper_backward_kernel(gram: Tensor, attn_rows: Tensor, col_base: Tensor, xq
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _graph_count(x_q: Tensor, x_kv: Tensor, attn: Tensor, head_mean: bool) -> int:
+    """The number of independent graphs of a call: the product of its broadcast leading (batch, heads) shape."""
+    graph_lead = (attn.shape[0], 1) if head_mean else attn.shape[:-2]
+    count = 1
+    for size in torch.broadcast_shapes(x_q.shape[:-2], x_kv.shape[:-2], graph_lead):
+        count *= size
+    return count
+
+
 def _run_release(x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, options: dict) -> Tensor:
     self_graph = options["graph"] == "self"
-    if release_kernel_applies(x_q, x_kv, attn, p, mu, compiled=options["compiled"], recompute=options["recompute"]):
+    if release_kernel_applies(x_q, x_kv, attn, p, mu, graphs=_graph_count(x_q, x_kv, attn, False),
+                              compiled=options["compiled"], recompute=options["recompute"]):
         return release_aggregate_cpu(x_q, x_kv, attn, p, mu, eps=options["eps"], self_graph=self_graph,
                                      drop_self_loops=self_graph and options["self_loop"] == "drop",
                                      query_offset=options["query_offset"] if self_graph else 0)

@@ -14,8 +14,9 @@ chain rule of the backward pass), each a round trip through memory plus a dispat
   C call per direction (:func:`paper_forward_block`, :func:`paper_backward_block`), causal column degrees
   included (running sums over the rows, reverse running sums in the backward pass).
 
-When used: float32 CPU tensors; for ``release`` also not ``compiled`` and no ``recompute_attention`` (see
-:func:`release_kernel_applies`); if the library could be built. It is built once per machine (source, flags and
+When used: float32 CPU tensors and at most two torch threads per graph (:data:`THREADS_PER_GRAPH`); for
+``release`` also not ``compiled`` and no ``recompute_attention`` (see :func:`release_kernel_applies`); if the
+library could be built. It is built once per machine (source, flags and
 CPU features are the cache key) with the C compiler ``$CC`` (default ``cc``) as ``-O3 -march=native -ffast-math``
 into ``$VLPEFT_CACHE_DIR`` (default ``~/.cache/vlpeft``; a per-user temporary folder if that cannot be written),
 written atomically; the object is linked without ``-ffast-math`` so that loading it does not switch the process
@@ -198,17 +199,26 @@ def kernel_available() -> bool:
     return _library() is not None
 
 
-def kernel_applies(*tensors: Tensor) -> bool:
-    """Whether the fused CPU kernels compute a call on these tensors: all float32 on the CPU, kernels available."""
+#: The kernels run one thread per graph (batch x head slice). With more than this many torch threads per graph
+#: the torch path, whose every op uses all threads, is taken instead (e.g. ``paper``'s single head-mean graph at
+#: batch 1 on a many-core machine). Measured here up to 2 threads (2 cores): 1 graph on 2 threads is on par.
+THREADS_PER_GRAPH = 2
+
+
+def kernel_applies(*tensors: Tensor, graphs: int) -> bool:
+    """Whether the fused CPU kernels compute a call on these tensors: all float32 on the CPU, at most
+    :data:`THREADS_PER_GRAPH` torch threads per independent graph (``graphs``), and the kernels are available."""
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    if torch.get_num_threads() > THREADS_PER_GRAPH * max(1, graphs):
         return False
     return kernel_available()
 
 
-def release_kernel_applies(*tensors: Tensor, compiled: bool, recompute: Any) -> bool:
-    """Whether :func:`release_aggregate_cpu` computes this call: float32 CPU tensors, no compiled block, no
-    recomputed attention, and the kernels are available."""
-    return not compiled and recompute is None and kernel_applies(*tensors)
+def release_kernel_applies(*tensors: Tensor, graphs: int, compiled: bool, recompute: Any) -> bool:
+    """Whether :func:`release_aggregate_cpu` computes this call: :func:`kernel_applies`, and no compiled block and
+    no recomputed attention."""
+    return not compiled and recompute is None and kernel_applies(*tensors, graphs=graphs)
 
 
 @functools.cache
