@@ -135,9 +135,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, variant):
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant", ["paper", "release"])
-def test_autocast_computes_the_block_in_float32(dtype, variant, monkeypatch):
+@pytest.fixture
+def block_dtypes(monkeypatch):
+    """The (x_q, x_kv, attn) dtypes of every p-Laplacian block call the p-adapter layers make, as they happen."""
     seen = []
     original = padapter_layer.p_laplacian_aggregate
 
@@ -146,6 +146,13 @@ def test_autocast_computes_the_block_in_float32(dtype, variant, monkeypatch):
         return original(x_q, x_kv, attn, *args, **kwargs)
 
     monkeypatch.setattr(padapter_layer, "p_laplacian_aggregate", recording)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", ["paper", "release"])
+def test_autocast_computes_the_block_in_float32(dtype, variant, block_dtypes):
+    seen = block_dtypes
     tiny = _tiny("blip_caption")
     model = peft.get_peft_model(tiny.model, PAdapterConfig(variant=variant))
     model.train()
@@ -160,16 +167,9 @@ def test_autocast_computes_the_block_in_float32(dtype, variant, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["paper", "release"])
-def test_float64_model_computes_the_block_in_float64(variant, monkeypatch):
+def test_float64_model_computes_the_block_in_float64(variant, block_dtypes):
     """float32 is the floor for half precision, not a cast for float64 models (gradient checks on whole models)."""
-    seen = []
-    original = padapter_layer.p_laplacian_aggregate
-
-    def recording(x_q, x_kv, attn, *args, **kwargs):
-        seen.append((x_q.dtype, x_kv.dtype, attn.dtype))
-        return original(x_q, x_kv, attn, *args, **kwargs)
-
-    monkeypatch.setattr(padapter_layer, "p_laplacian_aggregate", recording)
+    seen = block_dtypes
     tiny = _tiny("blip_caption")
     model = peft.get_peft_model(tiny.model.double(), PAdapterConfig(variant=variant)).train()
     inputs = {k: v.double() if v.is_floating_point() else v for k, v in tiny.inputs.items()}
