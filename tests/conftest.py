@@ -36,6 +36,6 @@ def uncompiled_release_blocks(monkeypatch):
 
 
 @pytest.fixture
-def torch_release_path(monkeypatch):
-    """Run the ``release`` p-Laplacian block on its torch path (the fused CPU kernels switched off)."""
+def torch_block_path(monkeypatch):
+    """Run the p-Laplacian block on its torch path (the fused CPU kernels switched off, both variants)."""
     monkeypatch.setenv("VLPEFT_CPU_KERNEL", "0")

@@ -644,7 +644,7 @@ def _peak_allocated_bytes(fn):
     return peak
 
 
-def test_chunking_bounds_extra_memory(torch_release_path):
+def test_chunking_bounds_extra_memory(torch_block_path):
     n, chunk = 128, 16
     x = _leaf(make_features(1, 2, n, 8, dtype=torch.float32))
     attn = _leaf(make_attention(1, 2, n, n, causal=True, dtype=torch.float32))

@@ -117,32 +117,45 @@ def test_kernel_results_do_not_depend_on_the_thread_count(monkeypatch):
 
 @needs_kernel
 def test_kernel_without_attention_gradient(monkeypatch):
-    monkeypatch.setenv(cpu.ENV_SWITCH, "1")
-    x_q, x_kv, attn, p, mu = _inputs()
-    x = _leaf(x_kv.float())
-    out = p_laplacian_aggregate(x, x, attn.float(), p.float(), mu.float(), variant="release", graph="self")
-    out.sum().backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    """No attention gradient requested (the kernel gets no buffer for it): the feature gradients still equal the
+    torch path's."""
+    x_q, x_kv, attn, p, mu = (t.float() for t in _inputs())
+    grads = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(cpu.ENV_SWITCH, switch)
+        x = _leaf(x_kv)
+        out = p_laplacian_aggregate(x, x, attn, p, mu, variant="release", graph="self")
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-def test_kernel_is_used_only_for_float32_cpu_calls(monkeypatch):
+def test_kernels_run_only_for_float32_cpu_calls_when_switched_on(monkeypatch):
     calls = []
-    real = cpu.release_aggregate_cpu
-    monkeypatch.setattr("vlpeft.functional.p_laplacian.release_aggregate_cpu",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(cpu, "kernel_available", lambda: True)
+    for name in ("release_aggregate_cpu", "paper_forward_block"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(f"vlpeft.functional.p_laplacian.{name}",
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     x_q, x_kv, attn, p, mu = _inputs()
-    p_laplacian_aggregate(x_kv, x_kv, attn, p, mu, variant="release", graph="self")  # float64: torch path
+
+    def both_variants(*tensors):
+        p_laplacian_aggregate(*tensors, variant="release", graph="self")
+        p_laplacian_aggregate(*tensors, variant="paper")
+
+    both_variants(x_kv, x_kv, attn, p, mu)  # float64: the torch path
     assert calls == []
-    if cpu._library() is not None:
-        p_laplacian_aggregate(x_kv.float(), x_kv.float(), attn.float(), p.float(), mu.float(), variant="release",
-                              graph="self")
-        assert calls == [1]
-
-
-def test_switched_off_kernel_uses_the_torch_path(monkeypatch):
     monkeypatch.setenv(cpu.ENV_SWITCH, "0")
     assert not cpu.kernel_available()
+    both_variants(*(t.float() for t in (x_kv, x_kv, attn, p, mu)))
+    assert calls == []
+    monkeypatch.setenv(cpu.ENV_SWITCH, "auto")
+    if not cpu.kernel_available():
+        pytest.skip("no C compiler: fused CPU kernels not built")
+    both_variants(*(t.float() for t in (x_kv, x_kv, attn, p, mu)))
+    assert calls == ["release_aggregate_cpu", "paper_forward_block"]
+
+
+def test_bad_switch_value_is_an_error(monkeypatch):
     monkeypatch.setenv(cpu.ENV_SWITCH, "sometimes")
     with pytest.raises(ValueError, match="VLPEFT_CPU_KERNEL must be one of"):
         cpu.kernel_available()

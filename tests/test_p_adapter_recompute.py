@@ -45,7 +45,7 @@ def _loss_and_grads(chunk_size, monkeypatch=None):
     return loss.detach(), grads, built_in_forward, events.count("called")
 
 
-def test_chunked_release_recomputes_first_layer_attention_and_matches_unchunked(monkeypatch, torch_release_path):
+def test_chunked_release_recomputes_first_layer_attention_and_matches_unchunked(monkeypatch, torch_block_path):
     # Both runs on the torch path (the fused CPU kernels do not recompute attention; they keep nothing of size n^2).
     loss, grads, _, _ = _loss_and_grads(None)
     chunked_loss, chunked_grads, built, called = _loss_and_grads(2, monkeypatch)
@@ -93,7 +93,7 @@ def test_compile_block_config_is_validated():
     assert PAdapterConfig(variant="release").compile_block is False
 
 
-def test_compile_block_runs_the_block_functions_and_equals_default(uncompiled_release_blocks, torch_release_path):
+def test_compile_block_runs_the_block_functions_and_equals_default(uncompiled_release_blocks, torch_block_path):
     """The compiled path's block functions (run uncompiled here: the math, not inductor) give the default path's
     loss and gradients on a LLaVA model; compiling them is checked by VLPEFT_TEST_COMPILE=1 in the functional tests."""
     calls = uncompiled_release_blocks

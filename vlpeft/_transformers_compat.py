@@ -8,6 +8,7 @@ the cache field of every model output from ``past_key_values`` to ``cache``; gen
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -30,22 +31,32 @@ def cache_from_kwargs(kwargs: Mapping[str, Any]) -> Any:
     return None
 
 
+@functools.cache
+def _parameter_names(function: Any) -> frozenset[str] | None:
+    try:
+        return frozenset(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _parameters(function: Any) -> frozenset[str] | None:
+    """The parameter names of ``function`` (of a bound method's function, so that the lookup is cached once per
+    class, not per call), or None where no signature can be read."""
+    return _parameter_names(getattr(function, "__func__", function))
+
+
 def cache_argument_of(function: Any) -> str:
     """The cache keyword a ``forward`` takes: ``"cache"`` if its signature has it, else ``"past_key_values"``."""
-    try:
-        parameters = inspect.signature(function).parameters
-    except (TypeError, ValueError):
+    parameters = _parameters(function)
+    if parameters is None:
         return CACHE_ARGUMENT
     return "cache" if "cache" in parameters else "past_key_values"
 
 
 def takes_cache_argument(function: Any) -> bool:
     """Whether a ``forward`` takes a KV cache argument under any of its names."""
-    try:
-        parameters = inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
-    return any(name in parameters for name in (*CACHE_ARGUMENTS, "past_key_value"))
+    parameters = _parameters(function)
+    return parameters is not None and any(name in parameters for name in (*CACHE_ARGUMENTS, "past_key_value"))
 
 
 def cache_of_output(outputs: Any) -> Any:

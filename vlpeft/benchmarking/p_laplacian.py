@@ -51,7 +51,7 @@ from torch import Tensor
 
 from vlpeft.benchmarking.measure import TIMERS, peak_memory_bytes, time_round_robin
 from vlpeft.functional import p_laplacian_aggregate
-from vlpeft.functional.p_laplacian_cpu import cpu_kernels
+from vlpeft.functional.p_laplacian_cpu import cpu_kernels_disabled
 
 EPS = 1e-8
 WORKLOADS: tuple[str, ...] = ("release_self", "release_cross", "paper_cross")
@@ -153,7 +153,7 @@ def implementation(workload: str, name: str) -> Callable[[Inputs], Tensor]:
         efficient = implementation(workload, "efficient")
 
         def torch_path(t: Inputs) -> Tensor:
-            with cpu_kernels(False):
+            with cpu_kernels_disabled():
                 return efficient(t)
 
         return torch_path

@@ -55,6 +55,7 @@ from torch import nn
 
 from vlpeft.benchmarking.measure import TIMERS, peak_memory_bytes, time_round_robin
 from vlpeft.functional import ROUTING_KINDS
+from vlpeft.functional.p_laplacian_cpu import cpu_kernels_disabled
 
 __all__ = [
     "MODELS",
@@ -297,9 +298,7 @@ class TrainingStep:
         self.optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
 
     def __call__(self) -> float:
-        from vlpeft.functional.p_laplacian_cpu import cpu_kernels
-
-        with contextlib.nullcontext() if self.cpu_kernels else cpu_kernels(False):
+        with contextlib.nullcontext() if self.cpu_kernels else cpu_kernels_disabled():
             loss = self.model(**self.inputs).loss
             loss.backward()
         if self.optimizer is not None:

@@ -971,39 +971,32 @@ class _PaperAggregate(torch.autograd.Function):
         kernel = kernel_applies(x_q, x_kv, attn, p, mu, graphs=_graph_count(x_q, x_kv, attn, head_mean))
         for rows, n_keys in plan:
             attn_rows = _graph_rows(attn, rows, head_mean, n_keys)
+            xq_rows, x_keys = x_q[..., rows, :], x_kv[..., :n_keys, :]
+            log_c_rows = _row_block(log_c, rows)
             if kernel:
-                xq_rows, x_keys = x_q[..., rows, :], x_kv[..., :n_keys, :]
                 gram = torch.matmul(xq_rows, x_keys.transpose(-1, -2))
-                log_c_rows = _row_block(log_c, rows)
                 coefficients, log_norm = paper_forward_block(
                     gram, attn_rows, _key_columns(running, n_keys), (xq_rows * xq_rows).sum(dim=-1, keepdim=True),
                     sq_k[..., :n_keys], _row_block(p, rows), log_c_rows, dist_floor=dist_floor, causal=causal)
-                outputs.append(_thin_matmul(coefficients, x_keys) + torch.exp(log_c_rows - log_norm) * xq_rows)
-                normalisers.append(log_norm)
-                bases.append(running)
-                if keep:
-                    kept.append(gram)
+                for_backward = (gram,)
+            else:
+                col_deg = _key_columns(running, n_keys)
                 if causal:
-                    running = running + _pad_keys(attn_rows.sum(dim=-2, keepdim=True), n_k)
-                del gram, coefficients, attn_rows
-                continue
-            col_deg = _key_columns(running, n_keys)
-            if causal:
-                col_deg = col_deg + torch.cumsum(attn_rows, dim=-2)
-            block = _PaperBlock(x_q[..., rows, :], x_kv[..., :n_keys, :], sq_k[..., :n_keys], attn_rows, col_deg,
-                                _row_block(p, rows), dist_floor)
-            log_c_rows = _row_block(log_c, rows)
-            omega, log_norm = _normalised_weights(block.log_w, log_c_rows, block.non_edge)
-            coefficients = omega * block.scale() if keep else omega.mul_(block.scale())
-            outputs.append(_thin_matmul(coefficients, x_kv[..., :n_keys, :])
-                           + torch.exp(log_c_rows - log_norm) * x_q[..., rows, :])
+                    col_deg = col_deg + torch.cumsum(attn_rows, dim=-2)
+                block = _PaperBlock(xq_rows, x_keys, sq_k[..., :n_keys], attn_rows, col_deg, _row_block(p, rows),
+                                    dist_floor)
+                omega, log_norm = _normalised_weights(block.log_w, log_c_rows, block.non_edge)
+                coefficients = omega * block.scale() if keep else omega.mul_(block.scale())
+                for_backward = block.saved(omega) if keep else ()
+                del block, omega, col_deg
+            outputs.append(_thin_matmul(coefficients, x_keys) + torch.exp(log_c_rows - log_norm) * xq_rows)
             normalisers.append(log_norm)
             bases.append(running)
             if keep:
-                kept.extend(block.saved(omega))
+                kept.extend(for_backward)
             if causal:
                 running = running + _pad_keys(attn_rows.sum(dim=-2, keepdim=True), n_k)
-            del block, omega, coefficients, attn_rows, col_deg  # before the next block is built
+            del coefficients, attn_rows, for_backward  # before the next block is built
         ctx.save_for_backward(x_q, x_kv, attn, p, mu, _concat_rows(normalisers), *bases, *kept)
         ctx.settings = (dist_floor, causal, plan, head_mean, keep, kernel)
         return _concat_rows(outputs)
@@ -1037,16 +1030,17 @@ class _PaperAggregate(torch.autograd.Function):
                 grad = grad_out[..., rows, :]
                 later = carry  # the later blocks' column-degree gradient, before this block's
                 carry_keys = _key_columns(carry, n_keys) if causal and carry is not None else None
+                saved = tuple(kept_tensors[index * per_block:(index + 1) * per_block]) if kept else ()
                 if kernel:
                     attn_rows = _graph_rows(attn, rows, head_mean, n_keys)
-                    gram = kept_tensors[index] if kept else torch.matmul(xq, x_keys.transpose(-1, -2))
+                    gram = saved[0] if kept else torch.matmul(xq, x_keys.transpose(-1, -2))
                     part = _paper_backward_kernel(gram, attn_rows, _key_columns(bases[index], n_keys), xq, x_keys,
                                                   sq_k[..., :n_keys], grad, p_rows, log_c_rows, log_norm, carry_keys,
                                                   dist_floor, causal)
                     del gram, attn_rows
                 else:
                     if kept:
-                        block = _PaperBlock.from_saved(tuple(kept_tensors[index * per_block:(index + 1) * per_block]))
+                        block = _PaperBlock.from_saved(saved)
                         omega = block.omega
                     else:
                         attn_rows = _graph_rows(attn, rows, head_mean, n_keys)
@@ -1059,6 +1053,7 @@ class _PaperAggregate(torch.autograd.Function):
                     part = _paper_backward_torch(block, omega, xq, x_keys, sq_k[..., :n_keys], grad, p_rows,
                                                  log_c_rows, log_norm, carry_keys, causal)
                     del block, omega
+                del saved
                 grad_xq_rows[index], grad_p_rows[index], grad_log_c_rows[index] = part.grad_xq, part.grad_p, \
                     part.grad_log_c
                 grad_xk = _add_key_rows(grad_xk, part.grad_xk, n_k)
@@ -1169,10 +1164,7 @@ def _paper_backward_kernel(gram: Tensor, attn_rows: Tensor, col_base: Tensor, xq
 def _graph_count(x_q: Tensor, x_kv: Tensor, attn: Tensor, head_mean: bool) -> int:
     """The number of independent graphs of a call: the product of its broadcast leading (batch, heads) shape."""
     graph_lead = (attn.shape[0], 1) if head_mean else attn.shape[:-2]
-    count = 1
-    for size in torch.broadcast_shapes(x_q.shape[:-2], x_kv.shape[:-2], graph_lead):
-        count *= size
-    return count
+    return math.prod(torch.broadcast_shapes(x_q.shape[:-2], x_kv.shape[:-2], graph_lead))
 
 
 def _run_release(x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, options: dict) -> Tensor:

@@ -16,14 +16,13 @@ chain rule of the backward pass), each a round trip through memory plus a dispat
 
 When used: float32 CPU tensors and at most two torch threads per graph (:data:`THREADS_PER_GRAPH`); for
 ``release`` also not ``compiled`` and no ``recompute_attention`` (see :func:`release_kernel_applies`); if the
-library could be built. It is built once per machine (source, flags and
-CPU features are the cache key) with the C compiler ``$CC`` (default ``cc``) as ``-O3 -march=native -ffast-math``
-into ``$VLPEFT_CACHE_DIR`` (default ``~/.cache/vlpeft``; a per-user temporary folder if that cannot be written),
-written atomically; the object is linked without ``-ffast-math`` so that loading it does not switch the process
-to flush-to-zero. glibc's vector math library
-(libmvec) gives vectorised ``expf``/``logf``; without it the loops call the scalar functions. If no compiler is
-found or the build fails, a warning says so once and the torch path is used. ``VLPEFT_CPU_KERNEL=0`` turns the
-kernels off (``=1`` makes a failed build an error instead of a warning).
+library could be built. It is built once per machine (source, flags and CPU features are the cache key) with the
+C compiler ``$CC`` (default ``cc``) as ``-O3 -march=native -ffast-math`` into ``$VLPEFT_CACHE_DIR`` (default
+``~/.cache/vlpeft``; a per-user temporary folder if that cannot be written), written atomically; the object is
+linked without ``-ffast-math`` so that loading it does not switch the process to flush-to-zero. glibc's vector
+math library (libmvec) gives vectorised ``expf``/``logf``; without it the loops call the scalar functions. If no
+compiler is found or the build fails, a warning says so once and the torch path is used. ``VLPEFT_CPU_KERNEL=0``
+turns the kernels off (``=1`` makes a failed build an error instead of a warning).
 
 Threads: the (batch * heads) graphs are split over ``torch.get_num_threads()`` Python threads (ctypes releases
 the GIL during each call); every slice is written by one thread, so results do not depend on the thread count.
@@ -35,6 +34,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -181,10 +181,10 @@ def _built_library(forced: bool) -> ctypes.CDLL | None:
 
 
 @contextlib.contextmanager
-def cpu_kernels(enabled: bool) -> Iterator[None]:
-    """Within the block, the fused CPU kernels are switched on (``VLPEFT_CPU_KERNEL=auto``) or off (``=0``)."""
+def cpu_kernels_disabled() -> Iterator[None]:
+    """Within the block, the fused CPU kernels are switched off (``VLPEFT_CPU_KERNEL=0``): the torch path runs."""
     previous = os.environ.get(ENV_SWITCH)
-    os.environ[ENV_SWITCH] = "auto" if enabled else "0"
+    os.environ[ENV_SWITCH] = "0"
     try:
         yield
     finally:
@@ -248,6 +248,16 @@ def _ptr(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
+def _lead(*tensors: Tensor) -> tuple[int, ...]:
+    """The broadcast leading shape of tensors laid out (.., rows, cols) (0-d coefficients broadcast)."""
+    return tuple(torch.broadcast_shapes(*(t.shape[:-2] for t in tensors)))
+
+
+def _flat(tensor: Tensor, lead: tuple[int, ...], tail: tuple[int, ...]) -> Tensor:
+    """``tensor`` broadcast to (*lead, *tail) as one contiguous (prod(lead), *tail) tensor: a slice per graph."""
+    return tensor.expand(*lead, *tail).reshape(math.prod(lead), *tail).contiguous()
+
+
 class _ReleaseCpuAggregate(torch.autograd.Function):
     """U = sum_j omega_qj x_kv,j (+ beta_q x_q for the self graph) with the ``release`` weights, by the C kernels.
 
@@ -261,19 +271,15 @@ class _ReleaseCpuAggregate(torch.autograd.Function):
         library = _library()
         n_q, d = x_q.shape[-2:]
         n_k = x_kv.shape[-2]
-        lead = torch.broadcast_shapes(x_q.shape[:-2], x_kv.shape[:-2], attn.shape[:-2], p.shape[:-2] if p.dim() >= 2
-                                      else (), mu.shape[:-2] if mu.dim() >= 2 else ())
-        slices = 1
-        for size in lead:
-            slices *= size
-        xq = x_q.expand(*lead, n_q, d).reshape(slices, n_q, d).contiguous()
-        xkt = x_kv.expand(*lead, n_k, d).reshape(slices, n_k, d).transpose(1, 2).contiguous()
-        graph = attn.expand(*lead, n_q, n_k).reshape(slices, n_q, n_k)
+        lead = _lead(x_q, x_kv, attn, p, mu)
+        slices = math.prod(lead)
+        xq = _flat(x_q, lead, (n_q, d))
+        xkt = _flat(x_kv, lead, (n_k, d)).transpose(1, 2).contiguous()
+        graph = attn.expand(*lead, n_q, n_k).reshape(slices, n_q, n_k)  # any row / slice strides
         if graph.stride(-1) != 1:
             graph = graph.contiguous()
-        rows = (*lead, n_q, 1)
-        half = (0.5 * (p - 2.0)).expand(rows).reshape(-1).contiguous()
-        log_c = torch.log(2.0 * mu / p).expand(rows).reshape(-1).contiguous()
+        half = _flat(0.5 * (p - 2.0), lead, (n_q, 1))
+        log_c = _flat(torch.log(2.0 * mu / p), lead, (n_q, 1))
         settings = _Settings(n_q, n_k, d, graph.stride(1), graph.stride(0), eps, eps * eps * d, int(self_graph),
                              int(drop_self_loops), int(query_offset))
         out = x_q.new_empty(slices, n_q, d)
@@ -297,7 +303,7 @@ class _ReleaseCpuAggregate(torch.autograd.Function):
         needs = ctx.needs_input_grad
         slices, n_q, d = xq.shape
         n_k = xkt.shape[-1]
-        grad = grad_out.to(torch.float32).expand(*lead, n_q, d).reshape(slices, n_q, d).contiguous()
+        grad = _flat(grad_out.to(torch.float32), lead, (n_q, d))
         grad_xq = xq.new_empty(slices, n_q, d)
         grad_xkt = xq.new_zeros(slices, d, n_k)
         grad_graph = xq.new_empty(slices, n_q, n_k) if needs[2] else None
@@ -333,14 +339,6 @@ def release_aggregate_cpu(x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu
 # ------------------------------------------------------------------------------------------------ paper blocks
 
 
-def _flat(tensor: Tensor, lead: tuple[int, ...], tail: tuple[int, ...]) -> Tensor:
-    """``tensor`` broadcast to (*lead, *tail) as a contiguous float32 (prod(lead), *tail) tensor."""
-    slices = 1
-    for size in lead:
-        slices *= size
-    return tensor.expand(*lead, *tail).reshape(slices, *tail).contiguous()
-
-
 class PaperBlockGrads(NamedTuple):
     """Backward pass of one ``paper`` block (shapes (.., rows, keys) / (.., rows, 1) / (.., 1, keys))."""
 
@@ -364,14 +362,10 @@ def paper_forward_block(gram: Tensor, attn: Tensor, col_base: Tensor, sq_q: Tens
     broadcastable to (.., rows, 1).
     """
     rows, keys = attn.shape[-2:]
-    lead = torch.broadcast_shapes(gram.shape[:-2], attn.shape[:-2], sq_q.shape[:-2], sq_k.shape[:-2],
-                                  col_base.shape[:-2] if col_base.dim() >= 2 else (), p.shape[:-2] if p.dim() >= 2
-                                  else (), log_c.shape[:-2] if log_c.dim() >= 2 else ())
-    flat = [_flat(gram, lead, (rows, keys)), _flat(attn, lead, (rows, keys)),
-            _flat(col_base.reshape(col_base.shape[:-2] + (keys,)) if col_base.dim() >= 2 else col_base, lead, (keys,)),
-            _flat(sq_q.squeeze(-1), lead, (rows,)), _flat(sq_k.squeeze(-2), lead, (keys,)),
-            _flat((0.5 * p).expand(*lead, rows, 1).squeeze(-1), lead, (rows,)),
-            _flat(log_c.expand(*lead, rows, 1).squeeze(-1), lead, (rows,))]
+    lead = _lead(gram, attn, col_base, sq_q, sq_k, p, log_c)
+    flat = [_flat(gram, lead, (rows, keys)), _flat(attn, lead, (rows, keys)), _flat(col_base, lead, (1, keys)),
+            _flat(sq_q, lead, (rows, 1)), _flat(sq_k, lead, (1, keys)), _flat(0.5 * p, lead, (rows, 1)),
+            _flat(log_c, lead, (rows, 1))]
     slices = flat[0].shape[0]
     coefficients = flat[0].new_empty(slices, rows, keys)
     log_norm = flat[0].new_empty(slices, rows)
@@ -385,22 +379,15 @@ def paper_backward_block(gram: Tensor, attn: Tensor, col_base: Tensor, sq_q: Ten
                          log_c: Tensor, log_norm: Tensor, grad_coef: Tensor, grad_beta: Tensor,
                          carry: Tensor | None, *, dist_floor: float, causal: bool) -> PaperBlockGrads:
     """Backward pass of :func:`paper_forward_block` by the C kernel; grad_coef = dL/dcoefficients
-    (.., rows, keys), grad_beta (.., rows, 1) = dL/dbeta_q * ... = grad_out . x_q, carry (.., 1, keys) the later
-    blocks' column-degree gradient (causal) or None."""
+    (.., rows, keys), grad_beta (.., rows, 1) = dL/dbeta_q = grad_out_q . x_q (the self term beta_q x_q),
+    carry (.., 1, keys) the later blocks' column-degree gradient (causal) or None."""
     rows, keys = attn.shape[-2:]
-    lead = torch.broadcast_shapes(gram.shape[:-2], attn.shape[:-2], sq_q.shape[:-2], sq_k.shape[:-2],
-                                  grad_coef.shape[:-2], log_norm.shape[:-2],
-                                  col_base.shape[:-2] if col_base.dim() >= 2 else (), p.shape[:-2] if p.dim() >= 2
-                                  else (), log_c.shape[:-2] if log_c.dim() >= 2 else ())
-    pairs, row, key = (rows, keys), (rows,), (keys,)
-    carry_flat = carry.reshape(carry.shape[:-2] + key) if carry is not None else attn.new_zeros(())
-    flat = [_flat(gram, lead, pairs), _flat(attn, lead, pairs),
-            _flat(col_base.reshape(col_base.shape[:-2] + key) if col_base.dim() >= 2 else col_base, lead, key),
-            _flat(sq_q.squeeze(-1), lead, row), _flat(sq_k.squeeze(-2), lead, key),
-            _flat((0.5 * p).expand(*lead, rows, 1).squeeze(-1), lead, row),
-            _flat(log_c.expand(*lead, rows, 1).squeeze(-1), lead, row),
-            _flat(log_norm.squeeze(-1), lead, row), _flat(grad_coef, lead, pairs),
-            _flat(grad_beta.squeeze(-1), lead, row), _flat(carry_flat, lead, key)]
+    lead = _lead(gram, attn, col_base, sq_q, sq_k, p, log_c, log_norm, grad_coef)
+    pairs, row, key = (rows, keys), (rows, 1), (1, keys)
+    flat = [_flat(gram, lead, pairs), _flat(attn, lead, pairs), _flat(col_base, lead, key), _flat(sq_q, lead, row),
+            _flat(sq_k, lead, key), _flat(0.5 * p, lead, row), _flat(log_c, lead, row), _flat(log_norm, lead, row),
+            _flat(grad_coef, lead, pairs), _flat(grad_beta, lead, row),
+            _flat(carry if carry is not None else attn.new_zeros(()), lead, key)]
     slices = flat[0].shape[0]
     new = flat[0].new_empty
     outputs = [new(slices, *pairs), new(slices, *pairs), new(slices, *pairs), new(slices, *pairs),

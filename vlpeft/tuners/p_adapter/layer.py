@@ -648,7 +648,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         device_type = output.device.type
         dtype = block_dtype(output)
         with autocast_disabled(device_type):
-            o32 = output.to(dtype)
+            o = output.to(dtype)
             w_o = out_weight.to(dtype)
             b_o = None if out_bias is None else out_bias.to(dtype)
             query = inputs.query.to(dtype)
@@ -657,11 +657,11 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             for name in names:
                 settings = self.padapter_settings[name]
                 if inputs.aggregated is not None:  # the fused kernels computed U (single release adapter)
-                    branch = self._release_output(name, o32, _heads_to_tokens(inputs.aggregated))
+                    branch = self._release_output(name, o, _heads_to_tokens(inputs.aggregated))
                 elif settings.variant == "release":
-                    branch = self._release_branch(name, settings, o32, query, value, probs, inputs.recompute)
+                    branch = self._release_branch(name, settings, o, query, value, probs, inputs.recompute)
                 else:
-                    branch = self._paper_branch(name, settings, o32, query, value, probs, w_o, b_o, cache)
+                    branch = self._paper_branch(name, settings, o, query, value, probs, w_o, b_o, cache)
                 delta = branch if delta is None else delta + branch
         return output + delta.to(output.dtype)
 
@@ -868,7 +868,7 @@ class PAdapterFFN(nn.Module, PAdapterLayer):
             else:
                 raise TypeError(f"{self.module_name}: expected (hidden_states, input_tensor) arguments.")
             with autocast_disabled(input_tensor.device.type):
-                branch = self._adapter_sum(names, input_tensor.to(block_dtype(input_tensor)))
+                branch = self._adapter_sum(names, input_tensor)
 
             def add(output: torch.Tensor) -> torch.Tensor:
                 return output + branch.to(output.dtype)
@@ -878,7 +878,7 @@ class PAdapterFFN(nn.Module, PAdapterLayer):
         x = args[0] if args else kwargs["hidden_states"] if "hidden_states" in kwargs else next(iter(kwargs.values()))
         output = self.base_layer(*args, **kwargs)
         with autocast_disabled(x.device.type):
-            branch = self._adapter_sum(names, x.to(block_dtype(x)))
+            branch = self._adapter_sum(names, x)
         return output + branch.to(output.dtype)
 
     def __repr__(self) -> str:
