@@ -729,6 +729,48 @@ def test_attn_head_mean_gradcheck_and_errors():
         p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, variant="release", attn_head_mean=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("causal,chunk_size,head_mean", [(False, None, False), (True, None, True), (True, 2, True),
+                                                         (False, 3, True)])
+def test_paper_kv_basis_equals_the_expanded_key_features(dtype, causal, chunk_size, head_mean):
+    """kv_basis: x_kv holds coordinates C and the key nodes are C B; values and all gradients (C, B, x_q, the
+    attention, p) equal the call on the expanded features C B (float64: torch path; float32: CPU kernels)."""
+    x_q = make_features(2, 1, 5, 6, dtype=dtype, seed=3).requires_grad_()
+    coords = make_features(2, 1, 7, 4, dtype=dtype, seed=4).requires_grad_()
+    basis = make_features(1, 1, 4, 6, dtype=dtype, seed=5)[0, 0].requires_grad_()
+    heads = 3 if head_mean else 1
+    attn = make_attention(2, heads, 5, 7, causal=causal, holes=0.2, zero_rows=(1,), seed=6).to(dtype).requires_grad_()
+    p = torch.tensor(1.4, dtype=dtype, requires_grad=True)
+    grad_out = make_features(2, 1, 5, 6, dtype=dtype, seed=7)
+    options = dict(variant="paper", causal_degrees=causal, chunk_size=chunk_size, attn_head_mean=head_mean)
+    factored = p_laplacian_aggregate(x_q, coords, attn, p, 0.3, kv_basis=basis, **options)
+    expanded = p_laplacian_aggregate(x_q, coords @ basis, attn, p, 0.3, **options)
+    rel = 1e-12 if dtype == torch.float64 else 2e-5
+    assert_close_rel(factored, expanded, rel)
+    inputs = (x_q, coords, basis, attn, p)
+    for got, want in zip(torch.autograd.grad(factored, inputs, grad_out), torch.autograd.grad(expanded, inputs, grad_out)):
+        assert_close_rel(got, want, 10 * rel)
+
+
+def test_paper_kv_basis_gradcheck_and_errors():
+    x_q = make_features(1, 1, 3, 3, seed=8).requires_grad_()
+    coords = make_features(1, 1, 4, 2, seed=9).requires_grad_()
+    basis = make_features(1, 1, 2, 3, seed=10)[0, 0].requires_grad_()
+    attn = make_attention(1, 2, 3, 4, seed=11).requires_grad_()  # no zeros: gradcheck perturbs every entry
+    assert torch.autograd.gradcheck(
+        lambda a, c, b, m: p_laplacian_aggregate(a, c, m, 1.5, 0.2, variant="paper", causal_degrees=True,
+                                                 attn_head_mean=True, kv_basis=b),
+        (x_q, coords, basis, attn))
+    with pytest.raises(ValueError, match="kv_basis applies to variant='paper' only"):
+        p_laplacian_aggregate(x_q, coords, attn[:, :1], 1.5, 0.2, variant="release", kv_basis=basis)
+    with pytest.raises(ValueError, match=r"kv_basis must be \(r, d\) = \(2, 3\).*got \(3, 3\)"):
+        p_laplacian_aggregate(x_q, coords, attn, 1.5, 0.2, attn_head_mean=True, kv_basis=basis.new_ones(3, 3))
+    with pytest.raises(ValueError, match="kv_basis must be a 2-D floating-point tensor"):
+        p_laplacian_aggregate(x_q, coords, attn, 1.5, 0.2, attn_head_mean=True, kv_basis=basis[None])
+    with pytest.raises(ValueError, match="feature dims differ: x_q has d=3, x_kv has d=2"):
+        p_laplacian_aggregate(x_q, coords, attn, 1.5, 0.2, attn_head_mean=True)
+
+
 def test_accumulate_column_degrees_head_mean():
     attn = make_attention(2, 3, 4, 6, causal=True, seed=10)
     past = torch.rand(2, 1, 2, dtype=torch.float64)

@@ -85,6 +85,7 @@ def p_laplacian_aggregate(
     attn_head_mean: bool = False,
     recompute_attention: Callable[[slice], Tensor] | None = None,
     compiled: bool = False,
+    kv_basis: Tensor | None = None,
 ) -> Tensor:
     """Aggregate node features with one p-Laplacian step on the attention graph.
 
@@ -135,6 +136,11 @@ def p_laplacian_aggregate(
             over the (rows, n_k) block become a few fused loops. The same formulas as the default path (equal up
             to float rounding). The first calls compile (tens of seconds per shape class on a small CPU machine);
             later calls with other block shapes reuse the dynamic-shape graphs.
+        kv_basis: ``paper`` only: (r, d). ``x_kv`` (batch, heads, n_k, r) then holds coordinates and the key-node
+            features are ``x_kv @ kv_basis``; the result equals the call with those features, up to float rounding.
+            The pairwise products (Gram and aggregation, forward and backward) then run on r features instead of d,
+            e.g. under grouped-query attention, whose values span kv_heads * head_dim (+ 1 for an output bias)
+            dimensions of the d-dimensional V̂ (see the p-adapter layer). Gradients reach ``kv_basis`` too.
 
     Returns:
         (batch, heads, n_q, d) in the promoted dtype of x_q and x_kv. Computed in float32 (float64 if any
@@ -168,7 +174,9 @@ def p_laplacian_aggregate(
     # Only where it saves memory: chunked, and nothing else keeps the attention for a gradient of its own.
     options["recompute"] = (recompute_attention if chunk_size is not None
                             and not (torch.is_grad_enabled() and attn.requires_grad) else None)
-    n_q, n_k, lead = _check_shapes(x_q, x_kv, attn[:, :1] if attn_head_mean and attn.dim() == 4 else attn)
+    if kv_basis is not None and variant != "paper":
+        raise ValueError(f"kv_basis applies to variant='paper' only, got variant={variant!r}")
+    n_q, n_k, lead = _check_shapes(x_q, x_kv, attn[:, :1] if attn_head_mean and attn.dim() == 4 else attn, kv_basis)
     if options["graph"] == "self":
         options["query_offset"] = _resolve_query_offset(query_offset, n_q, n_k)
     if past_column_degrees is not None:
@@ -178,7 +186,7 @@ def p_laplacian_aggregate(
     _check_attention(attn)
 
     out_dtype = output_dtype(x_q.dtype, x_kv.dtype)
-    dtype = compute_dtype(x_q.dtype, x_kv.dtype, attn.dtype)
+    dtype = compute_dtype(x_q.dtype, x_kv.dtype, attn.dtype, *(() if kv_basis is None else (kv_basis.dtype,)))
     with autocast_disabled(x_q.device.type):
         xq = x_q.to(dtype)
         xkv = x_kv.to(dtype)
@@ -189,7 +197,8 @@ def p_laplacian_aggregate(
             out = _run_release(xq, xkv, att, p_t, mu_t, options)
         else:
             past = None if past_column_degrees is None else past_column_degrees.to(dtype)
-            out = _run_paper(xq, xkv, att, p_t, mu_t, past, options)
+            basis = None if kv_basis is None else kv_basis.to(dtype)
+            out = _run_paper(xq, xkv, att, p_t, mu_t, past, options, basis)
     return out.to(out_dtype)
 
 
@@ -283,7 +292,8 @@ def _reject_for(context: str, **given: object) -> None:
         raise ValueError(f"option(s) {used} do not apply to variant {context}")
 
 
-def _check_shapes(x_q: Tensor, x_kv: Tensor, attn: Tensor) -> tuple[int, int, tuple[int, ...]]:
+def _check_shapes(x_q: Tensor, x_kv: Tensor, attn: Tensor,
+                  kv_basis: Tensor | None = None) -> tuple[int, int, tuple[int, ...]]:
     for name, tensor in (("x_q", x_q), ("x_kv", x_kv), ("attn", attn)):
         if not isinstance(tensor, Tensor) or tensor.dim() != 4:
             shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
@@ -292,7 +302,16 @@ def _check_shapes(x_q: Tensor, x_kv: Tensor, attn: Tensor) -> tuple[int, int, tu
             raise TypeError(f"{name} must be floating point, got dtype {tensor.dtype}")
     n_q, d = x_q.shape[-2:]
     n_k, d_kv = x_kv.shape[-2:]
-    if d != d_kv:
+    if kv_basis is not None:
+        if not isinstance(kv_basis, Tensor) or kv_basis.dim() != 2 or not kv_basis.is_floating_point():
+            shape = tuple(kv_basis.shape) if isinstance(kv_basis, Tensor) else type(kv_basis).__name__
+            raise ValueError(f"kv_basis must be a 2-D floating-point tensor (r, d), got {shape}")
+        if tuple(kv_basis.shape) != (d_kv, d):
+            raise ValueError(f"kv_basis must be (r, d) = ({d_kv}, {d}) for x_kv with r={d_kv} coordinates and x_q "
+                             f"with d={d} features, got {tuple(kv_basis.shape)}")
+        if kv_basis.device != x_q.device:
+            raise ValueError(f"kv_basis is on {kv_basis.device}, x_q on {x_q.device}")
+    elif d != d_kv:
         raise ValueError(f"feature dims differ: x_q has d={d}, x_kv has d={d_kv}")
     if d < 1 or n_k < 1:
         raise ValueError(f"need d >= 1 and n_k >= 1, got d={d}, n_k={n_k}")
@@ -904,8 +923,8 @@ class _PaperBlock:
     is zeroed later); the aggregation coefficient of an edge is its normalised weight times sqrt(D_q) c.
     """
 
-    def __init__(self, x_q: Tensor, x_kv: Tensor, sq_k: Tensor, attn: Tensor, col_deg: Tensor, p: Tensor,
-                 dist_floor: float) -> None:
+    def __init__(self, x_q: Tensor, x_kv: Tensor, sq_q: Tensor, sq_k: Tensor, attn: Tensor, col_deg: Tensor,
+                 p: Tensor, dist_floor: float) -> None:
         edge = attn > 0
         row_deg = attn.sum(dim=-1, keepdim=True)
         row_pos = row_deg > 0
@@ -914,7 +933,7 @@ class _PaperBlock:
         self.sqrt_row = torch.exp(0.5 * self.log_row)  # 1 on empty rows, whose coefficients are all 0 anyway
         # c = D_j^(-1/2), 0 where D_j = 0. An edge (A_qj > 0) always has D_j >= A_qj > 0.
         self.inv_sqrt_col = torch.rsqrt(col_deg).masked_fill_(col_deg <= 0, 0.0)
-        self.sq_q = (x_q * x_q).sum(dim=-1, keepdim=True)
+        self.sq_q = sq_q
         self.gram = torch.matmul(x_q, x_kv.transpose(-1, -2))
         ir, ic = self.inv_sqrt_row, self.inv_sqrt_col
         dist_sq = torch.addcmul(self.sq_q * ir.square(), sq_k * ic, ic).addcmul_(self.gram, ir * ic, value=-2.0)
@@ -950,14 +969,20 @@ class _PaperBlock:
 
 
 class _PaperAggregate(torch.autograd.Function):
-    """Ū_q = Σ_j c_qj V̂_j + β_q V̂_q with the ``paper`` coefficients (§3.2); ``base``: see :func:`_run_paper`."""
+    """(Σ_j c_qj k_j (.., n_q, r), β_q (.., n_q, 1)) with the ``paper`` coefficients c, β (§3.2).
+
+    The nodes enter through their Gram products and squared norms only: ``x_q`` (.., n_q, r) and the keys ``x_kv``
+    (.., n_k, r) with x_q . x_kv_j = V̂_q . V̂_j, and ``sq_q`` (.., n_q, 1) / ``sq_k`` (.., 1, n_k) = |V̂|^2. The
+    caller forms Ū_q = (Σ_j c_qj k_j) B + β_q V̂_q (B the keys' basis, or the identity). ``base``: see
+    :func:`_run_paper`.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, base: Tensor,
-                dist_floor: float, causal: bool, chunk_size: int | None, head_mean: bool) -> Tensor:
-        sq_k = (x_kv * x_kv).sum(dim=-1).unsqueeze(-2)
+    def forward(ctx: Any, x_q: Tensor, x_kv: Tensor, sq_q: Tensor, sq_k: Tensor, attn: Tensor, p: Tensor, mu: Tensor,
+                base: Tensor, dist_floor: float, causal: bool, chunk_size: int | None,
+                head_mean: bool) -> tuple[Tensor, Tensor]:
         log_c = torch.log(2.0 * mu / p)
-        outputs, normalisers, bases = [], [], []
+        outputs, betas, normalisers, bases = [], [], [], []
         # Without chunk_size the blocks' intermediates are kept for the backward pass (about six (rows, keys) tensors
         # of the single head-mean graph each), which then needs no second Gram product and no rebuild; with
         # chunk_size they are rebuilt block by block there, so that the memory stays O(chunk_size * n_k).
@@ -976,20 +1001,22 @@ class _PaperAggregate(torch.autograd.Function):
             if kernel:
                 gram = torch.matmul(xq_rows, x_keys.transpose(-1, -2))
                 coefficients, log_norm = paper_forward_block(
-                    gram, attn_rows, _key_columns(running, n_keys), (xq_rows * xq_rows).sum(dim=-1, keepdim=True),
-                    sq_k[..., :n_keys], _row_block(p, rows), log_c_rows, dist_floor=dist_floor, causal=causal)
-                for_backward = (gram,)
+                    gram, attn_rows, _key_columns(running, n_keys), _row_block(sq_q, rows), sq_k[..., :n_keys],
+                    _row_block(p, rows), log_c_rows, dist_floor=dist_floor, causal=causal)
+                # The head mean is kept too (when taken): the backward pass then reads no per-head attention.
+                for_backward = (gram, attn_rows) if head_mean else (gram,)
             else:
                 col_deg = _key_columns(running, n_keys)
                 if causal:
                     col_deg = col_deg + torch.cumsum(attn_rows, dim=-2)
-                block = _PaperBlock(xq_rows, x_keys, sq_k[..., :n_keys], attn_rows, col_deg, _row_block(p, rows),
-                                    dist_floor)
+                block = _PaperBlock(xq_rows, x_keys, _row_block(sq_q, rows), sq_k[..., :n_keys], attn_rows, col_deg,
+                                    _row_block(p, rows), dist_floor)
                 omega, log_norm = _normalised_weights(block.log_w, log_c_rows, block.non_edge)
                 coefficients = omega * block.scale() if keep else omega.mul_(block.scale())
                 for_backward = block.saved(omega) if keep else ()
                 del block, omega, col_deg
-            outputs.append(_thin_matmul(coefficients, x_keys) + torch.exp(log_c_rows - log_norm) * xq_rows)
+            outputs.append(_thin_matmul(coefficients, x_keys))
+            betas.append(torch.exp(log_c_rows - log_norm))
             normalisers.append(log_norm)
             bases.append(running)
             if keep:
@@ -997,46 +1024,46 @@ class _PaperAggregate(torch.autograd.Function):
             if causal:
                 running = running + _pad_keys(attn_rows.sum(dim=-2, keepdim=True), n_k)
             del coefficients, attn_rows, for_backward  # before the next block is built
-        ctx.save_for_backward(x_q, x_kv, attn, p, mu, _concat_rows(normalisers), *bases, *kept)
+        ctx.save_for_backward(x_q, x_kv, sq_q, sq_k, attn, p, mu, _concat_rows(normalisers), *bases, *kept)
         ctx.settings = (dist_floor, causal, plan, head_mean, keep, kernel)
-        return _concat_rows(outputs)
+        return _concat_rows(outputs), _concat_rows(betas)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x_q, x_kv, attn, p, mu, log_norm_all, *bases = ctx.saved_tensors
+    def backward(ctx: Any, grad_out: Tensor, grad_beta_all: Tensor) -> tuple[Tensor | None, ...]:
+        x_q, x_kv, sq_q, sq_k, attn, p, mu, log_norm_all, *bases = ctx.saved_tensors
         dist_floor, causal, plan, head_mean, kept, kernel = ctx.settings
         if kept:
             bases, kept_tensors = bases[:len(plan)], bases[len(plan):]
-            per_block = 1 if kernel else len(_PaperBlock._SAVED)
+            per_block = (2 if head_mean else 1) if kernel else len(_PaperBlock._SAVED)
         n_k = x_kv.shape[-2]
         with autocast_disabled(grad_out.device.type):
-            sq_k = (x_kv * x_kv).sum(dim=-1).unsqueeze(-2)
             log_c = torch.log(2.0 * mu / p)
             slices = [rows for rows, _ in plan]
             grad_xq_rows: list[Tensor] = [None] * len(slices)  # type: ignore[list-item]
+            grad_sq_q_rows: list[Tensor] = [None] * len(slices)  # type: ignore[list-item]
             # head_mean: the gradient of the (batch, 1, n_q, n_k) mean graph, spread over the heads at the end.
             graph_shape = (attn.shape[0], 1, *attn.shape[2:]) if head_mean else attn.shape
-            grad_attn_full = attn.new_empty(graph_shape) if ctx.needs_input_grad[2] else None
+            grad_attn_full = attn.new_empty(graph_shape) if ctx.needs_input_grad[4] else None
             grad_p_rows: list[Tensor] = [None] * len(slices)  # type: ignore[list-item]
             grad_log_c_rows: list[Tensor] = [None] * len(slices)  # type: ignore[list-item]
-            grad_xk = None
+            grad_xk = grad_sq_k = None
             carry = None  # causal: gradient w.r.t. the running column degrees after the current block
             for index in reversed(range(len(slices))):
                 rows, n_keys = plan[index]
                 p_rows, log_c_rows = _row_block(p, rows), _row_block(log_c, rows)
                 xq, x_keys = x_q[..., rows, :], x_kv[..., :n_keys, :]
                 log_norm = log_norm_all[..., rows, :]
-                grad = grad_out[..., rows, :]
+                grad, grad_beta = grad_out[..., rows, :], grad_beta_all[..., rows, :]
                 later = carry  # the later blocks' column-degree gradient, before this block's
                 carry_keys = _key_columns(carry, n_keys) if causal and carry is not None else None
                 saved = tuple(kept_tensors[index * per_block:(index + 1) * per_block]) if kept else ()
                 if kernel:
-                    attn_rows = _graph_rows(attn, rows, head_mean, n_keys)
+                    attn_rows = saved[1] if len(saved) > 1 else _graph_rows(attn, rows, head_mean, n_keys)
                     gram = saved[0] if kept else torch.matmul(xq, x_keys.transpose(-1, -2))
                     part = _paper_backward_kernel(gram, attn_rows, _key_columns(bases[index], n_keys), xq, x_keys,
-                                                  sq_k[..., :n_keys], grad, p_rows, log_c_rows, log_norm, carry_keys,
-                                                  dist_floor, causal)
+                                                  _row_block(sq_q, rows), sq_k[..., :n_keys], grad, grad_beta, p_rows,
+                                                  log_c_rows, log_norm, carry_keys, dist_floor, causal)
                     del gram, attn_rows
                 else:
                     if kept:
@@ -1047,16 +1074,19 @@ class _PaperAggregate(torch.autograd.Function):
                         col_deg = _key_columns(bases[index], n_keys)
                         if causal:
                             col_deg = col_deg + torch.cumsum(attn_rows, dim=-2)
-                        block = _PaperBlock(xq, x_keys, sq_k[..., :n_keys], attn_rows, col_deg, p_rows, dist_floor)
+                        block = _PaperBlock(xq, x_keys, _row_block(sq_q, rows), sq_k[..., :n_keys], attn_rows, col_deg,
+                                            p_rows, dist_floor)
                         omega = _edge_weights(block.log_w.sub_(log_norm), block.non_edge)
                         del attn_rows, col_deg
-                    part = _paper_backward_torch(block, omega, xq, x_keys, sq_k[..., :n_keys], grad, p_rows,
+                    part = _paper_backward_torch(block, omega, xq, x_keys, sq_k[..., :n_keys], grad, grad_beta, p_rows,
                                                  log_c_rows, log_norm, carry_keys, causal)
                     del block, omega
                 del saved
                 grad_xq_rows[index], grad_p_rows[index], grad_log_c_rows[index] = part.grad_xq, part.grad_p, \
                     part.grad_log_c
+                grad_sq_q_rows[index] = part.grad_sq_q
                 grad_xk = _add_key_rows(grad_xk, part.grad_xk, n_k)
+                grad_sq_k = _add_key_rows(grad_sq_k, part.grad_sq_k.transpose(-1, -2), n_k)
                 block_sum = _pad_keys(part.column_sum, n_k)
                 carry = block_sum if carry is None else carry + block_sum
                 if grad_attn_full is not None:
@@ -1069,18 +1099,22 @@ class _PaperAggregate(torch.autograd.Function):
                         _write_rows(grad_attn_full[..., n_keys:], rows, rest.expand(*rest.shape[:-1], n_k - n_keys))
                 del part  # this block's (rows, n_k) tensors, before the next block's are built
             needs = ctx.needs_input_grad
-            grad_p, grad_mu = _coefficient_grads(needs[3], needs[4], p, mu, grad_p_rows, grad_log_c_rows)
+            grad_p, grad_mu = _coefficient_grads(needs[5], needs[6], p, mu, grad_p_rows, grad_log_c_rows)
             if head_mean and grad_attn_full is not None:
-                # d mean / d attn_h = 1 / heads. Dense (not a broadcast view), after the block intermediates are
-                # freed: autograd can then add the attention's other gradient into it in place.
-                grad_attn_full = grad_attn_full.div_(attn.shape[1]).expand(attn.shape).contiguous()
+                # d mean / d attn_h = 1 / heads: a broadcast view over the heads, not a dense (.., heads, n_q, n_k)
+                # copy. A consumer that reads it (the blocked attention's backward) reads it block by block; where
+                # autograd adds another gradient of the attention, it writes the sum into a new tensor, which is
+                # what a dense copy followed by an in-place add costs, without the copy.
+                grad_attn_full = grad_attn_full.div_(attn.shape[1]).expand(attn.shape)
             return (
                 _reduce_to(_concat_rows(grad_xq_rows), x_q, needs[0]),
                 _reduce_to(grad_xk, x_kv, needs[1]),
+                _reduce_to(_concat_rows(grad_sq_q_rows), sq_q, needs[2]),
+                _reduce_to(grad_sq_k.transpose(-1, -2), sq_k, needs[3]),
                 grad_attn_full,
                 grad_p,
                 grad_mu,
-                _reduce_to(carry, bases[0], needs[5]),
+                _reduce_to(carry, bases[0], needs[7]),
                 None, None, None, None,
             )
 
@@ -1088,8 +1122,10 @@ class _PaperAggregate(torch.autograd.Function):
 class _PaperBlockBackward(NamedTuple):
     """One ``paper`` block's share of the gradients (rows of x_q, the block's key rows of x_kv, its graph rows)."""
 
-    grad_xq: Tensor  # (.., rows, d)
-    grad_xk: Tensor  # (.., keys, d)
+    grad_xq: Tensor  # (.., rows, r): through the Gram products only
+    grad_xk: Tensor  # (.., keys, r): through the Gram and aggregation products
+    grad_sq_q: Tensor  # (.., rows, 1)
+    grad_sq_k: Tensor  # (.., 1, keys)
     grad_attn: Tensor  # (.., rows, keys), row- and (causal) column-degree terms included
     grad_row_deg: Tensor  # (.., rows, 1)
     grad_p: Tensor  # (.., rows, 1), through the weights
@@ -1098,14 +1134,14 @@ class _PaperBlockBackward(NamedTuple):
 
 
 def _paper_backward_torch(block: _PaperBlock, omega: Tensor, xq: Tensor, x_keys: Tensor, sq_keys: Tensor,
-                          grad: Tensor, p_rows: Tensor, log_c_rows: Tensor, log_norm: Tensor, carry: Tensor | None,
-                          causal: bool) -> _PaperBlockBackward:
-    """The chain rule of one ``paper`` block on its intermediates (torch path); ``carry`` (.., 1, keys): the later
-    blocks' column-degree gradient (causal)."""
+                          grad: Tensor, grad_beta: Tensor, p_rows: Tensor, log_c_rows: Tensor, log_norm: Tensor,
+                          carry: Tensor | None, causal: bool) -> _PaperBlockBackward:
+    """The chain rule of one ``paper`` block on its intermediates (torch path); ``grad`` / ``grad_beta``: the
+    gradients of the block's aggregate and beta; ``carry`` (.., 1, keys): the later blocks' column-degree gradient
+    (causal)."""
     beta = torch.exp(log_c_rows - log_norm)
     ir, ic = block.inv_sqrt_row, block.inv_sqrt_col
     coefficients = omega * block.scale()
-    grad_beta = (grad * xq).sum(dim=-1, keepdim=True)
     # coefficients = omega * scale; t = dL/dscale * scale = dL/domega * omega.
     t = torch.matmul(grad, x_keys.transpose(-1, -2)).mul_(coefficients)
     t_sum = t.sum(dim=-1, keepdim=True)
@@ -1132,28 +1168,25 @@ def _paper_backward_torch(block: _PaperBlock, omega: Tensor, xq: Tensor, x_keys:
         grad_attn = grad_attn + grad_col_deg.flip(-2).cumsum(-2).flip(-2)
         if carry is not None:
             grad_attn = grad_attn + carry
-    grad_xq = beta * grad + 2.0 * grad_dist_sum * ir.square() * xq + _thin_matmul(grad_gram, x_keys)
-    grad_sq_k = (grad_dist_ic * ic).sum(dim=-2).unsqueeze(-1)
-    grad_xk = (_thin_matmul(coefficients.transpose(-1, -2), grad) + 2.0 * grad_sq_k * x_keys
-               + _thin_matmul(grad_gram.transpose(-1, -2), xq))
-    return _PaperBlockBackward(grad_xq, grad_xk, grad_attn, grad_row_deg, grad_p, grad_log_c,
-                               grad_col_deg.sum(dim=-2, keepdim=True))
+    grad_xq = _thin_matmul(grad_gram, x_keys)
+    grad_xk = _thin_matmul(coefficients.transpose(-1, -2), grad) + _thin_matmul(grad_gram.transpose(-1, -2), xq)
+    return _PaperBlockBackward(grad_xq, grad_xk, grad_dist_sum * ir.square(), (grad_dist_ic * ic).sum(-2, keepdim=True),
+                               grad_attn, grad_row_deg, grad_p, grad_log_c, grad_col_deg.sum(dim=-2, keepdim=True))
 
 
 def _paper_backward_kernel(gram: Tensor, attn_rows: Tensor, col_base: Tensor, xq: Tensor, x_keys: Tensor,
-                           sq_keys: Tensor, grad: Tensor, p_rows: Tensor, log_c_rows: Tensor, log_norm: Tensor,
-                           carry: Tensor | None, dist_floor: float, causal: bool) -> _PaperBlockBackward:
+                           sq_rows: Tensor, sq_keys: Tensor, grad: Tensor, grad_beta: Tensor, p_rows: Tensor,
+                           log_c_rows: Tensor, log_norm: Tensor, carry: Tensor | None, dist_floor: float,
+                           causal: bool) -> _PaperBlockBackward:
     """One ``paper`` block's gradients by the fused CPU kernel around the BLAS products."""
-    grad_beta = (grad * xq).sum(dim=-1, keepdim=True)
-    part = paper_backward_block(gram, attn_rows, col_base, (xq * xq).sum(dim=-1, keepdim=True), sq_keys, p_rows,
-                                log_c_rows, log_norm, torch.matmul(grad, x_keys.transpose(-1, -2)), grad_beta, carry,
+    part = paper_backward_block(gram, attn_rows, col_base, sq_rows, sq_keys, p_rows, log_c_rows, log_norm,
+                                torch.matmul(grad, x_keys.transpose(-1, -2)), grad_beta, carry,
                                 dist_floor=dist_floor, causal=causal)
-    beta = torch.exp(log_c_rows - log_norm)
-    grad_xq = beta * grad + 2.0 * part.grad_sq_q * xq + _thin_matmul(part.grad_gram, x_keys)
+    grad_xq = _thin_matmul(part.grad_gram, x_keys)
     grad_xk = (_thin_matmul(part.coefficients.transpose(-1, -2), grad)
-               + 2.0 * part.grad_sq_k.transpose(-1, -2) * x_keys + _thin_matmul(part.grad_gram.transpose(-1, -2), xq))
-    return _PaperBlockBackward(grad_xq, grad_xk, part.grad_attn, part.grad_row_deg, part.grad_p, part.grad_log_c,
-                               part.column_sum)
+               + _thin_matmul(part.grad_gram.transpose(-1, -2), xq))
+    return _PaperBlockBackward(grad_xq, grad_xk, part.grad_sq_q, part.grad_sq_k, part.grad_attn, part.grad_row_deg,
+                               part.grad_p, part.grad_log_c, part.column_sum)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1214,9 +1247,14 @@ def _pad_keys(tensor: Tensor, n_k: int) -> Tensor:
 
 
 def _run_paper(
-    x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, past: Tensor | None, options: dict
+    x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, past: Tensor | None, options: dict,
+    kv_basis: Tensor | None = None,
 ) -> Tensor:
-    """``base``: full column degrees (.., 1, n_k) of all queries, or (causal) the degrees of earlier queries."""
+    """Ū_q = Σ_j c_qj V̂_j + β_q V̂_q. With ``kv_basis`` (r, d) the key nodes are V̂_j = x_kv_j B: the Gram products
+    and the aggregate are taken in the r coordinates (x_q B^T . x_kv_j, (Σ_j c_qj x_kv_j) B).
+
+    ``base``: full column degrees (.., 1, n_k) of all queries, or (causal) the degrees of earlier queries.
+    """
     causal = options["causal_degrees"]
     head_mean = options["head_mean"]
     if head_mean and not (torch.is_grad_enabled() and attn.requires_grad):
@@ -1230,5 +1268,13 @@ def _run_paper(
         base = attn.sum(dim=-2, keepdim=True)
         if head_mean:
             base = base.mean(dim=1, keepdim=True)
-    return _PaperAggregate.apply(x_q, x_kv, attn, p, mu, base, options["dist_floor"], causal, options["chunk_size"],
-                                 head_mean)
+    if kv_basis is None:
+        gram_q, sq_k = x_q, (x_kv * x_kv).sum(dim=-1).unsqueeze(-2)
+    else:
+        gram_q, key_nodes = torch.matmul(x_q, kv_basis.transpose(-1, -2)), torch.matmul(x_kv, kv_basis)
+        sq_k = (key_nodes * key_nodes).sum(dim=-1).unsqueeze(-2)
+    aggregate, beta = _PaperAggregate.apply(gram_q, x_kv, (x_q * x_q).sum(dim=-1, keepdim=True), sq_k, attn, p, mu,
+                                            base, options["dist_floor"], causal, options["chunk_size"], head_mean)
+    if kv_basis is not None:
+        aggregate = torch.matmul(aggregate, kv_basis)
+    return torch.addcmul(aggregate, beta, x_q)

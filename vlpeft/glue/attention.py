@@ -90,6 +90,8 @@ class AttentionCapture:
         query: projected queries (batch, heads, n_q, head_dim), after RoPE where the model applies it.
         value: projected values of all key positions (batch, heads, n_k, head_dim), repeated to the query heads
             under grouped-query attention.
+        kv_heads: the number of distinct key/value heads before that repetition (``heads`` without grouping);
+            ``value``'s head h repeats key/value head h // (heads / kv_heads), as transformers' ``repeat_kv``.
         probs: post-softmax, pre-dropout attention (batch, heads, n_q, n_k).
         mask: the attention mask the attention function received ((batch, 1, n_q, n_k) additive or boolean), or
             ``None``.
@@ -117,11 +119,14 @@ class AttentionCapture:
     aggregated: torch.Tensor | None = None
     recompute_wanted: bool = False
     recompute_probs: Callable[[slice], torch.Tensor] | None = None
+    kv_heads: int | None = None
 
     def record(
-        self, query: torch.Tensor, value: torch.Tensor, probs: torch.Tensor | None, mask: torch.Tensor | None = None
+        self, query: torch.Tensor, value: torch.Tensor, probs: torch.Tensor | None, mask: torch.Tensor | None = None,
+        kv_heads: int | None = None,
     ) -> None:
         self.query, self.value, self.probs, self.mask = query, value, probs, mask
+        self.kv_heads = kv_heads
         self.calls += 1
 
 
@@ -307,7 +312,7 @@ def padapter_attention_forward(
         returned = dropped
     else:
         returned = probs
-    capture.record(query, value_states, probs, attention_mask)
+    capture.record(query, value_states, probs, attention_mask, kv_heads=value.shape[1])
     if capture.recompute_wanted and not (torch.is_grad_enabled() and probs.requires_grad):
         capture.recompute_probs = recompute_attention_rows(eager, module, query, key, value, attention_mask, kwargs)
     return attn_output, returned
@@ -402,7 +407,7 @@ def _fused_release_attention(
         query, key, value, features, request.p, request.mu, scale=scaling, attn_bias=bias,
         self_loop=request.self_loop, p_bounds=request.p_bounds, backend="triton", **options,
     )
-    capture.record(query, value_states, None, attention_mask)
+    capture.record(query, value_states, None, attention_mask, kv_heads=value.shape[1])
     capture.aggregated = aggregated
     return out.transpose(1, 2).contiguous(), None
 

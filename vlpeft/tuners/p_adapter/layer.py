@@ -351,6 +351,35 @@ def _pool_key_nodes(
     return pool_keys(nodes, attn, k)
 
 
+def grouped_value_factors(
+    value: torch.Tensor, w_o: torch.Tensor, b_o: torch.Tensor | None, heads: int, kv_heads: int | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``paper`` value nodes V̂ = V W_O^T + b_O of grouped-query attention as coordinates times a basis.
+
+    ``value`` (batch, n_k, heads * head_dim) repeats ``kv_heads`` distinct heads (head h is key/value head
+    h // group, group = heads / kv_heads), so V̂ = C B with C = [v, 1] (batch, n_k, r), v the distinct heads'
+    values (batch, n_k, kv_heads * head_dim), and B (r, d) = [W_O^T summed over each group's heads ; b_O],
+    r = kv_heads * head_dim (+ 1 with an output bias).
+
+    Returns:
+        ``(C, B)``, or ``None`` when it would not be narrower (no grouping, or r >= d).
+    """
+    if kv_heads is None or kv_heads >= heads:
+        return None
+    batch, n_k, width = value.shape
+    d = w_o.shape[0]
+    head_dim, group = width // heads, heads // kv_heads
+    rank = kv_heads * head_dim + (b_o is not None)
+    if rank >= d:
+        return None
+    coords = value.reshape(batch, n_k, kv_heads, group, head_dim)[:, :, :, 0].reshape(batch, n_k, -1)
+    basis = w_o.reshape(d, kv_heads, group, head_dim).sum(dim=2).reshape(d, -1).t()
+    if b_o is not None:
+        coords = torch.cat([coords, coords.new_ones(batch, n_k, 1)], dim=-1)
+        basis = torch.cat([basis, b_o.unsqueeze(0)], dim=0)
+    return coords, basis
+
+
 def _drop_unattended_rows(probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Zero the attention rows of queries whose keys are all masked (their softmax is an artefact).
 
@@ -371,6 +400,7 @@ class _GraphInputs:
     aggregated: torch.Tensor | None = None  # release U (batch, heads, n, d_f) from the fused kernels
     # rows -> probs[..., rows, :], when the attention function can recompute the attention (see AttentionCapture)
     recompute: Callable[[slice], torch.Tensor] | None = None
+    kv_heads: int | None = None  # distinct value heads before grouped-query repetition (None: as many as heads)
 
 
 def _masked_rows(recompute: Callable[[slice], torch.Tensor], attended: torch.Tensor
@@ -547,7 +577,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             if recompute is not None and probs is not capture.probs:
                 recompute = _masked_rows(recompute, attended_query_rows(capture.mask, *probs.shape[-2:]))
             return _GraphInputs(_heads_to_tokens(capture.query), _heads_to_tokens(capture.value), probs,
-                                recompute=recompute)
+                                recompute=recompute, kv_heads=capture.kv_heads)
         if spec.style == "bert":
             inner_out = record.get("attention")
             probs = inner_out[1] if isinstance(inner_out, tuple) and len(inner_out) > 1 else None
@@ -661,7 +691,8 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
                 elif settings.variant == "release":
                     branch = self._release_branch(name, settings, o, query, value, probs, inputs.recompute)
                 else:
-                    branch = self._paper_branch(name, settings, o, query, value, probs, w_o, b_o, cache)
+                    branch = self._paper_branch(name, settings, o, query, value, probs, w_o, b_o, cache,
+                                                inputs.kv_heads)
                 delta = branch if delta is None else delta + branch
         return output + delta.to(output.dtype)
 
@@ -763,12 +794,20 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         w_o: torch.Tensor,
         b_o: torch.Tensor | None,
         cache: Any,
+        kv_heads: int | None = None,
     ) -> torch.Tensor:
-        """Ū' - o with Ū from Eqs. 14-16 on V̂ = [Q ; V] W_O + b_O and head-mean attention (§2.3, §2.5)."""
-        value_nodes = F.linear(value, w_o, b_o)
+        """Ū' - o with Ū from Eqs. 14-16 on V̂ = [Q ; V] W_O + b_O and head-mean attention (§2.3, §2.5).
+
+        Under grouped-query attention (``kv_heads`` < heads) the value nodes are passed as coordinates in the
+        span of their distinct heads (:func:`grouped_value_factors`), which makes the block's pairwise products
+        narrower; the result is the same.
+        """
         query_nodes = F.linear(query, w_o, b_o)
+        factors = grouped_value_factors(value, w_o, b_o, probs.shape[1], kv_heads)
+        value_nodes, kv_basis = (F.linear(value, w_o, b_o), None) if factors is None else factors
         # The graph is the head-mean attention; the kernel averages the heads block by block (attn_head_mean), so
-        # no (n_q, n_k) mean tensor is built and kept for backward. Pooling is linear, so it commutes with the mean.
+        # no (n_q, n_k) mean tensor is built and kept for backward. Pooling is linear, so it commutes with the mean
+        # and with the basis.
         attn = probs
         if settings.key_pool_size is not None:
             value_nodes, attn = _pool_key_nodes(value_nodes, attn, settings.key_pool_size, self.module_name)
@@ -786,6 +825,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             past_column_degrees=past_degrees,
             chunk_size=settings.chunk_size,
             attn_head_mean=True,
+            kv_basis=kv_basis,
         ).squeeze(1)
         down, up = self.padapter_down[name], self.padapter_up[name]
         hidden = F.gelu(F.linear(u_bar, down.weight.to(u_bar.dtype), down.bias.to(u_bar.dtype)))
