@@ -204,8 +204,8 @@ int vlpeft_release_backward(int s0, int s1, const Settings *cfg, const float *xq
  * Per slice: G, A (rows x keys, contiguous), col0 (keys) the column degrees before the block (causal) or of all
  * queries, sq_q (rows) / sq_k (keys) squared feature norms, half_p / log_c (rows) p/2 and log(2 mu / p).
  * With r = D_q^-1/2, c = D_j^-1/2 (0 for zero degrees; causal: D_j of row q counts rows <= q):
- *   dist = max(sq_q r^2 + sq_k c^2 - 2 G r c, floor), log W = (p/2) log A + (p/2 - 1) log dist - log D_q,
- *   L = log(sum_edges W + e^log_c), coefficient = W e^-L sqrt(D_q) c (0 on non-edges).
+ *   dist = max(sq_q r^2 + sq_k c^2 - 2 G r c, floor), log W = (p/2) (log A + log dist) - log dist - log D_q,
+ *   L = log(sum_edges W + e^log_c), omega = W e^-L, coefficient = omega sqrt(D_q) c (0 on non-edges).
  */
 typedef struct {
     int rows, keys;
@@ -229,30 +229,36 @@ static RowDegree row_degree(const float *a, int keys) {
     return out;
 }
 
-/* Per key of one row: c (inv_col), log dist (log_dist), 1 / dist above the floor else 0 (free_inv), log A' (log_a,
- * 0 on non-edges), log W. */
+/* Per key of one row: c (inv_col), 1 / dist above the floor else 0 (free_inv), log A' + log dist (log_sum; A' = A
+ * on edges, 1 elsewhere) and log W (log_w). */
 static void paper_row(const float *a, const float *g, const float *col, const float *sq_k, int keys, float sq_q,
-                      RowDegree rd, float half_p, float floor, float *restrict inv_col, float *restrict log_dist,
-                      float *restrict free_inv, float *restrict log_a, float *restrict log_w) {
+                      RowDegree rd, float half_p, float floor, float *restrict inv_col, float *restrict free_inv,
+                      float *restrict log_sum, float *restrict log_w) {
     const float sq_q_r2 = sq_q * rd.r * rd.r;
     for (int j = 0; j < keys; j++) {
         const float c = col[j] > 0.0f ? 1.0f / sqrtf(col[j]) : 0.0f;
         const float raw = sq_q_r2 + sq_k[j] * c * c - 2.0f * g[j] * rd.r * c;
-        const float dist = fmaxf(raw, floor);
+        const float log_dist = logf(fmaxf(raw, floor));
         inv_col[j] = c;
-        free_inv[j] = raw > floor ? 1.0f / dist : 0.0f;
-        log_dist[j] = logf(dist);
-        log_a[j] = logf(a[j] > 0.0f ? a[j] : 1.0f);
-        log_w[j] = half_p * log_a[j] + (half_p - 1.0f) * log_dist[j] - rd.log_row;
+        free_inv[j] = raw > floor ? 1.0f / raw : 0.0f;
+        log_sum[j] = logf(a[j] > 0.0f ? a[j] : 1.0f) + log_dist;
+        log_w[j] = half_p * log_sum[j] - log_dist - rd.log_row;
     }
 }
 
-/* Normaliser L of a row: log(sum over edges of e^log_w + e^log_c). */
-static float paper_normaliser(const float *a, const float *log_w, int keys, float log_c) {
+/* Normaliser L of a row: log(sum over edges of e^log_w + e^log_c); e^(log_w - m) on edges (0 elsewhere) is left in
+ * ``shifted`` and m in *shift, so that the caller needs no second exponential. */
+static float paper_normaliser(const float *a, const float *log_w, int keys, float log_c, float *restrict shifted,
+                              float *shift) {
     float m = log_c;
     for (int j = 0; j < keys; j++) m = fmaxf(m, a[j] > 0.0f ? log_w[j] : log_c);
     float total = expf(log_c - m);
-    for (int j = 0; j < keys; j++) total += a[j] > 0.0f ? expf(log_w[j] - m) : 0.0f;
+    for (int j = 0; j < keys; j++) {
+        const float e = a[j] > 0.0f ? expf(log_w[j] - m) : 0.0f;
+        shifted[j] = e;
+        total += e;
+    }
+    *shift = m;
     return m + logf(total);
 }
 
@@ -260,15 +266,15 @@ static float paper_normaliser(const float *a, const float *log_w, int keys, floa
  * degree gradient, the edge part of dL/dA, accumulates dL/dsq_k and the row sums. */
 static void paper_row_grads(const float *restrict a, const float *restrict g, const float *restrict sqk,
                             const float *restrict t, const float *restrict omega, const float *restrict inv_col,
-                            const float *restrict log_dist, const float *restrict free_inv,
-                            const float *restrict log_a, int keys, float total, float hp, float r,
-                            float *restrict dgram, float *restrict grad_col, float *restrict grad_attn,
-                            float *restrict gsqk, float *gp_out, float *glw_out, float *gd_out, float *gic_out) {
+                            const float *restrict log_sum, const float *restrict free_inv, int keys, float total,
+                            float hp, float r, float *restrict dgram, float *restrict grad_col,
+                            float *restrict grad_attn, float *restrict gsqk, float *gp_out, float *glw_out,
+                            float *gd_out, float *gic_out) {
     float gp = 0.0f, glw_sum = 0.0f, gd_sum = 0.0f, gic_g = 0.0f;
     for (int j = 0; j < keys; j++) {
         const float glw = t[j] - omega[j] * total; /* exactly 0 on non-edges */
         const float c = inv_col[j];
-        gp += glw * (log_a[j] + log_dist[j]);
+        gp += glw * log_sum[j];
         glw_sum += glw;
         const float gd = glw * (hp - 1.0f) * free_inv[j];
         const float g_ic = gd * c;
@@ -285,30 +291,32 @@ static void paper_row_grads(const float *restrict a, const float *restrict g, co
     *gic_out = gic_g;
 }
 
+/* Forward of one block: coef (rows x keys) and log_norm (rows). */
 int vlpeft_paper_forward(int s0, int s1, const PaperSettings *cfg, const float *gram, const float *attn,
                          const float *col0, const float *sq_q, const float *sq_k, const float *half_p,
                          const float *log_c, float *coef, float *log_norm) {
     const int rows = cfg->rows, keys = cfg->keys;
     float *scratch = malloc(sizeof(float) * 6 * (size_t)(keys > 0 ? keys : 1));
     if (scratch == NULL) return 1;
-    float *col = scratch, *inv_col = col + keys, *log_dist = inv_col + keys, *free_inv = log_dist + keys;
-    float *log_a = free_inv + keys, *log_w = log_a + keys;
+    float *col = scratch, *inv_col = col + keys, *free_inv = inv_col + keys, *row_log_sum = free_inv + keys;
+    float *log_w = row_log_sum + keys, *shifted = log_w + keys;
     for (int s = s0; s < s1; s++) {
         const size_t block = (size_t)s * rows * keys;
         for (int j = 0; j < keys; j++) col[j] = col0[(size_t)s * keys + j];
         for (int i = 0; i < rows; i++) {
-            const size_t row = (size_t)s * rows + i;
-            const float *a = attn + block + (size_t)i * keys, *g = gram + block + (size_t)i * keys;
-            float *out = coef + block + (size_t)i * keys;
+            const size_t row = (size_t)s * rows + i, at = block + (size_t)i * keys;
+            const float *a = attn + at, *g = gram + at;
             if (cfg->causal)
                 for (int j = 0; j < keys; j++) col[j] += a[j];
             const RowDegree rd = row_degree(a, keys);
             paper_row(a, g, col, sq_k + (size_t)s * keys, keys, sq_q[row], rd, half_p[row], cfg->floor, inv_col,
-                      log_dist, free_inv, log_a, log_w);
-            const float lnorm = paper_normaliser(a, log_w, keys, log_c[row]);
+                      free_inv, row_log_sum, log_w);
+            float shift;
+            const float lnorm = paper_normaliser(a, log_w, keys, log_c[row], shifted, &shift);
             log_norm[row] = lnorm;
-            for (int j = 0; j < keys; j++)
-                out[j] = a[j] > 0.0f ? expf(log_w[j] - lnorm) * rd.sqrt_row * inv_col[j] : 0.0f;
+            const float scale = expf(shift - lnorm) * rd.sqrt_row;
+            float *out = coef + at;
+            for (int j = 0; j < keys; j++) out[j] = shifted[j] * scale * inv_col[j];
         }
     }
     free(scratch);
@@ -317,22 +325,22 @@ int vlpeft_paper_forward(int s0, int s1, const PaperSettings *cfg, const float *
 
 /*
  * Backward of one block. Inputs as the forward plus log_norm, dcoef = dL/dcoefficient (grad_out xk^T), grad_beta
- * (rows) = grad_out . xq and carry (keys): dL/dD_j of the later blocks (causal; added to every row's column term).
- * Outputs: coef (recomputed), dgram = dL/dG, grad_attn (rows x keys), per row grad_p (dL/dp of the weights),
- * grad_log_c, grad_sq_q (dL/dsq_q), grad_row_deg (dL/dD_q); per key grad_sq_k (+=) and col_grad_sum (the block's
- * sum over rows of dL/dD_j). grad_col is rows x keys scratch.
+ * (rows) = dL/dbeta and carry (keys): dL/dD_j of the later blocks (causal; added to every row's column term).
+ * Outputs: coef (recomputed), dgram = dL/dG, grad_attn (rows x keys), per row grad_p (dL/dp of the weights), grad_log_c, grad_sq_q
+ * (dL/dsq_q), grad_row_deg (dL/dD_q); per key grad_sq_k (+=) and col_grad_sum (the block's sum over rows of
+ * dL/dD_j). grad_col is rows x keys scratch.
  */
 int vlpeft_paper_backward(int s0, int s1, const PaperSettings *cfg, const float *gram, const float *attn,
                           const float *col0, const float *sq_q, const float *sq_k, const float *half_p,
                           const float *log_c, const float *log_norm, const float *dcoef, const float *grad_beta,
-                          const float *carry, float *coef, float *dgram, float *grad_attn, float *grad_col,
-                          float *grad_p, float *grad_log_c, float *grad_sq_q, float *grad_row_deg, float *grad_sq_k,
-                          float *col_grad_sum) {
+                          const float *carry, float *coef, float *dgram,
+                          float *grad_attn, float *grad_col, float *grad_p, float *grad_log_c, float *grad_sq_q,
+                          float *grad_row_deg, float *grad_sq_k, float *col_grad_sum) {
     const int rows = cfg->rows, keys = cfg->keys;
-    float *scratch = malloc(sizeof(float) * 7 * (size_t)(keys > 0 ? keys : 1));
+    float *scratch = malloc(sizeof(float) * 6 * (size_t)(keys > 0 ? keys : 1));
     if (scratch == NULL) return 1;
-    float *col = scratch, *inv_col = col + keys, *log_dist = inv_col + keys, *free_inv = log_dist + keys;
-    float *log_a = free_inv + keys, *log_w = log_a + keys, *t = log_w + keys;
+    float *col = scratch, *inv_col = col + keys, *free_inv = inv_col + keys, *row_log_sum = free_inv + keys;
+    float *omega = row_log_sum + keys, *t = omega + keys;
     for (int s = s0; s < s1; s++) {
         const size_t block = (size_t)s * rows * keys;
         const float *sqk = sq_k + (size_t)s * keys;
@@ -345,21 +353,21 @@ int vlpeft_paper_backward(int s0, int s1, const PaperSettings *cfg, const float 
                 for (int j = 0; j < keys; j++) col[j] += a[j];
             const RowDegree rd = row_degree(a, keys);
             const float hp = half_p[row], lnorm = log_norm[row];
-            paper_row(a, g, col, sqk, keys, sq_q[row], rd, hp, cfg->floor, inv_col, log_dist, free_inv, log_a,
-                      log_w);
             const float beta = expf(log_c[row] - lnorm);
+            float *cf = coef + at;
             float t_sum = 0.0f;
+            paper_row(a, g, col, sqk, keys, sq_q[row], rd, hp, cfg->floor, inv_col, free_inv, row_log_sum, omega);
             for (int j = 0; j < keys; j++) {
-                const float omega = a[j] > 0.0f ? expf(log_w[j] - lnorm) : 0.0f;
-                log_w[j] = omega;
-                coef[at + j] = omega * rd.sqrt_row * inv_col[j];
-                t[j] = dc[j] * coef[at + j];
+                const float w = a[j] > 0.0f ? expf(omega[j] - lnorm) : 0.0f; /* omega held log W */
+                omega[j] = w;
+                cf[j] = w * rd.sqrt_row * inv_col[j];
+                t[j] = dc[j] * cf[j];
                 t_sum += t[j];
             }
             const float total = t_sum + beta * grad_beta[row];
             float gp = 0.0f, glw_sum = 0.0f, gd_sum = 0.0f, gic_g = 0.0f;
-            paper_row_grads(a, g, sqk, t, log_w, inv_col, log_dist, free_inv, log_a, keys, total, hp, rd.r,
-                            dgram + at, grad_col + at, grad_attn + at, gsqk, &gp, &glw_sum, &gd_sum, &gic_g);
+            paper_row_grads(a, g, sqk, t, omega, inv_col, row_log_sum, free_inv, keys, total, hp, rd.r, dgram + at,
+                            grad_col + at, grad_attn + at, gsqk, &gp, &glw_sum, &gd_sum, &gic_g);
             const float grad_ir = 2.0f * sq_q[row] * rd.r * gd_sum - 2.0f * gic_g;
             grad_row_deg[row] = (-0.5f * grad_ir * rd.r + 0.5f * t_sum - glw_sum) * rd.r * rd.r;
             grad_p[row] = 0.5f * gp;

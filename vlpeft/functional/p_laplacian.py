@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from vlpeft.functional._precision import autocast_disabled, compute_dtype, output_dtype
+from vlpeft.functional._shapes import broadcast_shapes
 from vlpeft.functional.p_laplacian_cpu import (
     kernel_applies,
     paper_backward_block,
@@ -320,7 +321,7 @@ def _check_shapes(x_q: Tensor, x_kv: Tensor, attn: Tensor,
             f"attn must end in (n_q, n_k) = ({n_q}, {n_k}) to match x_q and x_kv, got {tuple(attn.shape)}"
         )
     try:
-        lead = torch.broadcast_shapes(x_q.shape[:2], x_kv.shape[:2], attn.shape[:2])
+        lead = broadcast_shapes(x_q.shape[:2], x_kv.shape[:2], attn.shape[:2])
     except RuntimeError as err:
         raise ValueError(
             "batch/heads axes do not broadcast: x_q "
@@ -346,7 +347,7 @@ def _check_past_degrees(past: Tensor, n_k: int, lead: tuple[int, ...]) -> None:
         shape = tuple(past.shape) if isinstance(past, Tensor) else type(past).__name__
         raise ValueError(f"past_column_degrees must be (batch, heads, n_past) with n_past <= n_k={n_k}, got {shape}")
     try:
-        torch.broadcast_shapes(tuple(past.shape[:2]), lead)
+        broadcast_shapes(tuple(past.shape[:2]), lead)
     except RuntimeError as err:
         raise ValueError(f"past_column_degrees batch/heads {tuple(past.shape[:2])} do not broadcast with {lead}") from err
 
@@ -384,11 +385,17 @@ def _check_mu(mu: Scalar) -> None:
 
 def _check_positive(value: Scalar, name: str, requirement: str) -> None:
     if isinstance(value, Tensor):
-        _check_tensor_values(value, name, lambda v: (v > 0) & torch.isfinite(v), requirement)
+        _check_tensor_values(value, name, _positive_finite, requirement)
         return
     number = _as_float(value, name)
     if not (math.isfinite(number) and number > 0.0):
         raise ValueError(f"{name}={number} is out of range: {requirement}")
+
+
+def _positive_finite(value: Tensor | float) -> Tensor | bool:
+    if isinstance(value, Tensor):
+        return (value > 0) & torch.isfinite(value)
+    return value > 0 and math.isfinite(value)
 
 
 def _as_float(value: object, name: str) -> float:
@@ -398,9 +405,18 @@ def _as_float(value: object, name: str) -> float:
 
 
 def _check_tensor_values(value: Tensor, name: str, is_ok: Callable[[Tensor], Tensor], requirement: str) -> None:
-    """Check a coefficient tensor; CPU values are checked eagerly, accelerator values without a host sync."""
+    """Check a coefficient tensor; CPU values are checked eagerly, accelerator values without a host sync.
+
+    ``is_ok`` maps a tensor to a boolean tensor and a float to a bool (one CPU value is checked as a float: one op
+    instead of four, and this runs for every adapted layer and step).
+    """
     if not value.is_floating_point():
         raise TypeError(f"{name} must be floating point, got dtype {value.dtype}")
+    if value.device.type == "cpu" and value.numel() == 1:
+        number = value.item()
+        if not is_ok(number):
+            raise ValueError(f"{name}={number} is out of range: {requirement}")
+        return
     ok = is_ok(value.detach())
     if value.device.type == "cpu":
         if not bool(ok.all()):
@@ -569,7 +585,8 @@ def _block_plan(attn: Tensor, n_q: int, chunk_size: int | None) -> list[tuple[sl
 
     With ``chunk_size`` the blocks are its row blocks. Without, the rows are split into equal blocks of about
     :data:`_AUTO_BLOCK_ROWS` (see :func:`_even_row_slices`) only when that skips enough pairs (a causal attention
-    skips about half); otherwise one block of all rows.
+    skips about half); otherwise one block of all rows (over all keys when the rows make one block anyway: then the
+    attention is not read for extents at all).
     """
     n_k = attn.shape[-1]
     if n_q == 0:
@@ -578,16 +595,18 @@ def _block_plan(attn: Tensor, n_q: int, chunk_size: int | None) -> list[tuple[sl
         slices = _row_slices(n_q, chunk_size)
         return list(zip(slices, _key_extents(attn, slices)))
     slices = _even_row_slices(n_q, _AUTO_BLOCK_ROWS)
+    if len(slices) == 1:
+        return [(slices[0], n_k)]  # nothing to skip between blocks; trailing empty key columns are rare
     extents = _key_extents(attn, slices)
     pairs = sum((rows.stop - rows.start) * keys for rows, keys in zip(slices, extents))
-    if len(slices) > 1 and pairs <= (1.0 - _AUTO_BLOCK_MIN_SAVING) * n_q * n_k:
+    if pairs <= (1.0 - _AUTO_BLOCK_MIN_SAVING) * n_q * n_k:
         return list(zip(slices, extents))
     return [(slice(0, n_q), max(extents))]
 
 
 def _mul_(tensor: Tensor, other: Tensor | float) -> Tensor:
     """tensor * other, in place when the result has the shape of ``tensor``."""
-    if isinstance(other, Tensor) and torch.broadcast_shapes(tensor.shape, other.shape) != tensor.shape:
+    if isinstance(other, Tensor) and broadcast_shapes(tensor.shape, other.shape) != tensor.shape:
         return tensor * other
     return tensor.mul_(other)
 
@@ -889,7 +908,7 @@ def _add_key_rows(total: Tensor | None, part: Tensor, n_k: int) -> Tensor:
         return part if total is None else total + part
     if total is None:
         total = part.new_zeros(*part.shape[:-2], n_k, part.shape[-1])
-    elif torch.broadcast_shapes(total.shape, part.shape[:-2] + total.shape[-2:]) != total.shape:
+    elif broadcast_shapes(total.shape, part.shape[:-2] + total.shape[-2:]) != total.shape:
         total = total.expand(*part.shape[:-2], *total.shape[-2:]).clone()
     total[..., : part.shape[-2], :] += part
     return total
@@ -1003,7 +1022,9 @@ class _PaperAggregate(torch.autograd.Function):
                 coefficients, log_norm = paper_forward_block(
                     gram, attn_rows, _key_columns(running, n_keys), _row_block(sq_q, rows), sq_k[..., :n_keys],
                     _row_block(p, rows), log_c_rows, dist_floor=dist_floor, causal=causal)
-                # The head mean is kept too (when taken): the backward pass then reads no per-head attention.
+                # Kept: the Gram product, and the head mean when taken (the backward pass then reads no per-head
+                # attention). Keeping the weights too (no log/exp in the backward kernel) measured no faster: the
+                # saved C time was spent on the extra (rows, keys) tensors.
                 for_backward = (gram, attn_rows) if head_mean else (gram,)
             else:
                 col_deg = _key_columns(running, n_keys)
@@ -1197,7 +1218,7 @@ def _paper_backward_kernel(gram: Tensor, attn_rows: Tensor, col_base: Tensor, xq
 def _graph_count(x_q: Tensor, x_kv: Tensor, attn: Tensor, head_mean: bool) -> int:
     """The number of independent graphs of a call: the product of its broadcast leading (batch, heads) shape."""
     graph_lead = (attn.shape[0], 1) if head_mean else attn.shape[:-2]
-    return math.prod(torch.broadcast_shapes(x_q.shape[:-2], x_kv.shape[:-2], graph_lead))
+    return math.prod(broadcast_shapes(x_q.shape[:-2], x_kv.shape[:-2], graph_lead))
 
 
 def _run_release(x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, options: dict) -> Tensor:

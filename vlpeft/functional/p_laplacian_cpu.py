@@ -50,6 +50,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from vlpeft.functional._shapes import broadcast_shapes
+
 SOURCE = Path(__file__).with_name("_p_laplacian_cpu.c")
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c99")
 ENV_SWITCH = "VLPEFT_CPU_KERNEL"
@@ -250,12 +252,15 @@ def _ptr(tensor: Tensor | None) -> int | None:
 
 def _lead(*tensors: Tensor) -> tuple[int, ...]:
     """The broadcast leading shape of tensors laid out (.., rows, cols) (0-d coefficients broadcast)."""
-    return tuple(torch.broadcast_shapes(*(t.shape[:-2] for t in tensors)))
+    return tuple(broadcast_shapes(*(t.shape[:-2] for t in tensors)))
 
 
 def _flat(tensor: Tensor, lead: tuple[int, ...], tail: tuple[int, ...]) -> Tensor:
     """``tensor`` broadcast to (*lead, *tail) as one contiguous (prod(lead), *tail) tensor: a slice per graph."""
-    return tensor.expand(*lead, *tail).reshape(math.prod(lead), *tail).contiguous()
+    shape = (*lead, *tail)
+    if tensor.shape == shape and tensor.is_contiguous():
+        return tensor.view(math.prod(lead), *tail)  # the common case: one op instead of three
+    return tensor.expand(shape).reshape(math.prod(lead), *tail).contiguous()
 
 
 class _ReleaseCpuAggregate(torch.autograd.Function):
@@ -379,8 +384,8 @@ def paper_backward_block(gram: Tensor, attn: Tensor, col_base: Tensor, sq_q: Ten
                          log_c: Tensor, log_norm: Tensor, grad_coef: Tensor, grad_beta: Tensor,
                          carry: Tensor | None, *, dist_floor: float, causal: bool) -> PaperBlockGrads:
     """Backward pass of :func:`paper_forward_block` by the C kernel; grad_coef = dL/dcoefficients
-    (.., rows, keys), grad_beta (.., rows, 1) = dL/dbeta_q = grad_out_q . x_q (the self term beta_q x_q),
-    carry (.., 1, keys) the later blocks' column-degree gradient (causal) or None."""
+    (.., rows, keys), grad_beta (.., rows, 1) = dL/dbeta_q (the self term beta_q x_q), carry (.., 1, keys) the later
+    blocks' column-degree gradient (causal) or None."""
     rows, keys = attn.shape[-2:]
     lead = _lead(gram, attn, col_base, sq_q, sq_k, p, log_c, log_norm, grad_coef)
     pairs, row, key = (rows, keys), (rows, 1), (1, keys)
