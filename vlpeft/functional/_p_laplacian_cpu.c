@@ -306,17 +306,19 @@ int vlpeft_paper_forward(int s0, int s1, const PaperSettings *cfg, const float *
         for (int i = 0; i < rows; i++) {
             const size_t row = (size_t)s * rows + i, at = block + (size_t)i * keys;
             const float *a = attn + at, *g = gram + at;
+            const int n = row_extent(a, keys); /* keys past the row's last edge have coefficient 0 */
             if (cfg->causal)
-                for (int j = 0; j < keys; j++) col[j] += a[j];
-            const RowDegree rd = row_degree(a, keys);
-            paper_row(a, g, col, sq_k + (size_t)s * keys, keys, sq_q[row], rd, half_p[row], cfg->floor, inv_col,
+                for (int j = 0; j < n; j++) col[j] += a[j];
+            const RowDegree rd = row_degree(a, n);
+            paper_row(a, g, col, sq_k + (size_t)s * keys, n, sq_q[row], rd, half_p[row], cfg->floor, inv_col,
                       free_inv, row_log_sum, log_w);
             float shift;
-            const float lnorm = paper_normaliser(a, log_w, keys, log_c[row], shifted, &shift);
+            const float lnorm = paper_normaliser(a, log_w, n, log_c[row], shifted, &shift);
             log_norm[row] = lnorm;
             const float scale = expf(shift - lnorm) * rd.sqrt_row;
             float *out = coef + at;
-            for (int j = 0; j < keys; j++) out[j] = shifted[j] * scale * inv_col[j];
+            for (int j = 0; j < n; j++) out[j] = shifted[j] * scale * inv_col[j];
+            for (int j = n; j < keys; j++) out[j] = 0.0f;
         }
     }
     free(scratch);
@@ -349,15 +351,18 @@ int vlpeft_paper_backward(int s0, int s1, const PaperSettings *cfg, const float 
         for (int i = 0; i < rows; i++) {
             const size_t row = (size_t)s * rows + i, at = block + (size_t)i * keys;
             const float *a = attn + at, *g = gram + at, *dc = dcoef + at;
+            /* Past the row's last edge every per-pair term is 0 (no weight, so no coefficient, dL/dG or column-degree
+             * term); only the degree sums of the reverse pass below reach those entries of dL/dA. */
+            const int n = row_extent(a, keys);
             if (cfg->causal)
-                for (int j = 0; j < keys; j++) col[j] += a[j];
-            const RowDegree rd = row_degree(a, keys);
+                for (int j = 0; j < n; j++) col[j] += a[j];
+            const RowDegree rd = row_degree(a, n);
             const float hp = half_p[row], lnorm = log_norm[row];
             const float beta = expf(log_c[row] - lnorm);
             float *cf = coef + at;
             float t_sum = 0.0f;
-            paper_row(a, g, col, sqk, keys, sq_q[row], rd, hp, cfg->floor, inv_col, free_inv, row_log_sum, omega);
-            for (int j = 0; j < keys; j++) {
+            paper_row(a, g, col, sqk, n, sq_q[row], rd, hp, cfg->floor, inv_col, free_inv, row_log_sum, omega);
+            for (int j = 0; j < n; j++) {
                 const float w = a[j] > 0.0f ? expf(omega[j] - lnorm) : 0.0f; /* omega held log W */
                 omega[j] = w;
                 cf[j] = w * rd.sqrt_row * inv_col[j];
@@ -366,8 +371,9 @@ int vlpeft_paper_backward(int s0, int s1, const PaperSettings *cfg, const float 
             }
             const float total = t_sum + beta * grad_beta[row];
             float gp = 0.0f, glw_sum = 0.0f, gd_sum = 0.0f, gic_g = 0.0f;
-            paper_row_grads(a, g, sqk, t, omega, inv_col, row_log_sum, free_inv, keys, total, hp, rd.r, dgram + at,
+            paper_row_grads(a, g, sqk, t, omega, inv_col, row_log_sum, free_inv, n, total, hp, rd.r, dgram + at,
                             grad_col + at, grad_attn + at, gsqk, &gp, &glw_sum, &gd_sum, &gic_g);
+            for (int j = n; j < keys; j++) cf[j] = dgram[at + j] = grad_col[at + j] = grad_attn[at + j] = 0.0f;
             const float grad_ir = 2.0f * sq_q[row] * rd.r * gd_sum - 2.0f * gic_g;
             grad_row_deg[row] = (-0.5f * grad_ir * rd.r + 0.5f * t_sum - glw_sum) * rd.r * rd.r;
             grad_p[row] = 0.5f * gp;
