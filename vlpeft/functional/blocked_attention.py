@@ -108,8 +108,9 @@ class _BlockedAttention(torch.autograd.Function):
                 grad_block = from_probs.clone() if grad_block is None else grad_block.add_(from_probs)
             if grad_block is None or (grad_q is None and grad_k is None):
                 continue
-            # Softmax backward; the skipped keys have probability 0, so the row sums over the kept keys are exact.
-            grad_scores = grad_block.sub_((grad_block * block).sum(dim=-1, keepdim=True)).mul_(block).mul_(scale)
+            # Softmax backward (aten's fused kernel: (g - sum_j g_j y_j) y in one pass); the skipped keys have
+            # probability 0, so the row sums over the kept keys are exact.
+            grad_scores = torch.ops.aten._softmax_backward_data(grad_block, block, -1, block.dtype).mul_(scale)
             if grad_q is not None:
                 grad_q[..., rows, :] = torch.matmul(grad_scores, key[..., :n_keys, :])
             if grad_k is not None:

@@ -1065,7 +1065,9 @@ class _PaperAggregate(torch.autograd.Function):
             grad_sq_q_rows: list[Tensor] = [None] * len(slices)  # type: ignore[list-item]
             # head_mean: the gradient of the (batch, 1, n_q, n_k) mean graph, spread over the heads at the end.
             graph_shape = (attn.shape[0], 1, *attn.shape[2:]) if head_mean else attn.shape
-            grad_attn_full = attn.new_empty(graph_shape) if ctx.needs_input_grad[4] else None
+            # One block over all rows and keys: its gradient is the whole gradient (no copy into a full tensor).
+            whole = len(plan) == 1 and plan[0][1] == n_k
+            grad_attn_full = attn.new_empty(graph_shape) if ctx.needs_input_grad[4] and not whole else None
             grad_p_rows: list[Tensor] = [None] * len(slices)  # type: ignore[list-item]
             grad_log_c_rows: list[Tensor] = [None] * len(slices)  # type: ignore[list-item]
             grad_xk = grad_sq_k = None
@@ -1110,7 +1112,10 @@ class _PaperAggregate(torch.autograd.Function):
                 grad_sq_k = _add_key_rows(grad_sq_k, part.grad_sq_k.transpose(-1, -2), n_k)
                 block_sum = _pad_keys(part.column_sum, n_k)
                 carry = block_sum if carry is None else carry + block_sum
-                if grad_attn_full is not None:
+                if whole and ctx.needs_input_grad[4]:
+                    grad = part.grad_attn
+                    grad_attn_full = grad.sum_to_size(graph_shape) if grad.shape != graph_shape else grad
+                elif grad_attn_full is not None:
                     _write_rows(grad_attn_full[..., :n_keys], rows, part.grad_attn)
                     if n_keys < n_k:
                         # Right of the block's last edge only the degree sums depend on the (zero) attention: the
