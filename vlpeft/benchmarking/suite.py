@@ -36,22 +36,23 @@ _LLAVA_METHODS = ("frozen", "lora", "routed_lora_mul", "routed_lora_matmul", "ad
 
 #: Sizes of the default run, of ``--full`` (adds the n = 1024 reference formulations of the block, which take
 #: most of its time) and of ``--quick`` (smoke-test sizes, seconds; without the compiled row, which compiles for
-#: about a minute).
+#: about a minute). Training steps: 16 round-robin rounds (the minimum over 8 moved the p-adapter ratios by up to
+#: 0.05 between runs of the same code on the 2-core VMs; the step suite takes about 2 minutes).
 PROFILES: dict[str, dict[str, Any]] = {
     "default": {
         "p_laplacian": {"ns": (64, 256, 1024), "dims": (8, 64), "repeats": 3, "max_pair_mib": 256.0,
                         "reference_max_n": 256},
         "training": [
-            {"models": ("blip",), "methods": None, "extra_methods": ("p_adapter_release_compiled",), "repeats": 8},
-            {"models": ("llava",), "methods": _LLAVA_METHODS, "repeats": 8},
+            {"models": ("blip",), "methods": None, "extra_methods": ("p_adapter_release_compiled",), "repeats": 16},
+            {"models": ("llava",), "methods": _LLAVA_METHODS, "repeats": 16},
         ],
         "long": {"image_sizes": (400, 512, 736), "chunk_size": 64, "memory_budget_mib": 64.0},
     },
     "full": {
         "p_laplacian": {"ns": (64, 256, 1024), "dims": (8, 64), "repeats": 3, "max_pair_mib": 256.0},
         "training": [
-            {"models": ("blip",), "methods": None, "extra_methods": ("p_adapter_release_compiled",), "repeats": 8},
-            {"models": ("llava",), "methods": _LLAVA_METHODS, "repeats": 8},
+            {"models": ("blip",), "methods": None, "extra_methods": ("p_adapter_release_compiled",), "repeats": 16},
+            {"models": ("llava",), "methods": _LLAVA_METHODS, "repeats": 16},
         ],
         "long": {"image_sizes": (400, 512, 736), "chunk_size": 64, "memory_budget_mib": 64.0},
     },
