@@ -771,6 +771,32 @@ def test_paper_kv_basis_gradcheck_and_errors():
         p_laplacian_aggregate(x_q, coords, attn, 1.5, 0.2, attn_head_mean=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("with_past", [False, True])
+def test_return_column_degrees_equals_accumulate_column_degrees(dtype, chunk_size, with_past):
+    """The running column degrees the block loop returns are what accumulate_column_degrees computes separately,
+    and returning them leaves the aggregate unchanged."""
+    x_q = make_features(2, 1, 5, 3, dtype=dtype, seed=20)
+    x_kv = make_features(2, 1, 8, 3, dtype=dtype, seed=21)
+    attn = make_attention(2, 3, 5, 8, causal=True, offset=3, seed=22).to(dtype)
+    past = torch.rand(2, 1, 3, dtype=dtype) if with_past else None
+    options = dict(variant="paper", causal_degrees=True, past_column_degrees=past, chunk_size=chunk_size,
+                   attn_head_mean=True)
+    out, degrees = p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, return_column_degrees=True, **options)
+    assert degrees.shape == (2, 1, 8) and not degrees.requires_grad
+    torch.testing.assert_close(degrees, accumulate_column_degrees(attn, past, head_mean=True))
+    torch.testing.assert_close(out, p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, **options), rtol=0, atol=0)
+
+
+def test_return_column_degrees_needs_causal_paper():
+    x_q, x_kv, attn = make_features(1, 1, 3, 2), make_features(1, 1, 3, 2), make_attention(1, 1, 3, 3)
+    for kwargs in ({"variant": "paper"}, {"variant": "release"}):
+        with pytest.raises(ValueError, match="return_column_degrees=True applies to variant='paper' with "
+                                             "causal_degrees=True only"):
+            p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, return_column_degrees=True, **kwargs)
+
+
 def test_accumulate_column_degrees_head_mean():
     attn = make_attention(2, 3, 4, 6, causal=True, seed=10)
     past = torch.rand(2, 1, 2, dtype=torch.float64)

@@ -87,7 +87,8 @@ def p_laplacian_aggregate(
     recompute_attention: Callable[[slice], Tensor] | None = None,
     compiled: bool = False,
     kv_basis: Tensor | None = None,
-) -> Tensor:
+    return_column_degrees: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Aggregate node features with one p-Laplacian step on the attention graph.
 
     Args:
@@ -142,10 +143,14 @@ def p_laplacian_aggregate(
             The pairwise products (Gram and aggregation, forward and backward) then run on r features instead of d,
             e.g. under grouped-query attention, whose values span kv_heads * head_dim (+ 1 for an output bias)
             dimensions of the d-dimensional V̂ (see the p-adapter layer). Gradients reach ``kv_basis`` too.
+        return_column_degrees: ``paper`` with ``causal_degrees=True`` only: also return the running column degrees
+            after these queries, (batch, heads, n_k) (heads = 1 with ``attn_head_mean``), i.e. what
+            :func:`accumulate_column_degrees` gives for the next cached decoding step, taken from the block loop's
+            own running sums instead of another pass over the attention. No gradient flows through them.
 
     Returns:
-        (batch, heads, n_q, d) in the promoted dtype of x_q and x_kv. Computed in float32 (float64 if any
-        input is float64) with autocast disabled.
+        (batch, heads, n_q, d) in the promoted dtype of x_q and x_kv, or ``(that, column degrees)`` with
+        ``return_column_degrees``. Computed in float32 (float64 if any input is float64) with autocast disabled.
     """
     options = _resolve_options(
         variant=variant,
@@ -177,6 +182,9 @@ def p_laplacian_aggregate(
                             and not (torch.is_grad_enabled() and attn.requires_grad) else None)
     if kv_basis is not None and variant != "paper":
         raise ValueError(f"kv_basis applies to variant='paper' only, got variant={variant!r}")
+    if return_column_degrees and not (variant == "paper" and causal_degrees):
+        raise ValueError("return_column_degrees=True applies to variant='paper' with causal_degrees=True only, got "
+                         f"variant={variant!r}, causal_degrees={causal_degrees!r}")
     n_q, n_k, lead = _check_shapes(x_q, x_kv, attn[:, :1] if attn_head_mean and attn.dim() == 4 else attn, kv_basis)
     if options["graph"] == "self":
         options["query_offset"] = _resolve_query_offset(query_offset, n_q, n_k)
@@ -199,7 +207,9 @@ def p_laplacian_aggregate(
         else:
             past = None if past_column_degrees is None else past_column_degrees.to(dtype)
             basis = None if kv_basis is None else kv_basis.to(dtype)
-            out = _run_paper(xq, xkv, att, p_t, mu_t, past, options, basis)
+            out, degrees = _run_paper(xq, xkv, att, p_t, mu_t, past, options, basis)
+            if return_column_degrees:
+                return out.to(out_dtype), degrees.squeeze(-2)
     return out.to(out_dtype)
 
 
@@ -999,7 +1009,7 @@ class _PaperAggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_q: Tensor, x_kv: Tensor, sq_q: Tensor, sq_k: Tensor, attn: Tensor, p: Tensor, mu: Tensor,
                 base: Tensor, dist_floor: float, causal: bool, chunk_size: int | None,
-                head_mean: bool) -> tuple[Tensor, Tensor]:
+                head_mean: bool) -> tuple[Tensor, Tensor, Tensor]:
         log_c = torch.log(2.0 * mu / p)
         outputs, betas, normalisers, bases = [], [], [], []
         # Without chunk_size the blocks' intermediates are kept for the backward pass (about six (rows, keys) tensors
@@ -1047,11 +1057,12 @@ class _PaperAggregate(torch.autograd.Function):
             del coefficients, attn_rows, for_backward  # before the next block is built
         ctx.save_for_backward(x_q, x_kv, sq_q, sq_k, attn, p, mu, _concat_rows(normalisers), *bases, *kept)
         ctx.settings = (dist_floor, causal, plan, head_mean, keep, kernel)
-        return _concat_rows(outputs), _concat_rows(betas)
+        ctx.mark_non_differentiable(running)
+        return _concat_rows(outputs), _concat_rows(betas), running
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor, grad_beta_all: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_out: Tensor, grad_beta_all: Tensor, _: Tensor | None) -> tuple[Tensor | None, ...]:
         x_q, x_kv, sq_q, sq_k, attn, p, mu, log_norm_all, *bases = ctx.saved_tensors
         dist_floor, causal, plan, head_mean, kept, kernel = ctx.settings
         if kept:
@@ -1275,11 +1286,13 @@ def _pad_keys(tensor: Tensor, n_k: int) -> Tensor:
 def _run_paper(
     x_q: Tensor, x_kv: Tensor, attn: Tensor, p: Tensor, mu: Tensor, past: Tensor | None, options: dict,
     kv_basis: Tensor | None = None,
-) -> Tensor:
-    """Ū_q = Σ_j c_qj V̂_j + β_q V̂_q. With ``kv_basis`` (r, d) the key nodes are V̂_j = x_kv_j B: the Gram products
-    and the aggregate are taken in the r coordinates (x_q B^T . x_kv_j, (Σ_j c_qj x_kv_j) B).
+) -> tuple[Tensor, Tensor]:
+    """(Ū, column degrees) with Ū_q = Σ_j c_qj V̂_j + β_q V̂_q. With ``kv_basis`` (r, d) the key nodes are
+    V̂_j = x_kv_j B: the Gram products and the aggregate are taken in the r coordinates (x_q B^T . x_kv_j,
+    (Σ_j c_qj x_kv_j) B).
 
-    ``base``: full column degrees (.., 1, n_k) of all queries, or (causal) the degrees of earlier queries.
+    ``base``: full column degrees (.., 1, n_k) of all queries, or (causal) the degrees of earlier queries; the
+    column degrees returned are (causal) base plus these queries' column sums, (.., 1, n_k).
     """
     causal = options["causal_degrees"]
     head_mean = options["head_mean"]
@@ -1299,8 +1312,9 @@ def _run_paper(
     else:
         gram_q, key_nodes = torch.matmul(x_q, kv_basis.transpose(-1, -2)), torch.matmul(x_kv, kv_basis)
         sq_k = (key_nodes * key_nodes).sum(dim=-1).unsqueeze(-2)
-    aggregate, beta = _PaperAggregate.apply(gram_q, x_kv, (x_q * x_q).sum(dim=-1, keepdim=True), sq_k, attn, p, mu,
-                                            base, options["dist_floor"], causal, options["chunk_size"], head_mean)
+    aggregate, beta, degrees = _PaperAggregate.apply(
+        gram_q, x_kv, (x_q * x_q).sum(dim=-1, keepdim=True), sq_k, attn, p, mu, base, options["dist_floor"], causal,
+        options["chunk_size"], head_mean)
     if kv_basis is not None:
         aggregate = torch.matmul(aggregate, kv_basis)
-    return torch.addcmul(aggregate, beta, x_q)
+    return torch.addcmul(aggregate, beta, x_q), degrees

@@ -34,7 +34,6 @@ from torch.nn import functional as F
 
 from vlpeft._transformers_compat import cache_from_kwargs, takes_cache_argument
 from vlpeft.functional import (
-    accumulate_column_degrees,
     mu_from_offset,
     p_from_theta,
     p_laplacian_aggregate,
@@ -753,17 +752,21 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         return F.linear(hidden, up.weight.to(o.dtype), up.bias.to(o.dtype))
 
     def _paper_past_degrees(
-        self, settings: AdapterSettings, attn: torch.Tensor, n_q: int, n_k: int, cache: Any
-    ) -> torch.Tensor | None:
+        self, settings: AdapterSettings, n_q: int, n_k: int, cache: Any
+    ) -> tuple[torch.Tensor | None, Callable[[torch.Tensor], None] | None]:
         """Running column degrees of earlier queries for cached decoding with causal degrees (§2.5, H10).
 
-        ``attn`` is the per-head attention (batch, heads, n_q, n_nodes) (pooled if configured), whose head mean is
-        the graph; ``n_k`` the number of key tokens before pooling. The running sums live next to the KV cache and follow its beam
-        reordering; updating them is idempotent, so gradient-checkpoint recomputation and several adapters
+        ``n_k`` is the number of key tokens before pooling. The running sums live next to the KV cache and follow
+        its beam reordering; updating them is idempotent, so gradient-checkpoint recomputation and several adapters
         sharing one block are safe.
+
+        Returns:
+            ``(past degrees or None, store)``: ``store`` records the degrees after these queries (the block's own
+            running sums, ``p_laplacian_aggregate(return_column_degrees=True)``); ``(None, None)`` without causal
+            degrees or without a cache.
         """
         if not settings.causal_degrees or cache is None:
-            return None
+            return None, None
         state_layer = self._state_layer(cache)
         past_tokens = state_layer.get_seq_length() - n_q if self.spec.is_cross else n_k - n_q
         key = f"padapter:{id(self)}:{settings.key_pool_size}"
@@ -778,10 +781,13 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
                 f"degrees of the {past_tokens} earlier tokens, but the cache carries none (was the cache filled "
                 "without this adapter, or cropped?). Decode from the start with this model, or use use_cache=False."
             )
-        entries[past_tokens + n_q] = accumulate_column_degrees(attn.detach(), past, head_mean=True)
-        for stale in [k for k in entries if k < past_tokens]:
-            del entries[stale]
-        return past
+
+        def store(degrees: torch.Tensor) -> None:
+            entries[past_tokens + n_q] = degrees.detach()
+            for stale in [k for k in entries if k < past_tokens]:
+                del entries[stale]
+
+        return past, store
 
     def _paper_branch(
         self,
@@ -811,8 +817,8 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         attn = probs
         if settings.key_pool_size is not None:
             value_nodes, attn = _pool_key_nodes(value_nodes, attn, settings.key_pool_size, self.module_name)
-        past_degrees = self._paper_past_degrees(settings, attn, probs.shape[-2], probs.shape[-1], cache)
-        u_bar = p_laplacian_aggregate(
+        past_degrees, store_degrees = self._paper_past_degrees(settings, probs.shape[-2], probs.shape[-1], cache)
+        result = p_laplacian_aggregate(
             query_nodes.unsqueeze(1),
             value_nodes.unsqueeze(1),
             attn,
@@ -826,7 +832,12 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             chunk_size=settings.chunk_size,
             attn_head_mean=True,
             kv_basis=kv_basis,
-        ).squeeze(1)
+            return_column_degrees=store_degrees is not None,
+        )
+        if store_degrees is not None:
+            result, degrees = result
+            store_degrees(degrees)
+        u_bar = result.squeeze(1)
         down, up = self.padapter_down[name], self.padapter_up[name]
         hidden = F.gelu(F.linear(u_bar, down.weight.to(u_bar.dtype), down.bias.to(u_bar.dtype)))
         hidden = self.padapter_dropout[name](hidden)
