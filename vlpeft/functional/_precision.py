@@ -25,11 +25,19 @@ def output_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return result
 
 
+def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager[None]:
+    """Disable autocast for ``device_type`` (and for CPU, which may autocast independently).
+
+    A no-op context when neither autocasts (the usual float32 case: this runs several times per adapted layer).
+    """
+    kinds = [kind for kind in dict.fromkeys((device_type, "cpu"))
+             if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)]
+    return _autocast_off(kinds) if kinds else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
-def autocast_disabled(device_type: str) -> Iterator[None]:
-    """Disable autocast for ``device_type`` (and for CPU, which may autocast independently)."""
+def _autocast_off(kinds: list[str]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
-        for kind in {device_type, "cpu"}:
-            if torch.amp.is_autocast_available(kind):
-                stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+        for kind in kinds:
+            stack.enter_context(torch.autocast(device_type=kind, enabled=False))
         yield
