@@ -229,8 +229,8 @@ static RowDegree row_degree(const float *a, int keys) {
     return out;
 }
 
-/* Per key of one row: c (inv_col), 1 / dist above the floor else 0 (free_inv), log A' + log dist (log_sum; A' = A
- * on edges, 1 elsewhere) and log W (log_w). */
+/* Per key of one row: c (inv_col), 1 / dist above the floor else 0 (free_inv; NULL in the forward pass, which does
+ * not need it), log A' + log dist (log_sum; A' = A on edges, 1 elsewhere) and log W (log_w). */
 static void paper_row(const float *a, const float *g, const float *col, const float *sq_k, int keys, float sq_q,
                       RowDegree rd, float half_p, float floor, float *restrict inv_col, float *restrict free_inv,
                       float *restrict log_sum, float *restrict log_w) {
@@ -240,7 +240,7 @@ static void paper_row(const float *a, const float *g, const float *col, const fl
         const float raw = sq_q_r2 + sq_k[j] * c * c - 2.0f * g[j] * rd.r * c;
         const float log_dist = logf(fmaxf(raw, floor));
         inv_col[j] = c;
-        free_inv[j] = raw > floor ? 1.0f / raw : 0.0f;
+        if (free_inv != NULL) free_inv[j] = raw > floor ? 1.0f / raw : 0.0f; /* the test is hoisted out of the loop */
         log_sum[j] = logf(a[j] > 0.0f ? a[j] : 1.0f) + log_dist;
         log_w[j] = half_p * log_sum[j] - log_dist - rd.log_row;
     }
@@ -296,10 +296,10 @@ int vlpeft_paper_forward(int s0, int s1, const PaperSettings *cfg, const float *
                          const float *col0, const float *sq_q, const float *sq_k, const float *half_p,
                          const float *log_c, float *coef, float *log_norm) {
     const int rows = cfg->rows, keys = cfg->keys;
-    float *scratch = malloc(sizeof(float) * 6 * (size_t)(keys > 0 ? keys : 1));
+    float *scratch = malloc(sizeof(float) * 5 * (size_t)(keys > 0 ? keys : 1));
     if (scratch == NULL) return 1;
-    float *col = scratch, *inv_col = col + keys, *free_inv = inv_col + keys, *row_log_sum = free_inv + keys;
-    float *log_w = row_log_sum + keys, *shifted = log_w + keys;
+    float *col = scratch, *inv_col = col + keys, *row_log_sum = inv_col + keys, *log_w = row_log_sum + keys;
+    float *shifted = log_w + keys;
     for (int s = s0; s < s1; s++) {
         const size_t block = (size_t)s * rows * keys;
         for (int j = 0; j < keys; j++) col[j] = col0[(size_t)s * keys + j];
@@ -310,8 +310,8 @@ int vlpeft_paper_forward(int s0, int s1, const PaperSettings *cfg, const float *
             if (cfg->causal)
                 for (int j = 0; j < n; j++) col[j] += a[j];
             const RowDegree rd = row_degree(a, n);
-            paper_row(a, g, col, sq_k + (size_t)s * keys, n, sq_q[row], rd, half_p[row], cfg->floor, inv_col,
-                      free_inv, row_log_sum, log_w);
+            paper_row(a, g, col, sq_k + (size_t)s * keys, n, sq_q[row], rd, half_p[row], cfg->floor, inv_col, NULL,
+                      row_log_sum, log_w);
             float shift;
             const float lnorm = paper_normaliser(a, log_w, n, log_c[row], shifted, &shift);
             log_norm[row] = lnorm;

@@ -1310,8 +1310,9 @@ def _run_paper(
     if kv_basis is None:
         gram_q, sq_k = x_q, (x_kv * x_kv).sum(dim=-1).unsqueeze(-2)
     else:
-        gram_q, key_nodes = torch.matmul(x_q, kv_basis.transpose(-1, -2)), torch.matmul(x_kv, kv_basis)
-        sq_k = (key_nodes * key_nodes).sum(dim=-1).unsqueeze(-2)
+        # |x_kv B|^2 as the quadratic form x_kv (B B^T) x_kv^T: r-wide products instead of d-wide key nodes.
+        gram_q = torch.matmul(x_q, kv_basis.transpose(-1, -2))
+        sq_k = (torch.matmul(x_kv, kv_basis @ kv_basis.transpose(-1, -2)) * x_kv).sum(dim=-1).unsqueeze(-2)
     aggregate, beta, degrees = _PaperAggregate.apply(
         gram_q, x_kv, (x_q * x_q).sum(dim=-1, keepdim=True), sq_k, attn, p, mu, base, options["dist_floor"], causal,
         options["chunk_size"], head_mean)
