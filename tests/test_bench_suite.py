@@ -97,3 +97,19 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
     suite.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "--quick", "--compare", str(tmp_path / "missing.json")])
     assert args.handler(args) == 2
+
+
+def test_time_round_robin_settles_each_timed_run_on_its_own_callable():
+    """settle=1: every timed run of a callable directly follows an untimed run of the same callable."""
+    from vlpeft.benchmarking.measure import time_round_robin
+
+    calls: list[str] = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    timings = time_round_robin(fns, repeats=2, warmup=1, settle=1)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
+    assert [len(t.seconds) for t in timings] == [2, 2] and [len(t.cpu_seconds) for t in timings] == [2, 2]
+    calls.clear()
+    time_round_robin(fns, repeats=2, warmup=0)
+    assert calls == ["a", "b", "a", "b"]
+    with pytest.raises(ValueError, match="settle must be >= 0, got -1"):
+        time_round_robin(fns, repeats=1, settle=-1)

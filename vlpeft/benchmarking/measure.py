@@ -5,7 +5,12 @@ that load from other processes on a shared machine affects all of them alike; th
 estimate least affected by that load and is what the ratios use. The median is reported alongside. Every run's
 process CPU time (``time.process_time``: all threads of this process, not other processes) is recorded too; with
 one intra-op thread (``vlpeft bench --threads 1 --timer cpu``) its minimum is the steadiest estimate on a machine
-shared with other jobs, because time spent waiting for a core is not counted.
+shared with other jobs, because time spent waiting for a core is not counted. With ``settle``, each timed run is
+preceded by untimed runs of the same callable, so that it starts from the memory state its own runs leave rather
+than the one the previous callable left: glibc trims the heap after a callable with a small working set, and the
+next callable with a larger one then pays page faults to grow it again (measured: about 7,000 minor faults, ~4 % of
+a LLaVA p-adapter step, for whichever large-footprint method followed a small one in the round; about none in a
+process running one method, as training does).
 
 Peak memory. On CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation before the call. On CPU, torch
 keeps no allocator statistics, so the allocation and free records of ``torch.profiler`` (``profile_memory=True``)
@@ -63,17 +68,21 @@ def synchronize(device: str | torch.device) -> None:
 
 
 def time_round_robin(
-    fns: Sequence[Callable[[], object]], *, repeats: int, warmup: int = 2, device: str | torch.device = "cpu"
+    fns: Sequence[Callable[[], object]], *, repeats: int, warmup: int = 2, settle: int = 0,
+    device: str | torch.device = "cpu",
 ) -> list[Timing]:
-    """Time each of ``fns`` ``repeats`` times, one run of each per round, after ``warmup`` runs of each.
+    """Time each of ``fns`` ``repeats`` times, one run of each per round, after ``warmup`` runs of each;
+    ``settle`` untimed runs of a callable precede each of its timed runs (see the module docstring).
 
     Raises:
-        ValueError: ``repeats < 1`` or ``warmup < 0``.
+        ValueError: ``repeats < 1``, ``warmup < 0`` or ``settle < 0``.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if settle < 0:
+        raise ValueError(f"settle must be >= 0, got {settle}")
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -81,6 +90,8 @@ def time_round_robin(
     cpu: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for index, fn in enumerate(fns):
+            for _ in range(settle):
+                fn()
             synchronize(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             fn()

@@ -314,6 +314,7 @@ def run(
     *,
     repeats: int = 5,
     warmup: int = 2,
+    settle: int = 1,
     measure_memory: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     model_specs: dict[str, ModelSpec] | None = None,
@@ -321,6 +322,10 @@ def run(
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Measure one training step of every method on every model; one dict per (model, method).
+
+    Steps run round-robin over the methods; with ``settle`` (default 1) each timed step follows an untimed step of
+    the same method, so that it runs in the memory state of its own training loop (see
+    :mod:`vlpeft.benchmarking.measure`).
 
     Row keys: ``model``, ``method``, ``trainable_params``, ``timer``, ``step_ms`` (minimum on ``timer``),
     ``step_wall_ms`` / ``step_cpu_ms`` (minimum wall-clock / process CPU time), ``step_median_ms`` (wall),
@@ -358,7 +363,7 @@ def run(
                 started = time.perf_counter()
                 step()
                 model_rows[method]["first_step_s"] = time.perf_counter() - started
-        timings = time_round_robin(list(steps.values()), repeats=repeats, warmup=warmup)
+        timings = time_round_robin(list(steps.values()), repeats=repeats, warmup=warmup, settle=settle)
         for method, timing in zip(steps, timings):
             model_rows[method].update(timer=timer, step_ms=1e3 * timing.best_s(timer), step_wall_ms=1e3 * timing.min_s,
                                       step_cpu_ms=1e3 * timing.cpu_min_s, step_median_ms=1e3 * timing.median_s)
