@@ -797,6 +797,44 @@ def test_return_column_degrees_needs_causal_paper():
             p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, return_column_degrees=True, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_attn_block_plan_equals_reading_the_extents(dtype):
+    """A block plan (rows, keys right of which the attention is 0) gives the result and gradients of the default
+    call, which reads the attention for its extents (float64: torch path; float32: CPU kernels)."""
+    x_q = make_features(1, 1, 9, 4, dtype=dtype, seed=30).requires_grad_()
+    x_kv = make_features(1, 1, 9, 4, dtype=dtype, seed=31).requires_grad_()
+    attn = make_attention(1, 3, 9, 9, causal=True, seed=32).to(dtype).requires_grad_()
+    plan = [(slice(0, 3), 3), (slice(3, 6), 7), (slice(6, 9), 9)]  # upper bounds, not the exact last edges
+    options = dict(variant="paper", causal_degrees=True, attn_head_mean=True)
+    planned = p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, attn_block_plan=plan, **options)
+    default = p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, **options)
+    rel = 1e-12 if dtype == torch.float64 else 1e-6
+    assert_close_rel(planned, default, rel)
+    grad_out = make_features(1, 1, 9, 4, dtype=dtype, seed=33)
+    for got, want in zip(torch.autograd.grad(planned, (x_q, x_kv, attn), grad_out),
+                         torch.autograd.grad(default, (x_q, x_kv, attn), grad_out)):
+        assert_close_rel(got, want, 10 * rel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_attn_block_plan_checks(dtype):
+    x_q, x_kv = make_features(1, 1, 4, 2, dtype=dtype), make_features(1, 1, 4, 2, dtype=dtype)
+    attn = make_attention(1, 1, 4, 4, causal=True).to(dtype)
+    good = [(slice(0, 2), 2), (slice(2, 4), 4)]
+    for bad, message in (([(slice(0, 2), 2)], r"covers rows \[0, 2\), expected all 4"),
+                         ([(slice(0, 2), 2), (slice(1, 4), 4)], "tiling the 4 query rows in order"),
+                         ([(slice(0, 4), 5)], r"1 <= n_keys <= 4"),
+                         ([(0, 4)], "tiling")):
+        with pytest.raises(ValueError, match=message):
+            p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, attn_block_plan=bad)
+    with pytest.raises(ValueError, match="attn_block_plan applies to variant='paper' without chunk_size only"):
+        p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, attn_block_plan=good, chunk_size=2)
+    negative = attn.clone()
+    negative[..., 3, 1] = -0.1  # inside a block: the block loop (torch path or C kernel) finds it
+    with pytest.raises(ValueError, match="attn must be non-negative"):
+        p_laplacian_aggregate(x_q, x_kv, negative, 1.5, 0.2, attn_block_plan=good)
+
+
 def test_accumulate_column_degrees_head_mean():
     attn = make_attention(2, 3, 4, 6, causal=True, seed=10)
     past = torch.rand(2, 1, 2, dtype=torch.float64)

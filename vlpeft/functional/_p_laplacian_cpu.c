@@ -3,7 +3,8 @@
  * the ``paper`` variant's elementwise work between its matrix products (§3.2, further below).
  *
  * Built at first use by vlpeft/functional/p_laplacian_cpu.py, which also holds the autograd wrapper and the
- * description of the layout. Every function returns 0, or 1 if its scratch rows could not be allocated.
+ * description of the layout. Every function returns 0, or 1 if its scratch rows could not be allocated;
+ * vlpeft_paper_forward returns 2 if an attention entry it read was negative (the caller raises).
  *
  * ``release``: one call handles the slices [s0, s1) of (batch * heads) independent graphs; every
  * query row is one pass over the keys up to its last edge, so no (n_q, n_k) intermediate is ever stored: the
@@ -291,7 +292,8 @@ static void paper_row_grads(const float *restrict a, const float *restrict g, co
     *gic_out = gic_g;
 }
 
-/* Forward of one block: coef (rows x keys) and log_norm (rows). */
+/* Forward of one block: coef (rows x keys) and log_norm (rows); returns 2 if an entry of the rows it read (up to
+ * each row's last non-zero) is negative. */
 int vlpeft_paper_forward(int s0, int s1, const PaperSettings *cfg, const float *gram, const float *attn,
                          const float *col0, const float *sq_q, const float *sq_k, const float *half_p,
                          const float *log_c, float *coef, float *log_norm) {
@@ -307,6 +309,12 @@ int vlpeft_paper_forward(int s0, int s1, const PaperSettings *cfg, const float *
             const size_t row = (size_t)s * rows + i, at = block + (size_t)i * keys;
             const float *a = attn + at, *g = gram + at;
             const int n = row_extent(a, keys); /* keys past the row's last edge have coefficient 0 */
+            float lowest = 0.0f;
+            for (int j = 0; j < n; j++) lowest = fminf(lowest, a[j]);
+            if (lowest < 0.0f) {
+                free(scratch);
+                return 2;
+            }
             if (cfg->causal)
                 for (int j = 0; j < n; j++) col[j] += a[j];
             const RowDegree rd = row_degree(a, n);

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -88,6 +88,7 @@ def p_laplacian_aggregate(
     compiled: bool = False,
     kv_basis: Tensor | None = None,
     return_column_degrees: bool = False,
+    attn_block_plan: Sequence[tuple[slice, int]] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Aggregate node features with one p-Laplacian step on the attention graph.
 
@@ -147,6 +148,12 @@ def p_laplacian_aggregate(
             after these queries, (batch, heads, n_k) (heads = 1 with ``attn_head_mean``), i.e. what
             :func:`accumulate_column_degrees` gives for the next cached decoding step, taken from the block loop's
             own running sums instead of another pass over the attention. No gradient flows through them.
+        attn_block_plan: ``paper`` without ``chunk_size`` only: blocks of query rows ``[(rows, n_keys), ...]``, in
+            order and covering all rows, with ``attn[..., rows, n_keys:]`` exactly 0 (e.g. the plan of
+            :func:`~vlpeft.functional.blocked_eager_attention`, whose skipped keys have probability 0). The block
+            loop then uses them instead of reading the attention for its key extents, and checks non-negativity on
+            the entries it reads (the graph's, i.e. the head mean with ``attn_head_mean``) instead of in a separate
+            pass; entries right of a block's ``n_keys`` are taken to be 0 as promised.
 
     Returns:
         (batch, heads, n_q, d) in the promoted dtype of x_q and x_kv, or ``(that, column degrees)`` with
@@ -182,6 +189,12 @@ def p_laplacian_aggregate(
                             and not (torch.is_grad_enabled() and attn.requires_grad) else None)
     if kv_basis is not None and variant != "paper":
         raise ValueError(f"kv_basis applies to variant='paper' only, got variant={variant!r}")
+    if attn_block_plan is not None:
+        if variant != "paper" or chunk_size is not None:
+            raise ValueError("attn_block_plan applies to variant='paper' without chunk_size only, got "
+                             f"variant={variant!r}, chunk_size={chunk_size!r}")
+        attn_block_plan = _checked_block_plan(attn_block_plan, attn.shape[-2], attn.shape[-1])
+    options["block_plan"] = attn_block_plan
     if return_column_degrees and not (variant == "paper" and causal_degrees):
         raise ValueError("return_column_degrees=True applies to variant='paper' with causal_degrees=True only, got "
                          f"variant={variant!r}, causal_degrees={causal_degrees!r}")
@@ -192,7 +205,8 @@ def p_laplacian_aggregate(
         _check_past_degrees(past_column_degrees, n_k, lead)
     _check_p(p, p_bounds)
     _check_mu(mu)
-    _check_attention(attn)
+    if attn_block_plan is None:
+        _check_attention(attn)  # with a plan, the block loop checks the entries it reads
 
     out_dtype = output_dtype(x_q.dtype, x_kv.dtype)
     dtype = compute_dtype(x_q.dtype, x_kv.dtype, attn.dtype, *(() if kv_basis is None else (kv_basis.dtype,)))
@@ -387,6 +401,23 @@ def _check_attention(attn: Tensor) -> None:
             raise ValueError(f"attn must be non-negative (post-softmax attention), got a minimum of {smallest.item()}")
     else:
         torch._assert_async(smallest >= 0, "attn must be non-negative (post-softmax attention)")
+
+
+def _checked_block_plan(plan: Sequence[tuple[slice, int]], n_q: int, n_k: int) -> list[tuple[slice, int]]:
+    """``plan`` as a list after checking that its row slices tile [0, n_q) in order with key counts in [1, n_k]."""
+    checked, start = [], 0
+    for entry in plan:
+        rows, keys = entry if isinstance(entry, tuple) and len(entry) == 2 else (None, None)
+        if (not isinstance(rows, slice) or rows.start != start or rows.step not in (None, 1)
+                or not isinstance(rows.stop, int) or rows.stop <= start or isinstance(keys, bool)
+                or not isinstance(keys, int) or not 1 <= keys <= n_k):
+            raise ValueError(f"attn_block_plan must be [(slice(start, stop), n_keys), ...] tiling the {n_q} query "
+                             f"rows in order with 1 <= n_keys <= {n_k}; got {entry!r} after row {start}")
+        checked.append((slice(start, rows.stop), keys))
+        start = rows.stop
+    if start != n_q:
+        raise ValueError(f"attn_block_plan covers rows [0, {start}), expected all {n_q} query rows")
+    return checked
 
 
 def _check_mu(mu: Scalar) -> None:
@@ -1008,8 +1039,8 @@ class _PaperAggregate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x_q: Tensor, x_kv: Tensor, sq_q: Tensor, sq_k: Tensor, attn: Tensor, p: Tensor, mu: Tensor,
-                base: Tensor, dist_floor: float, causal: bool, chunk_size: int | None,
-                head_mean: bool) -> tuple[Tensor, Tensor, Tensor]:
+                base: Tensor, dist_floor: float, causal: bool, chunk_size: int | None, head_mean: bool,
+                block_plan: list[tuple[slice, int]] | None) -> tuple[Tensor, Tensor, Tensor]:
         log_c = torch.log(2.0 * mu / p)
         outputs, betas, normalisers, bases = [], [], [], []
         # Without chunk_size the blocks' intermediates are kept for the backward pass (about six (rows, keys) tensors
@@ -1019,7 +1050,7 @@ class _PaperAggregate(torch.autograd.Function):
         kept: list[Tensor] = []
         running = base
         n_k = x_kv.shape[-2]
-        plan = _block_plan(attn, x_q.shape[-2], chunk_size)
+        plan = _block_plan(attn, x_q.shape[-2], chunk_size) if block_plan is None else block_plan
         # Fused CPU kernels (float32 CPU): the elementwise work of each block in C around the same BLAS products;
         # only the Gram product is kept for the backward pass (without chunk_size).
         kernel = kernel_applies(x_q, x_kv, attn, p, mu, graphs=_graph_count(x_q, x_kv, attn, head_mean))
@@ -1037,6 +1068,8 @@ class _PaperAggregate(torch.autograd.Function):
                 # saved C time was spent on the extra (rows, keys) tensors.
                 for_backward = (gram, attn_rows) if head_mean else (gram,)
             else:
+                if block_plan is not None:
+                    _check_attention(attn_rows)  # the C kernel checks the rows it reads itself
                 col_deg = _key_columns(running, n_keys)
                 if causal:
                     col_deg = col_deg + torch.cumsum(attn_rows, dim=-2)
@@ -1152,7 +1185,7 @@ class _PaperAggregate(torch.autograd.Function):
                 grad_p,
                 grad_mu,
                 _reduce_to(carry, bases[0], needs[7]),
-                None, None, None, None,
+                None, None, None, None, None,
             )
 
 
@@ -1315,7 +1348,7 @@ def _run_paper(
         sq_k = (torch.matmul(x_kv, kv_basis @ kv_basis.transpose(-1, -2)) * x_kv).sum(dim=-1).unsqueeze(-2)
     aggregate, beta, degrees = _PaperAggregate.apply(
         gram_q, x_kv, (x_q * x_q).sum(dim=-1, keepdim=True), sq_k, attn, p, mu, base, options["dist_floor"], causal,
-        options["chunk_size"], head_mean)
+        options["chunk_size"], head_mean, options["block_plan"])
     if kv_basis is not None:
         aggregate = torch.matmul(aggregate, kv_basis)
     return torch.addcmul(aggregate, beta, x_q), degrees

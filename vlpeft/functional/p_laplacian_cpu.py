@@ -242,6 +242,8 @@ def _run_slices(function: Any, slices: int, *args: Any) -> None:
         codes = [function(0, slices, *args)]
     else:
         codes = list(_pool(workers, os.getpid()).map(lambda b: function(b[0], b[1], *args), bounds))
+    if 2 in codes:
+        raise ValueError("attn must be non-negative (post-softmax attention), got a negative entry")
     if any(codes):
         raise MemoryError("vlpeft: the fused CPU kernel could not allocate its scratch rows")
 

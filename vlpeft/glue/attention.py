@@ -92,6 +92,8 @@ class AttentionCapture:
             under grouped-query attention.
         kv_heads: the number of distinct key/value heads before that repetition (``heads`` without grouping);
             ``value``'s head h repeats key/value head h // (heads / kv_heads), as transformers' ``repeat_kv``.
+        block_plan: when the blocked eager attention computed ``probs``, its row blocks ``[(rows, n_keys), ...]``:
+            ``probs[..., rows, n_keys:]`` is exactly 0 (``None`` when the model's eager function ran).
         probs: post-softmax, pre-dropout attention (batch, heads, n_q, n_k).
         mask: the attention mask the attention function received ((batch, 1, n_q, n_k) additive or boolean), or
             ``None``.
@@ -120,6 +122,7 @@ class AttentionCapture:
     recompute_wanted: bool = False
     recompute_probs: Callable[[slice], torch.Tensor] | None = None
     kv_heads: int | None = None
+    block_plan: list[tuple[slice, int]] | None = None
 
     def record(
         self, query: torch.Tensor, value: torch.Tensor, probs: torch.Tensor | None, mask: torch.Tensor | None = None,
@@ -302,9 +305,10 @@ def padapter_attention_forward(
     dropout = float(kwargs.pop("dropout", 0.0) or 0.0)
     blocked = _blocked_attention(module, query, key, value, attention_mask, kwargs)
     if blocked is not None:
-        attn_output, probs = blocked
+        attn_output, probs, plan = blocked
     else:
         attn_output, probs = eager(module, query, key, value, attention_mask, dropout=0.0, **kwargs)
+        plan = None
     value_states = repeat_heads(value, probs.shape[1])
     if dropout > 0.0 and module.training:
         dropped = nn.functional.dropout(probs, p=dropout, training=True)
@@ -313,6 +317,7 @@ def padapter_attention_forward(
     else:
         returned = probs
     capture.record(query, value_states, probs, attention_mask, kv_heads=value.shape[1])
+    capture.block_plan = plan
     if capture.recompute_wanted and not (torch.is_grad_enabled() and probs.requires_grad):
         capture.recompute_probs = recompute_attention_rows(eager, module, query, key, value, attention_mask, kwargs)
     return attn_output, returned
@@ -419,8 +424,9 @@ def _blocked_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     kwargs: dict[str, Any],
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(attention output (batch, n_q, heads, head_dim), probs) by :func:`blocked_eager_attention`, or ``None`` where it
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[slice, int]]] | None:
+    """(attention output (batch, n_q, heads, head_dim), probs, block plan) by :func:`blocked_eager_attention`, or
+    ``None`` where it
     does not apply: attention modules outside :data:`FUSABLE_EAGER_MODULES` (whose eager function may differ from
     softmax(q k^T * scaling + mask) v), no additive mask, half precision, or a mask that leaves less than 15 % of the
     pairs to skip (non-causal attention). Dropout is applied by the caller, as for the eager path."""
@@ -450,7 +456,7 @@ def _blocked_attention(
     heads = query.shape[1]
     out, probs = blocked_eager_attention(query, repeat_heads(key, heads), repeat_heads(value, heads), bias,
                                          float(scaling), plan)
-    return out.transpose(1, 2).contiguous(), probs
+    return out.transpose(1, 2).contiguous(), probs, plan
 
 
 _SIDE_STATE_ATTR = "_vlpeft_side_state"

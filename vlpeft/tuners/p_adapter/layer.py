@@ -400,6 +400,7 @@ class _GraphInputs:
     # rows -> probs[..., rows, :], when the attention function can recompute the attention (see AttentionCapture)
     recompute: Callable[[slice], torch.Tensor] | None = None
     kv_heads: int | None = None  # distinct value heads before grouped-query repetition (None: as many as heads)
+    block_plan: list[tuple[slice, int]] | None = None  # probs[..., rows, n_keys:] == 0 (from the blocked attention)
 
 
 def _masked_rows(recompute: Callable[[slice], torch.Tensor], attended: torch.Tensor
@@ -576,7 +577,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             if recompute is not None and probs is not capture.probs:
                 recompute = _masked_rows(recompute, attended_query_rows(capture.mask, *probs.shape[-2:]))
             return _GraphInputs(_heads_to_tokens(capture.query), _heads_to_tokens(capture.value), probs,
-                                recompute=recompute, kv_heads=capture.kv_heads)
+                                recompute=recompute, kv_heads=capture.kv_heads, block_plan=capture.block_plan)
         if spec.style == "bert":
             inner_out = record.get("attention")
             probs = inner_out[1] if isinstance(inner_out, tuple) and len(inner_out) > 1 else None
@@ -691,7 +692,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
                     branch = self._release_branch(name, settings, o, query, value, probs, inputs.recompute)
                 else:
                     branch = self._paper_branch(name, settings, o, query, value, probs, w_o, b_o, cache,
-                                                inputs.kv_heads)
+                                                inputs.kv_heads, inputs.block_plan)
                 delta = branch if delta is None else delta + branch
         return output + delta.to(output.dtype)
 
@@ -801,12 +802,14 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         b_o: torch.Tensor | None,
         cache: Any,
         kv_heads: int | None = None,
+        block_plan: list[tuple[slice, int]] | None = None,
     ) -> torch.Tensor:
         """Ū' - o with Ū from Eqs. 14-16 on V̂ = [Q ; V] W_O + b_O and head-mean attention (§2.3, §2.5).
 
         Under grouped-query attention (``kv_heads`` < heads) the value nodes are passed as coordinates in the
         span of their distinct heads (:func:`grouped_value_factors`), which makes the block's pairwise products
-        narrower; the result is the same.
+        narrower; the result is the same. ``block_plan`` (from the blocked attention) spares the block loop a pass
+        over the attention for its key extents.
         """
         query_nodes = F.linear(query, w_o, b_o)
         factors = grouped_value_factors(value, w_o, b_o, probs.shape[1], kv_heads)
@@ -833,6 +836,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             attn_head_mean=True,
             kv_basis=kv_basis,
             return_column_degrees=store_degrees is not None,
+            attn_block_plan=block_plan if settings.key_pool_size is None and settings.chunk_size is None else None,
         )
         if store_degrees is not None:
             result, degrees = result
