@@ -16,11 +16,12 @@ Two variants:
 
 Both variants normalise in log space, L_q = logsumexp({log w_qj} U {log(2 mu / p)}), so every coefficient
 lies in [0, 1]; pairwise squared distances come from one batched Gram matmul, clamped, and no
-(n_q, n_k, d) tensor is ever built. Each variant is one autograd Function with a hand-written backward that
-recomputes the (n_q, n_k) intermediates instead of storing them: nothing of size n_q * n_k stays alive between
-forward and backward, and the working memory is O(batch * heads * n_q * n_k) during the call, or
-O(batch * heads * chunk * n_k) with ``chunk_size``. Each block of query rows works on the leading key columns that
-hold its edges only (a causal attention has none right of its diagonal; those pairs have weight 0 and get no
+(n_q, n_k, d) tensor is ever built. Each variant is one autograd Function with a hand-written backward. ``release``
+recomputes its (n_q, n_k) intermediates there instead of storing them; ``paper`` keeps some per row block of its
+single head-mean graph (C-kernel path: the Gram product and the head mean; torch path: its intermediates) unless
+``chunk_size`` is given, which makes it recompute them too. The working memory is O(batch * heads * n_q * n_k)
+during the call, or O(batch * heads * chunk * n_k) with ``chunk_size``. Each block of query rows works on the
+leading key columns that hold its edges only (a causal attention has none right of its diagonal; those pairs have weight 0 and get no
 gradient through it), so a causal graph costs about half a dense one; without ``chunk_size`` the rows are split
 into blocks for this only when it skips enough pairs. ``release`` forms its weights as A exp(h log S - m) rather
 than exp(log A + h log S - m): the same numbers without a log of the attention or a mask pass for non-edges.
@@ -1029,7 +1030,8 @@ class _PaperBlock:
 
 
 class _PaperAggregate(torch.autograd.Function):
-    """(Σ_j c_qj k_j (.., n_q, r), β_q (.., n_q, 1)) with the ``paper`` coefficients c, β (§3.2).
+    """(Σ_j c_qj k_j (.., n_q, r), β_q (.., n_q, 1), running column degrees (.., 1, n_k)) with the ``paper``
+    coefficients c, β (§3.2); the degrees (base plus these rows' column sums, causal) carry no gradient.
 
     The nodes enter through their Gram products and squared norms only: ``x_q`` (.., n_q, r) and the keys ``x_kv``
     (.., n_k, r) with x_q . x_kv_j = V̂_q . V̂_j, and ``sq_q`` (.., n_q, 1) / ``sq_k`` (.., 1, n_k) = |V̂|^2. The
