@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+from vlpeft._transformers_compat import disable_activation_checkpointing, enable_activation_checkpointing
 from vlpeft.testing import TinyModel
 
 PREFIXES = ("routed_lora_", "bottleneck_adapter_")
@@ -62,11 +63,11 @@ def check_checkpointing_gradients(model: PeftModel, inputs: dict[str, torch.Tens
     """Gradient checkpointing (recomputation in backward, after the forward's frame is closed) gives the same
     gradients."""
     base = model.get_base_model()
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(base)
     try:
         grads = adapter_gradients(model, inputs)
     finally:
-        base.gradient_checkpointing_disable()
+        disable_activation_checkpointing(base)
     assert grads.keys() == reference.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)

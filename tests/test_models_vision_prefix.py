@@ -18,6 +18,7 @@ from transformers import (
     ViTModel,
 )
 
+from vlpeft._transformers_compat import enable_activation_checkpointing
 from vlpeft.models import (
     VisionPrefixLMConfig,
     VisionPrefixLMForCausalLM,
@@ -406,7 +407,7 @@ def test_gradient_checkpointing_gives_equal_gradients(family: str) -> None:
     for checkpointing in (False, True):
         model, inputs = build_tiny_model(family)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
             assert any(getattr(m, "gradient_checkpointing", False) for m in model.text_model.modules())
         model(**inputs).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from vlpeft._transformers_compat import enable_activation_checkpointing
 from vlpeft.glue.attention import PADAPTER_ATTENTION, MissingAttentionError
 from vlpeft.testing import build_tiny_model
 from vlpeft.tuners.p_adapter import PAdapterAttention, PAdapterConfig, PAdapterMergeError
@@ -129,7 +130,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, variant):
     model(**tiny.inputs).loss.backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model.get_base_model())
     model(**tiny.inputs).loss.backward()
     for name, grad in reference.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-7)

@@ -63,3 +63,20 @@ def test_vision_prefix_model_rejects_both_cache_names() -> None:
     model, inputs = build_tiny_model("vit_gpt2")
     with pytest.raises(ValueError, match="not both"):
         model(**inputs, cache=DynamicCache(), past_key_values=DynamicCache())
+
+
+def test_activation_checkpointing_helpers_switch_it_without_the_deprecated_names():
+    import warnings
+
+    from vlpeft._transformers_compat import disable_activation_checkpointing, enable_activation_checkpointing
+    from vlpeft.testing import build_tiny_model
+
+    model = build_tiny_model("llava", seed=0).model
+    flags = lambda: [m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")]  # noqa: E731
+    assert flags() and not any(flags())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+        enable_activation_checkpointing(model)
+        assert any(flags())
+        disable_activation_checkpointing(model)
+    assert not any(flags())

@@ -78,3 +78,24 @@ def activation_checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     fields = getattr(TrainingArguments, "__dataclass_fields__", {})
     name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+def enable_activation_checkpointing(model: Any, *, use_reentrant: bool = False) -> None:
+    """Turn on activation checkpointing of a transformers model (non-reentrant by default).
+
+    ``activation_checkpointing_enable`` from transformers 5.25, ``gradient_checkpointing_enable`` before (the old
+    name warns there and goes in v6).
+    """
+    options = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
+def disable_activation_checkpointing(model: Any) -> None:
+    """Turn activation checkpointing off again (the 5.25 name, or the older one)."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
