@@ -798,16 +798,28 @@ def test_return_column_degrees_needs_causal_paper():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_attn_block_plan_equals_reading_the_extents(dtype):
+def test_attn_block_plan_equals_reading_the_extents(dtype, monkeypatch):
     """A block plan (rows, keys right of which the attention is 0) gives the result and gradients of the default
-    call, which reads the attention for its extents (float64: torch path; float32: CPU kernels)."""
+    call (float64: torch path; float32: CPU kernels); with a plan neither a key-extent pass nor the separate
+    non-negativity pass reads the per-head attention."""
+    import vlpeft.functional.p_laplacian as module
+
+    reads = []
+    for name in ("_key_extents", "_check_attention"):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda a, *rest, _real=real, _name=name: reads.append((_name, a.shape))
+                            or _real(a, *rest))
     x_q = make_features(1, 1, 9, 4, dtype=dtype, seed=30).requires_grad_()
     x_kv = make_features(1, 1, 9, 4, dtype=dtype, seed=31).requires_grad_()
     attn = make_attention(1, 3, 9, 9, causal=True, seed=32).to(dtype).requires_grad_()
     plan = [(slice(0, 3), 3), (slice(3, 6), 7), (slice(6, 9), 9)]  # upper bounds, not the exact last edges
     options = dict(variant="paper", causal_degrees=True, attn_head_mean=True)
     planned = p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, attn_block_plan=plan, **options)
+    # only block rows of the head-mean graph are checked (torch path), never the whole per-head attention
+    assert all(name == "_check_attention" and shape[-2] == 3 for name, shape in reads), reads
+    reads.clear()
     default = p_laplacian_aggregate(x_q, x_kv, attn, 1.5, 0.2, **options)
+    assert ("_check_attention", attn.shape) in reads  # the default checks the whole per-head attention
     rel = 1e-12 if dtype == torch.float64 else 1e-6
     assert_close_rel(planned, default, rel)
     grad_out = make_features(1, 1, 9, 4, dtype=dtype, seed=33)

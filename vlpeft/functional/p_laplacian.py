@@ -21,8 +21,8 @@ recomputes its (n_q, n_k) intermediates there instead of storing them; ``paper``
 single head-mean graph (C-kernel path: the Gram product and the head mean; torch path: its intermediates) unless
 ``chunk_size`` is given, which makes it recompute them too. The working memory is O(batch * heads * n_q * n_k)
 during the call, or O(batch * heads * chunk * n_k) with ``chunk_size``. Each block of query rows works on the
-leading key columns that hold its edges only (a causal attention has none right of its diagonal; those pairs have weight 0 and get no
-gradient through it), so a causal graph costs about half a dense one; without ``chunk_size`` the rows are split
+leading key columns that hold its edges only (a causal attention has none right of its diagonal; those pairs have
+weight 0 and get no gradient through it), so a causal graph costs about half a dense one; without ``chunk_size`` the rows are split
 into blocks for this only when it skips enough pairs. ``release`` forms its weights as A exp(h log S - m) rather
 than exp(log A + h log S - m): the same numbers without a log of the attention or a mask pass for non-edges.
 
@@ -446,7 +446,7 @@ def _as_float(value: object, name: str) -> float:
     return float(value)
 
 
-def _check_tensor_values(value: Tensor, name: str, is_ok: Callable[[Tensor], Tensor], requirement: str) -> None:
+def _check_tensor_values(value: Tensor, name: str, is_ok: Callable[[Any], Any], requirement: str) -> None:
     """Check a coefficient tensor; CPU values are checked eagerly, accelerator values without a host sync.
 
     ``is_ok`` maps a tensor to a boolean tensor and a float to a bool (one CPU value is checked as a float: one op
@@ -1045,16 +1045,16 @@ class _PaperAggregate(torch.autograd.Function):
                 block_plan: list[tuple[slice, int]] | None) -> tuple[Tensor, Tensor, Tensor]:
         log_c = torch.log(2.0 * mu / p)
         outputs, betas, normalisers, bases = [], [], [], []
-        # Without chunk_size the blocks' intermediates are kept for the backward pass (about six (rows, keys) tensors
-        # of the single head-mean graph each), which then needs no second Gram product and no rebuild; with
-        # chunk_size they are rebuilt block by block there, so that the memory stays O(chunk_size * n_k).
+        # Without chunk_size each block keeps what its backward pass reads (the Gram product and the head-mean rows on
+        # the C-kernel path, about ten (rows, keys) tensors of the single head-mean graph on the torch path), so it
+        # needs no second Gram product; with chunk_size they are rebuilt block by block there, so that the memory
+        # stays O(chunk_size * n_k).
         keep = chunk_size is None and any(ctx.needs_input_grad)
         kept: list[Tensor] = []
         running = base
         n_k = x_kv.shape[-2]
         plan = _block_plan(attn, x_q.shape[-2], chunk_size) if block_plan is None else block_plan
-        # Fused CPU kernels (float32 CPU): the elementwise work of each block in C around the same BLAS products;
-        # only the Gram product is kept for the backward pass (without chunk_size).
+        # Fused CPU kernels (float32 CPU): the elementwise work of each block in C around the same BLAS products.
         kernel = kernel_applies(x_q, x_kv, attn, p, mu, graphs=_graph_count(x_q, x_kv, attn, head_mean))
         for rows, n_keys in plan:
             attn_rows = _graph_rows(attn, rows, head_mean, n_keys)
@@ -1159,8 +1159,9 @@ class _PaperAggregate(torch.autograd.Function):
                 block_sum = _pad_keys(part.column_sum, n_k)
                 carry = block_sum if carry is None else carry + block_sum
                 if whole and ctx.needs_input_grad[4]:
-                    grad = part.grad_attn
-                    grad_attn_full = grad.sum_to_size(graph_shape) if grad.shape != graph_shape else grad
+                    block_grad = part.grad_attn
+                    grad_attn_full = (block_grad.sum_to_size(graph_shape) if block_grad.shape != graph_shape
+                                      else block_grad)
                 elif grad_attn_full is not None:
                     _write_rows(grad_attn_full[..., :n_keys], rows, part.grad_attn)
                     if n_keys < n_k:

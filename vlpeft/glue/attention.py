@@ -126,10 +126,10 @@ class AttentionCapture:
 
     def record(
         self, query: torch.Tensor, value: torch.Tensor, probs: torch.Tensor | None, mask: torch.Tensor | None = None,
-        kv_heads: int | None = None,
+        kv_heads: int | None = None, block_plan: list[tuple[slice, int]] | None = None,
     ) -> None:
         self.query, self.value, self.probs, self.mask = query, value, probs, mask
-        self.kv_heads = kv_heads
+        self.kv_heads, self.block_plan = kv_heads, block_plan
         self.calls += 1
 
 
@@ -316,8 +316,7 @@ def padapter_attention_forward(
         returned = dropped
     else:
         returned = probs
-    capture.record(query, value_states, probs, attention_mask, kv_heads=value.shape[1])
-    capture.block_plan = plan
+    capture.record(query, value_states, probs, attention_mask, kv_heads=value.shape[1], block_plan=plan)
     if capture.recompute_wanted and not (torch.is_grad_enabled() and probs.requires_grad):
         capture.recompute_probs = recompute_attention_rows(eager, module, query, key, value, attention_mask, kwargs)
     return attn_output, returned
