@@ -104,10 +104,13 @@ def build_chat_tokenizer(
         eos_token=eos_token,
         bos_token=bos_token,
         unk_token=unk_token,
-        additional_special_tokens=[t for t in specials if t not in (pad_token, eos_token, bos_token, unk_token)],
         extra_special_tokens=extra_special_tokens or {},
         model_max_length=4096,
     )
+    # The unnamed special tokens (turn markers, ...) are registered here: transformers 5 drops an
+    # ``additional_special_tokens`` list passed alongside ``extra_special_tokens``, which left them unmatched.
+    named = {pad_token, eos_token, bos_token, unk_token, *(extra_special_tokens or {}).values()}
+    tokenizer.add_special_tokens({"extra_special_tokens": [t for t in specials if t not in named]})
     tokenizer.chat_template = chat_template
     for token, expected in vocab.items():
         if token in specials and tokenizer.convert_tokens_to_ids(token) != expected:
