@@ -49,6 +49,8 @@ def build_twin(name: str, *, seed: int = 0, initializer_range: float = 0.2) -> T
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = spec.model_class(config)
+        if spec.adjust_model is not None:
+            spec.adjust_model(model)
     generation = getattr(model, "generation_config", None)
     processor = spec.build_processor()
     if generation is not None:

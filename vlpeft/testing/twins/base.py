@@ -198,6 +198,8 @@ class TwinSpec:
         build_processor: returns the offline processor (the family's processor class).
         image_sizes: (width, height) of the example images; differing sizes exercise dynamic resolution.
         processor_kwargs: extra keyword arguments for ``processor(...)`` calls.
+        adjust_model: in-place change to the freshly initialised model, run under the twin's seed (e.g. opening
+            gates that the family initialises closed, so that the random model depends on its images).
     """
 
     name: str
@@ -207,6 +209,7 @@ class TwinSpec:
     build_processor: Callable[[], Any]
     image_sizes: tuple[tuple[int, int], ...] = ((32, 32), (48, 32))
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    adjust_model: Callable[[nn.Module], None] | None = None
 
 
 @dataclass
