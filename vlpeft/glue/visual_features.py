@@ -31,8 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vlpeft.glue.description import VISUAL_FEATURE_OUTPUTS
+
 POOLINGS: tuple[str, ...] = ("pooler", "cls", "mean", "none")
-FEATURE_OUTPUTS: tuple[str, ...] = ("tensor", "last_hidden_state")
+FEATURE_OUTPUTS: tuple[str, ...] = VISUAL_FEATURE_OUTPUTS
+#: Sources read from the language model's inputs (a forward pre-hook) rather than from a module's output.
+INPUT_SOURCES: tuple[str, ...] = ("placeholder_embeds", "cross_attention_states")
 
 __all__ = [
     "FEATURE_OUTPUTS",
@@ -55,8 +59,12 @@ class VisualSource:
 
     Attributes:
         module: dotted name (in the wrapped transformers model) of the module whose forward output holds x_R.
-        output: ``"tensor"`` (the output is the (images, m, d) or (images, d) tensor) or ``"last_hidden_state"``
-            (a ModelOutput / tuple whose first element is the sequence; a ``pooler_output`` field is kept too).
+        output: ``"tensor"`` (the output is the (images, m, d) or (images, d) tensor), ``"last_hidden_state"``
+            (a ModelOutput / tuple whose first element is the sequence; a ``pooler_output`` field is kept too),
+            ``"placeholder_embeds"`` (``module`` is the language model: x_R of a sample is the rows of its
+            ``inputs_embeds`` at the image placeholder tokens, in order, so variable numbers and sizes of images per
+            sample need no bookkeeping) or ``"cross_attention_states"`` (``module`` is the language model: its
+            ``cross_attention_states`` argument, (batch, m, d)).
         pooler_module: optional module whose output is the pooled (images, d) vector (``pooling="pooler"``).
     """
 
@@ -73,11 +81,14 @@ class VisualSource:
 class _Captured:
     """Features of one source in one frame.
 
-    sequence: (images, m, d); pooled: (images, d) or None; images_per_sample: one count per sample when the
-    images are not one per sample (None: image i belongs to sample i); explicit: given by the user.
+    sequence: (images, m, d), or (samples, m, d) with ``token_mask``; pooled: (images, d) or None;
+    images_per_sample: one count per sample when the images are not one per sample (None: image i belongs to
+    sample i); token_mask: (samples, m) bool marking each sample's real visual tokens when they were gathered per
+    sample (placeholder rows, left-packed and zero-padded); explicit: given by the user.
     """
 
     sequence: Tensor | None = None
+    token_mask: Tensor | None = None
     pooled: Tensor | None = None
     images_per_sample: list[int] | None = None
     explicit: bool = False
@@ -227,7 +238,11 @@ class VisualFeatureContext:
             self._handles.append(model.register_forward_hook(self._forget_input_ids))
             self._image_token_id = image_token_id
             self._checkpoint_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
-        self._handles.append(module.register_forward_hook(functools.partial(self._capture_sequence, source)))
+        if source.output in INPUT_SOURCES:
+            hook = functools.partial(self._capture_language_input, source)
+            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        else:
+            self._handles.append(module.register_forward_hook(functools.partial(self._capture_sequence, source)))
         if source.pooler_module is not None:
             try:
                 pooler = model.get_submodule(source.pooler_module)
@@ -289,6 +304,56 @@ class VisualFeatureContext:
         frame.features[source.module] = new
         frame.cache.clear()
         self.bind_checkpointing()
+
+    def _capture_language_input(
+        self, source: VisualSource, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Read x_R from the language model's inputs. Calls without visual inputs (cached decoding steps, text-only
+        forwards) keep the features of the frame's earlier call."""
+        frame = self.current_frame()
+        captured = frame.features.get(source.module)
+        if captured is not None and captured.explicit:
+            return
+        if source.output == "cross_attention_states":
+            states = kwargs.get("cross_attention_states")
+            if not isinstance(states, Tensor):
+                return
+            if states.dim() != 3:
+                raise ValueError(f"cross_attention_states of {source.module!r} must be (batch, m, d), got "
+                                 f"{tuple(states.shape)}")
+            new = _Captured(sequence=states, call=frame.call)
+        else:
+            embeds = kwargs.get("inputs_embeds")
+            new = self._placeholder_rows(embeds, frame.input_ids, source.module, frame.call)
+            if new is None:
+                return
+        frame.features[source.module] = new
+        frame.cache.clear()
+        self.bind_checkpointing()
+
+    def _placeholder_rows(
+        self, embeds: Any, input_ids: Tensor | None, module: str, call: int
+    ) -> _Captured | None:
+        """Each sample's ``inputs_embeds`` rows at its image placeholder tokens, left-packed and zero-padded to the
+        longest: (samples, m, d) and the (samples, m) mask of real rows; ``None`` without placeholders."""
+        if not isinstance(embeds, Tensor) or embeds.dim() != 3 or input_ids is None or self._image_token_id is None:
+            return None
+        if tuple(input_ids.shape) != tuple(embeds.shape[:2]):
+            raise ValueError(
+                f"cannot find the image placeholder rows of {module!r}: its inputs_embeds are "
+                f"{tuple(embeds.shape[:2])} (batch, length) but the model's input_ids are {tuple(input_ids.shape)}"
+            )
+        is_image = input_ids == self._image_token_id
+        counts = is_image.sum(dim=1)
+        if int(counts.sum()) == 0:
+            return None
+        longest = int(counts.max())
+        # Left-pack each sample's placeholder rows in order: a stable sort puts image positions first.
+        order = torch.sort((~is_image).to(torch.int8), dim=1, stable=True).indices[:, :longest]
+        rows = embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+        token_mask = torch.arange(longest, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
+        rows = rows * token_mask.unsqueeze(-1).to(rows.dtype)
+        return _Captured(sequence=rows, token_mask=token_mask, call=call)
 
     def _capture_pooler(self, source: VisualSource, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         frame = self.current_frame()
@@ -411,6 +476,8 @@ def _pool(captured: _Captured, pooling: str, source: str) -> tuple[Tensor, Tenso
     if captured.sequence is None:
         raise ValueError(f"pooling={pooling!r} needs the feature sequence of {source!r}, but only a pooled output was captured")
     sequence = captured.sequence
+    if captured.token_mask is not None:
+        return _pool_rows(sequence, captured.token_mask, pooling, source)
     if captured.images_per_sample is None:
         if pooling == "cls":
             return sequence[:, :1], None
@@ -424,6 +491,23 @@ def _pool(captured: _Captured, pooling: str, source: str) -> tuple[Tensor, Tenso
         weights = mask.to(grouped.dtype).unsqueeze(-1)
         return (grouped * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True), None
     return grouped, mask
+
+
+def _pool_rows(rows: Tensor, token_mask: Tensor, pooling: str, source: str) -> tuple[Tensor, Tensor | None]:
+    """Pool per-sample rows (samples, m, d) with their (samples, m) mask of real tokens (left-packed)."""
+    counts = token_mask.sum(dim=1)
+    if bool((counts == 0).any()):
+        empty = torch.nonzero(counts == 0).flatten().tolist()
+        raise MissingVisualFeaturesError(
+            f"samples {empty} of the batch have no image, so routed layers have no visual features from "
+            f"{source!r} for them"
+        )
+    if pooling == "cls":
+        return rows[:, :1], None
+    if pooling == "mean":
+        weights = token_mask.to(rows.dtype).unsqueeze(-1)
+        return (rows * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True), None
+    return rows, None if bool(token_mask.all()) else token_mask
 
 
 def _group_by_sample(sequence: Tensor, per_sample: list[int], source: str) -> tuple[Tensor, Tensor]:

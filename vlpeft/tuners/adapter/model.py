@@ -13,7 +13,12 @@ from transformers.pytorch_utils import Conv1D
 from vlpeft.glue.families import ModelFamily
 from vlpeft.tuners.adapter.config import AdapterConfig
 from vlpeft.tuners.adapter.layer import BottleneckAdapterLayer, ParallelAdapter, SequentialAdapter
-from vlpeft.tuners.routed_lora.routing_support import RoutingTunerMixin, family_or_none, target_regex
+from vlpeft.tuners.routed_lora.routing_support import (
+    RoutingTunerMixin,
+    family_or_none,
+    preset_family,
+    target_regex,
+)
 
 _LAYER_KEY = re.compile(r"^(.*\.\d+)\.")
 
@@ -26,12 +31,7 @@ def apply_adapter_preset(config: AdapterConfig, model: nn.Module) -> None:
     """
     if config.target_modules is not None:
         return
-    family = family_or_none(model)
-    if family is None:
-        raise ValueError(
-            f"AdapterConfig(target_modules=None) needs a known model family to place adapters, but "
-            f"{type(model).__name__} has none; pass target_modules explicitly"
-        )
+    family = preset_family(model, "AdapterConfig")
     regexes = []
     for position in config.resolved_positions:
         if position == "ffn":

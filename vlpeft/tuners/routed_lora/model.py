@@ -11,8 +11,8 @@ from vlpeft.tuners.routed_lora.config import RoutedLoraConfig
 from vlpeft.tuners.routed_lora.layer import Linear, RoutedLoraLayer
 from vlpeft.tuners.routed_lora.routing_support import (
     RoutingTunerMixin,
-    family_or_none,
     matches,
+    preset_family,
     target_regex,
 )
 
@@ -26,12 +26,7 @@ def apply_routed_lora_preset(config: RoutedLoraConfig, model: nn.Module) -> None
     """
     if config.target_modules is not None:
         return
-    family = family_or_none(model)
-    if family is None:
-        raise ValueError(
-            f"RoutedLoraConfig(target_modules=None) needs a known model family to choose targets, but "
-            f"{type(model).__name__} has none; pass target_modules explicitly"
-        )
+    family = preset_family(model, "RoutedLoraConfig")
     separate = None
     fused = None
     try:

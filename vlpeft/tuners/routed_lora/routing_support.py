@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from vlpeft.functional import ROUTING_KINDS
-from vlpeft.glue import composite_families  # noqa: F401  (registers the composite's families)
+from vlpeft.glue.derive import image_token_id
 from vlpeft.glue.families import ModelFamily, detect_family
 from vlpeft.glue.visual_features import FEATURE_OUTPUTS, POOLINGS, VisualFeatureContext, VisualSource
 
@@ -78,6 +78,17 @@ def family_or_none(model: nn.Module) -> ModelFamily | None:
         return None
 
 
+def preset_family(model: nn.Module, config_name: str) -> ModelFamily:
+    """The description of ``model`` for a ``target_modules=None`` preset; the error says why there is none."""
+    try:
+        return detect_family(model)
+    except ValueError as error:
+        raise ValueError(
+            f"{config_name}(target_modules=None) places itself from the model's description, and "
+            f"{type(model).__name__} has none: {error}"
+        ) from error
+
+
 def target_regex(family: ModelFamily, towers: Sequence[str] | None, positions: Iterable[str], parts: Iterable[str]) -> str:
     """One regex matching every existing ``part`` at ``positions`` of ``towers`` (parts missing in a tower are skipped).
 
@@ -108,10 +119,14 @@ def matches(pattern: str | Sequence[str] | None, key: str) -> bool:
 
 
 def visual_source(config: RoutingOptions, model: nn.Module) -> VisualSource:
-    """The x_R source of ``config`` for ``model``: explicit config fields, else the model family's."""
+    """The x_R source of ``config`` for ``model``: explicit config fields, else the model family's.
+
+    Raises:
+        ValueError: no source is known, or the family's source needs an image placeholder token the model lacks.
+    """
     family = family_or_none(model)
     module = config.visual_feature_module or (family.visual_feature_module if family else None)
-    if module is None:
+    if not module:
         raise ValueError(
             f"routing={config.routing!r} needs visual features, but {type(model).__name__} belongs to no known model "
             "family; set `visual_feature_module` (and `visual_feature_output`) in the config"
@@ -119,20 +134,17 @@ def visual_source(config: RoutingOptions, model: nn.Module) -> VisualSource:
     output = config.visual_feature_output or (
         family.visual_feature_output if family and module == family.visual_feature_module else "tensor"
     )
+    if output == "placeholder_embeds" and image_token_id(model) is None:
+        raise ValueError(
+            f"routing={config.routing!r} reads x_R at the image placeholder tokens of the language model's input, "
+            f"but {type(model).__name__} names no image token (config.image_token_id / image_token_index); set "
+            "`visual_feature_module` to the module whose output is x_R (e.g. the multi-modal projector)"
+        )
     pooler = config.pooler_module
     if pooler is None and family is not None and module == family.visual_feature_module and output == "tensor":
         # With "last_hidden_state" outputs the pooled vector is read from the output's pooler_output.
         pooler = family.pooler_module
     return VisualSource(module=module, output=output, pooler_module=pooler)
-
-
-def image_token_id(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 class RoutingTunerMixin:
