@@ -255,12 +255,14 @@ class Twin:
         tokenizer = self.tokenizer
         previous = tokenizer.padding_side
         tokenizer.padding_side = padding_side
+        # padding_side is also passed to the call: some processors default it in their text kwargs (InternVL: left),
+        # which would override the tokenizer attribute.
         try:
             if any(images):
-                encoded = self.processor(text=texts, images=images, padding=True, return_tensors="pt",
-                                         **self.spec.processor_kwargs)
+                encoded = self.processor(text=texts, images=images, padding=True, padding_side=padding_side,
+                                         return_tensors="pt", **self.spec.processor_kwargs)
             else:
-                encoded = self.processor(text=texts, padding=True, return_tensors="pt")
+                encoded = self.processor(text=texts, padding=True, padding_side=padding_side, return_tensors="pt")
         finally:
             tokenizer.padding_side = previous
         return dict(encoded)
