@@ -54,16 +54,16 @@ def test_mask_facts_are_cached_per_mask_and_recomputed_after_an_in_place_change(
 
 def test_paper_layers_pass_the_blocked_attention_plan(monkeypatch):
     """The paper branch hands the blocked attention's row blocks to the p-Laplacian block (no extents pass)."""
-    import vlpeft.tuners.p_adapter.layer as layer_module
+    import vlpeft.tuners.p_adapter.variants as variants_module
 
     monkeypatch.setattr(blocked_module, "BLOCK_ROWS", 4)
     plans = []
-    original = layer_module.p_laplacian_aggregate
+    original = variants_module.p_laplacian_aggregate
 
     def spying(*args, **kwargs):
         plans.append(kwargs.get("attn_block_plan"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(layer_module, "p_laplacian_aggregate", spying)
+    monkeypatch.setattr(variants_module, "p_laplacian_aggregate", spying)
     _loss_and_grads("paper")
     assert plans and all(plan is not None and len(plan) > 1 for plan in plans)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vlpeft.functional.p_laplacian_triton as fused_module
-import vlpeft.tuners.p_adapter.layer as layer_module
+import vlpeft.tuners.p_adapter.attention as padapter_attention
 from vlpeft.functional.p_laplacian_triton import triton_available
 from vlpeft.testing import build_tiny_model
 from vlpeft.tuners.p_adapter import PAdapterConfig
@@ -48,7 +48,7 @@ def test_fused_kernels_are_selected_and_match_the_torch_path(monkeypatch):
     fused_loss, fused_grads = _loss_and_grads(KERNEL_DEVICE)
     assert calls and set(calls) == {"triton"}, "the adapted attention did not use the fused kernels"
     calls.clear()
-    monkeypatch.setattr(layer_module, "triton_available", lambda: False)
+    monkeypatch.setattr(padapter_attention, "triton_available", lambda: False)
     torch_loss, torch_grads = _loss_and_grads(KERNEL_DEVICE)
     assert calls == []
     torch.testing.assert_close(fused_loss, torch_loss, rtol=1e-5, atol=1e-6)
@@ -67,7 +67,7 @@ def test_fused_kernels_are_selected_and_match_the_torch_path(monkeypatch):
 @pytest.mark.skipif(KERNEL_DEVICE is not None, reason="the kernels can run here")
 def test_requested_kernels_fall_back_to_the_torch_path_where_they_cannot_run(monkeypatch):
     reference_loss, reference_grads = _loss_and_grads("cpu")
-    monkeypatch.setattr(layer_module, "triton_available", lambda: True)  # requests are made, the glue declines
+    monkeypatch.setattr(padapter_attention, "triton_available", lambda: True)  # requests are made, the glue declines
     calls = _count_kernel_calls(monkeypatch)
     loss, grads = _loss_and_grads("cpu")
     assert calls == []

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from vlpeft.glue.attention import repeat_heads
 from vlpeft.testing import build_tiny_model
 from vlpeft.tuners.p_adapter import PAdapterConfig
-from vlpeft.tuners.p_adapter import layer as padapter_layer
-from vlpeft.tuners.p_adapter.layer import grouped_value_factors
+from vlpeft.tuners.p_adapter import variants as padapter_variants
+from vlpeft.tuners.p_adapter.variants import grouped_value_factors
 
 
 def _repeated_value_tokens(batch: int, kv_heads: int, heads: int, n: int, head_dim: int) -> torch.Tensor:
@@ -53,7 +53,7 @@ def _loss_and_grads(family: str, monkeypatch, factored: bool):
         uses.append(result is not None)
         return result
 
-    monkeypatch.setattr(padapter_layer, "grouped_value_factors", spy)
+    monkeypatch.setattr(padapter_variants, "grouped_value_factors", spy)
     torch.manual_seed(0)  # the adapters' initialisation
     tiny = build_tiny_model(family, seed=0)
     model = peft.get_peft_model(tiny.model.double(), PAdapterConfig(variant="paper")).train()

@@ -10,7 +10,7 @@ from vlpeft._transformers_compat import enable_activation_checkpointing
 from vlpeft.glue.attention import PADAPTER_ATTENTION, MissingAttentionError
 from vlpeft.testing import build_tiny_model
 from vlpeft.tuners.p_adapter import PAdapterAttention, PAdapterConfig, PAdapterMergeError
-from vlpeft.tuners.p_adapter import layer as padapter_layer
+from vlpeft.tuners.p_adapter import variants as padapter_variants
 from vlpeft.tuners.param_groups import build_param_groups, split_decay_parameters
 
 
@@ -140,13 +140,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, variant):
 def block_dtypes(monkeypatch):
     """The (x_q, x_kv, attn) dtypes of every p-Laplacian block call the p-adapter layers make, as they happen."""
     seen = []
-    original = padapter_layer.p_laplacian_aggregate
+    original = padapter_variants.p_laplacian_aggregate
 
     def recording(x_q, x_kv, attn, *args, **kwargs):
         seen.append((x_q.dtype, x_kv.dtype, attn.dtype))
         return original(x_q, x_kv, attn, *args, **kwargs)
 
-    monkeypatch.setattr(padapter_layer, "p_laplacian_aggregate", recording)
+    monkeypatch.setattr(padapter_variants, "p_laplacian_aggregate", recording)
     return seen
 
 

@@ -1,12 +1,12 @@
 """p-adapter as a PEFT method (registered with PEFT on import)."""
 
 from vlpeft.tuners._peft_registry import VLPeftType, register_method
+from vlpeft.tuners.p_adapter.attention import PAdapterAttention
 from vlpeft.tuners.p_adapter.config import TASK_DEFAULTS, PAdapterConfig
+from vlpeft.tuners.p_adapter.ffn import PAdapterFFN
 from vlpeft.tuners.p_adapter.layer import (
     MERGE_ERROR_MESSAGE,
     AdapterScalar,
-    PAdapterAttention,
-    PAdapterFFN,
     PAdapterLayer,
     PAdapterMergeError,
 )

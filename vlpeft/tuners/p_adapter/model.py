@@ -12,15 +12,11 @@ from torch import nn
 from vlpeft.glue.attention import PADAPTER_ATTENTION
 from vlpeft.glue.families import POSITIONS, ModelFamily, detect_family, get_family
 from vlpeft.tuners._peft_registry import get_submodules
+from vlpeft.tuners.p_adapter.attention import PAdapterAttention
+from vlpeft.tuners.p_adapter.block_spec import describe_attention_block
 from vlpeft.tuners.p_adapter.config import PAdapterConfig
-from vlpeft.tuners.p_adapter.layer import (
-    MERGE_ERROR_MESSAGE,
-    PAdapterAttention,
-    PAdapterFFN,
-    PAdapterLayer,
-    PAdapterMergeError,
-    describe_attention_block,
-)
+from vlpeft.tuners.p_adapter.ffn import PAdapterFFN
+from vlpeft.tuners.p_adapter.layer import MERGE_ERROR_MESSAGE, PAdapterLayer, PAdapterMergeError
 
 # Default placement per model family: tower -> positions (p-adapter.md §4 for BLIP; language model elsewhere).
 PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
