@@ -158,7 +158,9 @@ def chat_template(
         "{% for message in messages %}{% set role = message['role'] %}" + rename +
         f"{turn_start}{{{{ role }}}}\n"
         f"{{% if role == '{generation_role}' %}}{{% generation %}}{content}{turn_end}{{% endgeneration %}}"
-        f"{{% else %}}{content}{turn_end}{{% endif %}}\n"
+        # the newline after a turn is an expression: chat templates render with trim_blocks, which drops a literal
+        # newline right after a block tag such as ``{% endif %}``
+        f"{{% else %}}{content}{turn_end}{{% endif %}}{{{{ '\\n' }}}}"
         "{% endfor %}"
         f"{{% if add_generation_prompt %}}{turn_start}{generation_role}\n{{% endif %}}"
     )
