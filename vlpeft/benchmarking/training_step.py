@@ -177,11 +177,10 @@ def _language_qv_regex(model: nn.Module) -> str:
 
 def _p_adapter_positions(model: nn.Module) -> list[str]:
     from vlpeft.glue.families import detect_family
-    from vlpeft.tuners.p_adapter import PRESETS
 
     family = detect_family(model)
     positions: list[str] = []
-    for tower_positions in PRESETS[family.name].values():
+    for tower_positions in family.default_placement().values():
         positions.extend(p for p in tower_positions if p not in positions)
     return positions
 

@@ -1,38 +1,23 @@
-"""How an attention block is laid out: :class:`AttentionBlockSpec` and :func:`describe_attention_block`, which
-works it out from the block's structure (BERT-style post-LN blocks, or blocks returning the projected output).
-
-Self-contained (imports nothing from the p_adapter package).
+"""How an attention block is laid out for a method that wraps it whole (p-adapter): :class:`AttentionBlockSpec` and
+:func:`describe_attention_block`, which works it out from the block's structure (BERT-style post-LN blocks, or
+blocks returning the projected attention output), with the projection names and dispatch test of
+:mod:`vlpeft.glue.derive`.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 
 from torch import nn
 
 from vlpeft._transformers_compat import takes_cache_argument
-
-_OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "projection", "c_proj", "dense")
-_QUERY_NAMES = ("q_proj", "query")
-_VALUE_NAMES = ("v_proj", "value")
-_FUSED_QKV_NAMES = ("qkv", "c_attn", "qkv_proj")
-
-
-@functools.cache
-def _class_uses_attention_interface(cls: type) -> bool:
-    """Whether an attention class dispatches through transformers' AttentionInterface (from its source)."""
-    for klass in cls.__mro__:
-        if klass is nn.Module or klass is object:
-            break
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        if "ALL_ATTENTION_FUNCTIONS.get_interface(" in source:
-            return True
-    return False
+from vlpeft.glue.derive import (
+    FUSED_QKV_NAMES,
+    OUTPUT_NAMES,
+    QUERY_NAMES,
+    VALUE_NAMES,
+    uses_attention_interface,
+)
 
 
 @dataclass(frozen=True)
@@ -71,7 +56,7 @@ def _child_name(module: nn.Module, candidates: tuple[str, ...]) -> str | None:
     return None
 
 
-def _submodule(block: nn.Module, name: str) -> nn.Module:
+def submodule(block: nn.Module, name: str) -> nn.Module:
     """The submodule of ``block`` a spec name refers to (``""``: the block itself)."""
     return block if name == "" else block.get_submodule(name)
 
@@ -104,11 +89,11 @@ def describe_attention_block(block: nn.Module, module_name: str) -> AttentionBlo
         and all(isinstance(getattr(output, n, None), nn.Module) for n in ("dense", "dropout", "LayerNorm"))
     ):
         inner = getattr(block, inner_name)
-        query = _child_name(inner, _QUERY_NAMES)
-        value = _child_name(inner, _VALUE_NAMES)
+        query = _child_name(inner, QUERY_NAMES)
+        value = _child_name(inner, VALUE_NAMES)
         if query is None or value is None:
             raise ValueError(f"{module_name}: inner attention {type(inner).__name__} has no query/value projections.")
-        capture = "interface" if _class_uses_attention_interface(type(inner)) else "inline"
+        capture = "interface" if uses_attention_interface(type(inner)) else "inline"
         return AttentionBlockSpec(
             style="bert",
             capture=capture,
@@ -121,21 +106,21 @@ def describe_attention_block(block: nn.Module, module_name: str) -> AttentionBlo
             is_cross=is_cross,
             is_causal=_runs_with_kv_cache(inner),
         )
-    out_proj = _child_name(block, _OUTPUT_PROJECTIONS)
+    out_proj = _child_name(block, OUTPUT_NAMES)
     if out_proj is None:
         raise ValueError(
             f"{module_name} ({type(block).__name__}) is not an attention block p-adapter can wrap: expected a "
             f"BERT-style block (self/attention + output.dense/dropout/LayerNorm) or an attention module with an "
-            f"output projection named one of {_OUTPUT_PROJECTIONS}."
+            f"output projection named one of {OUTPUT_NAMES}."
         )
-    capture = "interface" if _class_uses_attention_interface(type(block)) else "inline"
-    query = _child_name(block, _QUERY_NAMES)
-    value = _child_name(block, _VALUE_NAMES)
-    fused = _child_name(block, _FUSED_QKV_NAMES)
+    capture = "interface" if uses_attention_interface(type(block)) else "inline"
+    query = _child_name(block, QUERY_NAMES)
+    value = _child_name(block, VALUE_NAMES)
+    fused = _child_name(block, FUSED_QKV_NAMES)
     if fused is None and (query is None or value is None):
         raise ValueError(
             f"{module_name} ({type(block).__name__}) is not an attention block p-adapter can wrap: it exposes no "
-            f"query/value projections (one of {_QUERY_NAMES} and {_VALUE_NAMES}, or fused {_FUSED_QKV_NAMES})."
+            f"query/value projections (one of {QUERY_NAMES} and {VALUE_NAMES}, or fused {FUSED_QKV_NAMES})."
         )
     return AttentionBlockSpec(
         style="projected",

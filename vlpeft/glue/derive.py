@@ -70,6 +70,10 @@ def uses_attention_interface(cls: type) -> bool:
 
 
 def _is_projection(module: object) -> bool:
+    """A Linear-like projection, also when a PEFT tuner layer already wraps it."""
+    get_base_layer = getattr(module, "get_base_layer", None)
+    if callable(get_base_layer):
+        module = get_base_layer()
     return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear8bitLt", "Linear4bit")
 
 

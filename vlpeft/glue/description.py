@@ -106,6 +106,9 @@ class ModelFamily:
             x_R is its ``cross_attention_states`` argument, (batch, m, d) per sample).
         pooler_module: module whose output is a pooled visual vector (``None``: no pooler).
         image_token_id: the image placeholder token in ``input_ids`` (``None``: the model has none).
+        block_placement: where methods that wrap whole blocks (p-adapter) go by default, as
+            ``((tower, (positions...)), ...)``; ``None``: every position of the language towers (the papers' setups
+            for BLIP and BLIP-2 differ and are written out).
         derived: whether the description was derived from the model's structure (not written out).
     """
 
@@ -117,7 +120,14 @@ class ModelFamily:
     visual_feature_output: str
     pooler_module: str | None = None
     image_token_id: int | None = None
+    block_placement: tuple[tuple[str, tuple[str, ...]], ...] | None = None
     derived: bool = False
+
+    def default_placement(self) -> dict[str, tuple[str, ...]]:
+        """Tower -> positions adapted by default by block-wrapping methods."""
+        if self.block_placement is not None:
+            return dict(self.block_placement)
+        return {name: POSITIONS for name in self.language_towers}
 
     def tower(self, name: str) -> Tower:
         for tower in self.towers:

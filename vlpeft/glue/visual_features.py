@@ -315,13 +315,9 @@ class VisualFeatureContext:
         if captured is not None and captured.explicit:
             return
         if source.output == "cross_attention_states":
-            states = kwargs.get("cross_attention_states")
-            if not isinstance(states, Tensor):
+            new = _cross_attention_rows(kwargs, source.module, frame.call)
+            if new is None:
                 return
-            if states.dim() != 3:
-                raise ValueError(f"cross_attention_states of {source.module!r} must be (batch, m, d), got "
-                                 f"{tuple(states.shape)}")
-            new = _Captured(sequence=states, call=frame.call)
         else:
             embeds = kwargs.get("inputs_embeds")
             new = self._placeholder_rows(embeds, frame.input_ids, source.module, frame.call)
@@ -493,8 +489,31 @@ def _pool(captured: _Captured, pooling: str, source: str) -> tuple[Tensor, Tenso
     return grouped, mask
 
 
+def _cross_attention_rows(kwargs: dict[str, Any], module: str, call: int) -> _Captured | None:
+    """x_R from a cross-attending language model's ``cross_attention_states`` ((batch * images * tiles, patches, d)
+    or (batch, m, d)), as (batch, m, d) per sample, with the real rows marked by the 4-D additive
+    ``cross_attention_mask`` (batch, 1, n_text, m) where one is given (padding images and tiles are never
+    attended)."""
+    states = kwargs.get("cross_attention_states")
+    if not isinstance(states, Tensor):
+        return None
+    mask = kwargs.get("cross_attention_mask")
+    batch = mask.shape[0] if isinstance(mask, Tensor) else states.shape[0]
+    if states.dim() != 3 or states.numel() % (batch * states.shape[-1]):
+        raise ValueError(f"cross_attention_states of {module!r} must be (batch * k, m, d) for a batch of {batch}, "
+                         f"got {tuple(states.shape)}")
+    rows = states.reshape(batch, -1, states.shape[-1])
+    token_mask = None
+    if isinstance(mask, Tensor) and mask.dim() == 4 and mask.shape[-1] == rows.shape[1]:
+        attended = mask == 0 if mask.dtype != torch.bool else mask
+        token_mask = attended.any(dim=2).any(dim=1)
+        rows = rows * token_mask.unsqueeze(-1).to(rows.dtype)
+    return _Captured(sequence=rows, token_mask=token_mask, call=call)
+
+
 def _pool_rows(rows: Tensor, token_mask: Tensor, pooling: str, source: str) -> tuple[Tensor, Tensor | None]:
-    """Pool per-sample rows (samples, m, d) with their (samples, m) mask of real tokens (left-packed)."""
+    """Pool per-sample rows (samples, m, d) with their (samples, m) mask of real tokens (``cls`` takes row 0, which
+    is a real token: placeholder rows are left-packed, and cross-attention states start with the first image)."""
     counts = token_mask.sum(dim=1)
     if bool((counts == 0).any()):
         empty = torch.nonzero(counts == 0).flatten().tolist()

@@ -17,6 +17,7 @@ BLIP_CAPTION = ModelFamily(
     visual_feature_module="vision_model",
     visual_feature_output="last_hidden_state",
     pooler_module="vision_model.post_layernorm",
+    block_placement=(("text_decoder", ("self_attn", "cross_attn", "ffn")),),  # p-adapter.md §4
 )
 
 BLIP_VQA = ModelFamily(
@@ -27,6 +28,10 @@ BLIP_VQA = ModelFamily(
     visual_feature_module="vision_model",
     visual_feature_output="last_hidden_state",
     pooler_module="vision_model.post_layernorm",
+    block_placement=(
+        ("text_encoder", ("self_attn", "cross_attn", "ffn")),
+        ("text_decoder", ("self_attn", "cross_attn", "ffn")),
+    ),
 )
 
 FAMILIES = (BLIP_CAPTION, BLIP_VQA)

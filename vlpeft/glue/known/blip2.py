@@ -17,6 +17,8 @@ BLIP2 = ModelFamily(
     language_towers=("language_model",),
     visual_feature_module="language_projection",
     visual_feature_output="tensor",
+    # p-adapter: the Q-Former's blocks and the language model's self-attention (p-adapter.md §4).
+    block_placement=(("qformer", ("self_attn", "cross_attn", "ffn")), ("language_model", ("self_attn",))),
 )
 
 FAMILIES = (BLIP2,)

@@ -15,8 +15,8 @@ from vlpeft.tuners.p_adapter.model import PRESETS, PAdapterModel, resolve_target
 register_method(VLPeftType.PADAPTER, PAdapterConfig, PAdapterModel)
 
 __all__ = [
-    "MERGE_ERROR_MESSAGE",
     "PRESETS",
+    "MERGE_ERROR_MESSAGE",
     "TASK_DEFAULTS",
     "AdapterScalar",
     "PAdapterAttention",

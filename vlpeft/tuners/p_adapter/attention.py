@@ -35,7 +35,7 @@ from vlpeft.glue.attention import (
     capture_attention,
     hook_module_outputs,
 )
-from vlpeft.tuners.p_adapter.block_spec import _submodule, describe_attention_block
+from vlpeft.glue.attention_blocks import describe_attention_block, submodule
 from vlpeft.tuners.p_adapter.config import PAdapterConfig
 from vlpeft.tuners.p_adapter.decoding_state import cached_values, paper_past_degrees
 from vlpeft.tuners.p_adapter.layer import (
@@ -110,13 +110,13 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         self._init_padapter_containers(base_layer)
         self.module_name = module_name
         self.spec = describe_attention_block(base_layer, module_name)
-        weight, _ = _projection_weights(_submodule(base_layer, self.spec.out_proj))
+        weight, _ = _projection_weights(submodule(base_layer, self.spec.out_proj))
         self.hidden_size = int(weight.shape[0])
         self.attention_width = int(weight.shape[1])
         self.num_heads = self._find_num_heads()
 
     def _find_num_heads(self) -> int:
-        attention = _submodule(self.base_layer, self.spec.attention)
+        attention = submodule(self.base_layer, self.spec.attention)
         for owner in (attention, getattr(attention, "config", None)):
             for name in ("num_heads", "num_attention_heads", "n_head", "num_attention_heads_per_partition"):
                 value = getattr(owner, name, None)
@@ -191,7 +191,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         if self.disable_adapters or not names:
             return self.base_layer(*args, **kwargs)
         spec = self.spec
-        attention = _submodule(self.base_layer, spec.attention)
+        attention = submodule(self.base_layer, spec.attention)
         if spec.capture == "interface":
             implementation = getattr(getattr(attention, "config", None), "_attn_implementation", None)
             if implementation != PADAPTER_ATTENTION:
@@ -263,7 +263,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             probs = inner_out[1] if isinstance(inner_out, tuple) and len(inner_out) > 1 else None
         else:
             probs = record.get("returned_probs")
-            dropout = getattr(_submodule(self.base_layer, spec.attention), "dropout", None)
+            dropout = getattr(submodule(self.base_layer, spec.attention), "dropout", None)
             if isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training:
                 raise ValueError(
                     f"{self.module_name}: this inline attention returns post-dropout weights; p-adapter needs the "
@@ -281,7 +281,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             query = record["query"]
             value = record.get("value")
             if cache is not None:
-                attention = _submodule(self.base_layer, spec.attention)
+                attention = submodule(self.base_layer, spec.attention)
                 value = _heads_to_tokens(cached_values(cache, attention, spec.is_cross, self.module_name))
         if value is None or query is None:
             raise MissingAttentionError(f"{self.module_name}: projected queries/values were not captured.")
@@ -323,13 +323,13 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
 
     def _release_fold(self, name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`~vlpeft.tuners.p_adapter.variants.release_fold` of adapter ``name``, in ``dtype``."""
-        return release_fold(self.padapter_down[name], _submodule(self.base_layer, self.spec.out_proj), dtype)
+        return release_fold(self.padapter_down[name], submodule(self.base_layer, self.spec.out_proj), dtype)
 
     # -------------------------------------------------------------------------------------------- maths
     def _apply_adapters(
         self, names: list[str], output: torch.Tensor, inputs: _GraphInputs, cache: Any
     ) -> torch.Tensor:
-        out_weight, out_bias = _projection_weights(_submodule(self.base_layer, self.spec.out_proj))
+        out_weight, out_bias = _projection_weights(submodule(self.base_layer, self.spec.out_proj))
         delta = None
         device_type = output.device.type
         dtype = block_dtype(output)
@@ -401,7 +401,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             probs.shape[-2],
             probs.shape[-1],
             cache,
-            attention=_submodule(self.base_layer, self.spec.attention),
+            attention=submodule(self.base_layer, self.spec.attention),
             is_cross=self.spec.is_cross,
             owner=self,
             module_name=self.module_name,

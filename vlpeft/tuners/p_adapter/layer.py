@@ -19,7 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 # Re-exported for ``from vlpeft.tuners.p_adapter.layer import describe_attention_block`` (block_spec is a leaf).
-from vlpeft.tuners.p_adapter.block_spec import AttentionBlockSpec, describe_attention_block
+from vlpeft.glue.attention_blocks import AttentionBlockSpec, describe_attention_block
 
 
 def block_dtype(tensor: torch.Tensor) -> torch.dtype:

@@ -10,56 +10,48 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from vlpeft.glue.attention import PADAPTER_ATTENTION
-from vlpeft.glue.families import POSITIONS, ModelFamily, detect_family, get_family
+from vlpeft.glue.attention_blocks import describe_attention_block
+from vlpeft.glue.families import FAMILIES, POSITIONS, ModelFamily, family_for
 from vlpeft.tuners._peft_registry import get_submodules
 from vlpeft.tuners.p_adapter.attention import PAdapterAttention
-from vlpeft.tuners.p_adapter.block_spec import describe_attention_block
 from vlpeft.tuners.p_adapter.config import PAdapterConfig
 from vlpeft.tuners.p_adapter.ffn import PAdapterFFN
 from vlpeft.tuners.p_adapter.layer import MERGE_ERROR_MESSAGE, PAdapterLayer, PAdapterMergeError
 
-# Default placement per model family: tower -> positions (p-adapter.md §4 for BLIP; language model elsewhere).
+#: Default placement (tower -> positions) of each written-out family; derived families place themselves on every
+#: position of their language towers (:meth:`ModelFamily.default_placement`).
 PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
-    "blip_caption": {"text_decoder": ("self_attn", "cross_attn", "ffn")},
-    "blip_vqa": {
-        "text_encoder": ("self_attn", "cross_attn", "ffn"),
-        "text_decoder": ("self_attn", "cross_attn", "ffn"),
-    },
-    "blip2": {"qformer": ("self_attn", "cross_attn", "ffn"), "language_model": ("self_attn",)},
-    "llava": {"language_model": ("self_attn", "ffn")},
-    "paligemma": {"language_model": ("self_attn", "ffn")},
+    name: family.default_placement() for name, family in FAMILIES.items()
 }
 
 
 def resolve_targets(
     family: ModelFamily, towers: list[str] | None, positions: list[str] | None
 ) -> dict[str, str]:
-    """PEFT target regexes for a family's preset narrowed by ``towers`` / ``positions``.
+    """PEFT target regexes for the family's default placement narrowed by ``towers`` / ``positions``.
+
+    Attention blocks are targeted only where the description says attention goes through transformers' attention
+    interface (p-adapter reads the probabilities there) or is a written-out inline layout vlpeft wraps (BLIP).
 
     Returns:
         position -> regex over full module names (attention blocks for ``self_attn``/``cross_attn``, FFN blocks
         for ``ffn``).
 
     Raises:
-        ValueError: an unknown tower/position, or a requested position that exists in none of the towers.
+        ValueError: an unknown tower/position, a requested position that exists in none of the towers, or no
+            attention block p-adapter can read.
     """
-    preset = PRESETS.get(family.name)
-    if towers is None:
-        if preset is None:
-            raise ValueError(f"No p-adapter preset for family {family.name!r}; pass `towers` or `target_modules`.")
-        selected = [family.tower(name) for name in preset]
-    else:
-        selected = family.resolve_towers(towers)
+    preset = family.default_placement()
+    selected = [family.tower(name) for name in preset] if towers is None else family.resolve_towers(towers)
     wanted = list(positions) if positions is not None else None
     parts: dict[str, list[str]] = {position: [] for position in POSITIONS}
+    unreadable: list[str] = []
     for tower in selected:
-        if wanted is not None:
-            tower_positions = wanted
-        elif preset is not None and tower.name in preset:
-            tower_positions = list(preset[tower.name])
-        else:
-            tower_positions = list(POSITIONS)
+        tower_positions = wanted if wanted is not None else list(preset.get(tower.name, POSITIONS))
         for position in tower_positions:
+            if position != "ffn" and family.derived and tower.layer.attention_style != "interface":
+                unreadable.append(tower.name)
+                continue
             try:
                 parts[position].append(family.module_regex(tower.name, [position], "block"))
             except ValueError:
@@ -70,6 +62,15 @@ def resolve_targets(
                 f"Position {position!r} exists in none of the selected towers {[t.name for t in selected]} of "
                 f"model family {family.name!r}."
             )
+    attention_wanted = wanted is None or any(p != "ffn" for p in wanted)
+    if attention_wanted and not parts["self_attn"] and not parts["cross_attn"]:
+        why = (f": the attention of towers {sorted(set(unreadable))} is computed inline, not through transformers' "
+               "attention interface, so there are no attention probabilities for p-adapter to read" if unreadable
+               else "")
+        raise ValueError(
+            f"No attention block for p-adapter in towers {[t.name for t in selected]} of model family "
+            f"{family.name!r}{why}."
+        )
     resolved = {position: "|".join(regexes) for position, regexes in parts.items() if regexes}
     if not resolved:
         raise ValueError(f"No p-adapter targets in towers {[t.name for t in selected]} of family {family.name!r}.")
@@ -103,7 +104,7 @@ class PAdapterModel(BaseTuner):
         if not isinstance(peft_config, PAdapterConfig):
             raise TypeError(f"PAdapterModel needs a PAdapterConfig, got {type(peft_config).__name__}")
         if peft_config.target_modules is None:
-            family = get_family(peft_config.family) if peft_config.family else detect_family(self.model)
+            family = family_for(self.model, peft_config.family)
             resolved = resolve_targets(family, peft_config.towers, peft_config.positions)
             peft_config.family = family.name
             peft_config.target_modules = "(" + "|".join(f"(?:{regex})" for regex in resolved.values()) + ")"
@@ -113,7 +114,7 @@ class PAdapterModel(BaseTuner):
     def _position_of(self, peft_config: PAdapterConfig, key: str, target: nn.Module) -> str:
         """``"attention"`` or ``"ffn"`` for a matched module."""
         if peft_config.family and peft_config.targets_resolved:
-            family = get_family(peft_config.family)
+            family = family_for(self.model, peft_config.family)
             try:
                 ffn_regex = family.module_regex("all", ["ffn"], "block")
             except ValueError:
