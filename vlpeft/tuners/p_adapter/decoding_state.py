@@ -40,6 +40,27 @@ def state_layer(cache: Any, attention: nn.Module, module_name: str) -> Any:
     return cache_for(cache, False).layers[layer_idx(attention, module_name)]
 
 
+def tokens_processed(cache: Any, attention: nn.Module, is_cross: bool, n_k: int, module_name: str) -> int:
+    """How many tokens the decoder has processed, this call's included.
+
+    Self-attention: the block's cache layer count (``cumulative_length`` of a sliding-window layer, which keeps
+    only the last keys; else the ``n_k`` keys it attends). Cross-attention: the text count of the self-attention
+    cache of an encoder-decoder cache, or, where self- and cross-attention layers share one cache (Mllama), of the
+    nearest earlier layer, which this step has already updated.
+    """
+    if not is_cross:
+        layer = state_layer(cache, attention, module_name)
+        return int(getattr(layer, "cumulative_length", 0) or n_k)
+    if hasattr(cache, "self_attention_cache"):
+        return int(cache.self_attention_cache.layers[layer_idx(attention, module_name)].get_seq_length())
+    index = layer_idx(attention, module_name)
+    if index == 0:
+        raise RuntimeError(f"{module_name}: a cross-attention block in the first layer of a shared cache has no "
+                           "earlier layer to count the decoded tokens; use use_cache=False with causal degrees.")
+    earlier = cache.layers[index - 1]
+    return int(getattr(earlier, "cumulative_length", 0) or earlier.get_seq_length())
+
+
 def paper_past_degrees(
     settings: AdapterSettings,
     n_q: int,
@@ -65,13 +86,16 @@ def paper_past_degrees(
     if not settings.causal_degrees or cache is None:
         return None, None
     layer = state_layer(cache, attention, module_name)
-    past_tokens = layer.get_seq_length() - n_q if is_cross else n_k - n_q
+    past_tokens = tokens_processed(cache, attention, is_cross, n_k, module_name) - n_q
     key = f"padapter:{id(owner)}:{settings.key_pool_size}"
     entries = cache_layer_side_state(layer).setdefault(key, {})
     if past_tokens == 0:
         past = None
     elif past_tokens in entries:
         past = entries[past_tokens]
+        if not is_cross and past.shape[-1] > n_k - n_q:
+            # A sliding-window cache layer dropped its oldest keys: keep the degrees of the keys it still holds.
+            past = past[..., past.shape[-1] - (n_k - n_q):]
     else:
         raise RuntimeError(
             f"{module_name}: cached decoding with the paper variant's causal degrees needs the column "
