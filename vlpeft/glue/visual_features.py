@@ -493,7 +493,7 @@ def _cross_attention_rows(kwargs: dict[str, Any], module: str, call: int) -> _Ca
     """x_R from a cross-attending language model's ``cross_attention_states`` ((batch * images * tiles, patches, d)
     or (batch, m, d)), as (batch, m, d) per sample, with the real rows marked by the 4-D additive
     ``cross_attention_mask`` (batch, 1, n_text, m) where one is given (padding images and tiles are never
-    attended)."""
+    attended), over the text rows that ``full_text_row_masked_out_mask`` (batch, 1, n_text, 1) keeps."""
     states = kwargs.get("cross_attention_states")
     if not isinstance(states, Tensor):
         return None
@@ -506,6 +506,9 @@ def _cross_attention_rows(kwargs: dict[str, Any], module: str, call: int) -> _Ca
     token_mask = None
     if isinstance(mask, Tensor) and mask.dim() == 4 and mask.shape[-1] == rows.shape[1]:
         attended = mask == 0 if mask.dtype != torch.bool else mask
+        rows_in_use = kwargs.get("full_text_row_masked_out_mask")
+        if isinstance(rows_in_use, Tensor):  # text rows that see no image are unmasked to all keys, then zeroed
+            attended = attended & rows_in_use.bool()
         token_mask = attended.any(dim=2).any(dim=1)
         rows = rows * token_mask.unsqueeze(-1).to(rows.dtype)
     return _Captured(sequence=rows, token_mask=token_mask, call=call)
