@@ -1,5 +1,6 @@
 """Task data: datasets in the standard formats (VQAv2, SNLI-VE, COCO captions), lazy images, bad-input
-policy, offline tiny processors, and collators producing model inputs per family."""
+policy, offline tiny processors, and collators producing model inputs per family (as each family's
+:class:`~vlpeft.tasks.layouts.InputLayout` states its input conventions)."""
 
 from vlpeft.tasks.bad_input import BAD_INPUT_REASONS, BadInputError, BadInputPolicy
 from vlpeft.tasks.captions import CaptionDataset, CaptionImage
@@ -15,6 +16,7 @@ from vlpeft.tasks.collators import (
     split_model_inputs,
 )
 from vlpeft.tasks.images import ImageFolderIndex, load_image, numeric_image_id
+from vlpeft.tasks.layouts import LAYOUTS, InputLayout, layout_for
 from vlpeft.tasks.losses import weighted_sequence_loss
 from vlpeft.tasks.processors import ImageTextProcessor, build_tiny_processor, build_tiny_tokenizer
 from vlpeft.tasks.snli_ve import SNLI_VE_LABELS, SNLIVEDataset, SNLIVERecord
@@ -23,6 +25,7 @@ from vlpeft.tasks.vqa import AnswerVocab, VQADataset, VQARecord, basic_answer_no
 __all__ = [
     "BAD_INPUT_REASONS",
     "GENERATIVE_FAMILIES",
+    "LAYOUTS",
     "SEQUENCE_INFO_KEYS",
     "SNLI_VE_LABELS",
     "AnswerVocab",
@@ -35,6 +38,7 @@ __all__ = [
     "EntailmentGenerativeCollator",
     "ImageFolderIndex",
     "ImageTextProcessor",
+    "InputLayout",
     "SNLIVEDataset",
     "SNLIVERecord",
     "SequenceEncoder",
@@ -45,6 +49,7 @@ __all__ = [
     "basic_answer_normalizer",
     "build_tiny_processor",
     "build_tiny_tokenizer",
+    "layout_for",
     "load_image",
     "numeric_image_id",
     "split_model_inputs",

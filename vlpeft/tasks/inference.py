@@ -40,7 +40,7 @@ __all__ = [
 
 class PromptEncoder(Protocol):
     """How one model family encodes inference inputs; implemented by
-    :class:`vlpeft.tasks.collators.SequenceEncoder`, the same object the training collators use.
+    :class:`vlpeft.tasks.sequence_encoder.SequenceEncoder`, the same object the training collators use.
 
     - ``encode_prompts(items, prompts)``: the batch's non-text model inputs (``pixel_values`` (batch, 3, H, W))
       and, per example, the exact prompt ids the model sees before the target in training (special and image

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,25 +27,15 @@ from vlpeft.tasks.framing import (
     DEFAULT_ENTAILMENT_PROMPT,
     DEFAULT_LABEL_WORDS,
 )
+from vlpeft.tasks.layouts import LAYOUTS, layout_for
 
 PAD, BOS, EOS, IMAGE, UNK = "[PAD]", "[BOS]", "[EOS]", "<image>", "[UNK]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, IMAGE, UNK)  # ids 0..4, in this order
 
-#: Which special tokens the tokenizer itself adds around a text, per family.
+#: Which special tokens the tokenizer itself adds around a text, per family (``InputLayout.tokenizer_style``).
 #: "cls_sep": [BOS] text [EOS] (BERT-like: BLIP, GIT, BERT/RoBERTa); "bos": [BOS] text (OPT, Llama, Gemma);
 #: "none": nothing (GPT-2).
-TOKENIZER_STYLE: dict[str, str] = {
-    "blip_caption": "cls_sep",
-    "blip_vqa": "cls_sep",
-    "git": "cls_sep",
-    "blip2": "bos",
-    "llava": "bos",
-    "paligemma": "bos",
-    "vision_encoder_decoder": "none",
-    "vit_bert": "cls_sep",
-    "vit_roberta": "cls_sep",
-    "vit_gpt2": "none",
-}
+TOKENIZER_STYLE: dict[str, str] = {name: layout.tokenizer_style for name, layout in LAYOUTS.items()}
 
 #: Words of the default prompts, always added to the tokenizer's training texts.
 TEMPLATE_TEXTS: tuple[str, ...] = (
@@ -185,6 +175,63 @@ def build_tiny_image_processor(kind: str, image_size: int = 32, image_seq_length
     raise ValueError(f"image processor kind must be 'blip', 'clip', 'siglip' or 'vit', got {kind!r}")
 
 
+#: Builds a tokenizer from the texts; ``image_token_attribute`` as in :func:`build_tiny_tokenizer`.
+TokenizerFactory = Callable[..., PreTrainedTokenizerFast]
+
+
+def _blip(tokenizer: TokenizerFactory, image_size: int, patch_size: int, num_query_tokens: int) -> Any:
+    from transformers import BlipProcessor
+
+    tok = tokenizer()
+    return BlipProcessor(build_tiny_image_processor("blip", image_size), tok)
+
+
+def _blip2(tokenizer: TokenizerFactory, image_size: int, patch_size: int, num_query_tokens: int) -> Any:
+    from transformers import Blip2Processor
+
+    tok = tokenizer(image_token_attribute=False)  # Blip2Processor adds <image> itself
+    return Blip2Processor(build_tiny_image_processor("blip", image_size), tok, num_query_tokens=num_query_tokens)
+
+
+def _llava(tokenizer: TokenizerFactory, image_size: int, patch_size: int, num_query_tokens: int) -> Any:
+    from transformers import LlavaProcessor
+
+    tok = tokenizer()
+    return LlavaProcessor(build_tiny_image_processor("clip", image_size), tok, patch_size=patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def _paligemma(tokenizer: TokenizerFactory, image_size: int, patch_size: int, num_query_tokens: int) -> Any:
+    from transformers import PaliGemmaProcessor
+
+    tok = tokenizer()
+    num_patches = (image_size // patch_size) ** 2
+    return PaliGemmaProcessor(build_tiny_image_processor("siglip", image_size, num_patches), tok)
+
+
+def _git(tokenizer: TokenizerFactory, image_size: int, patch_size: int, num_query_tokens: int) -> Any:
+    from transformers import GitProcessor
+
+    tok = tokenizer()
+    return GitProcessor(build_tiny_image_processor("clip", image_size), tok)
+
+
+def _image_text(tokenizer: TokenizerFactory, image_size: int, patch_size: int, num_query_tokens: int) -> Any:
+    tok = tokenizer()
+    return ImageTextProcessor(build_tiny_image_processor("vit", image_size), tok)
+
+
+#: Tiny-processor builder per ``InputLayout.tiny_processor`` (the processor class it builds).
+_TINY_PROCESSORS: dict[str, Callable[[TokenizerFactory, int, int, int], Any]] = {
+    "BlipProcessor": _blip,
+    "Blip2Processor": _blip2,
+    "LlavaProcessor": _llava,
+    "PaliGemmaProcessor": _paligemma,
+    "GitProcessor": _git,
+    "ImageTextProcessor": _image_text,
+}
+
+
 def build_tiny_processor(
     family: str,
     texts: Iterable[str],
@@ -194,35 +241,17 @@ def build_tiny_processor(
     patch_size: int = 8,
     num_query_tokens: int = 4,
 ) -> Any:
-    """A working processor for a tiny model of ``family`` (names of ``vlpeft.testing.FAMILIES`` plus the
-    composites ``vit_bert``, ``vit_roberta``, ``vit_gpt2``), built without any download.
+    """A working processor for a tiny model of ``family`` (a family of :data:`vlpeft.tasks.layouts.LAYOUTS`:
+    the names of ``vlpeft.testing.FAMILIES`` plus the composites), built without any download: the processor
+    class named by the layout's ``tiny_processor``, with a tokenizer of its ``tokenizer_style``.
 
     The image-token counts match the tiny configs: BLIP-2 ``num_query_tokens`` (4); LLaVA and PaliGemma
     ``(image_size / patch_size) ** 2`` (16; LLaVA's CLS is dropped by the "default" feature strategy).
     """
-    from transformers import (
-        Blip2Processor,
-        BlipProcessor,
-        GitProcessor,
-        LlavaProcessor,
-        PaliGemmaProcessor,
-    )
+    layout = layout_for(family)
 
-    if family not in TOKENIZER_STYLE:
-        raise ValueError(f"unknown family {family!r}; expected one of {sorted(TOKENIZER_STYLE)}")
-    tokenizer = build_tiny_tokenizer(texts, vocab_size, TOKENIZER_STYLE[family],
-                                     image_token_attribute=family != "blip2")
-    num_patches = (image_size // patch_size) ** 2
-    if family in ("blip_caption", "blip_vqa"):
-        return BlipProcessor(build_tiny_image_processor("blip", image_size), tokenizer)
-    if family == "blip2":
-        return Blip2Processor(build_tiny_image_processor("blip", image_size), tokenizer,
-                              num_query_tokens=num_query_tokens)
-    if family == "llava":
-        return LlavaProcessor(build_tiny_image_processor("clip", image_size), tokenizer, patch_size=patch_size,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    if family == "paligemma":
-        return PaliGemmaProcessor(build_tiny_image_processor("siglip", image_size, num_patches), tokenizer)
-    if family == "git":
-        return GitProcessor(build_tiny_image_processor("clip", image_size), tokenizer)
-    return ImageTextProcessor(build_tiny_image_processor("vit", image_size), tokenizer)
+    def tokenizer(image_token_attribute: bool = True) -> PreTrainedTokenizerFast:
+        return build_tiny_tokenizer(texts, vocab_size, layout.tokenizer_style,
+                                    image_token_attribute=image_token_attribute)
+
+    return _TINY_PROCESSORS[layout.tiny_processor](tokenizer, image_size, patch_size, num_query_tokens)

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from vlpeft.tasks.layouts import LAYOUTS
 from vlpeft.training.config import ConfigError
 
 __all__ = [
@@ -97,10 +98,10 @@ def get_method(name: str) -> MethodEntry:
 
 
 # --------------------------------------------------------------------------------------------- defaults
-#: vlpeft.glue family of each training family that has a different name there (the composites).
-GLUE_FAMILIES = {"vit_roberta": "vit_prefix_encoder", "vit_bert": "vit_prefix_encoder", "vit_gpt2": "vit_prefix_decoder"}
-#: Families whose task head is trained and saved alongside any PEFT method.
-HEAD_MODULES = {"vit_roberta": ["classifier"], "vit_bert": ["classifier"]}
+#: vlpeft.glue family of each training family that has a different name there (the composites; from the layouts).
+GLUE_FAMILIES = {name: layout.glue_family for name, layout in LAYOUTS.items() if layout.glue_family}
+#: Families whose task head is trained and saved alongside any PEFT method (from the layouts).
+HEAD_MODULES = {name: list(layout.head_modules) for name, layout in LAYOUTS.items() if layout.head_modules}
 
 
 def _family(name: str | None):

@@ -9,35 +9,23 @@ from typing import Any
 
 from torch import nn
 
+from vlpeft.tasks.layouts import LAYOUTS, families_where
 from vlpeft.training.config import ConfigError, TrainConfig
 
 __all__ = ["COMPOSITE_FAMILIES", "FAMILY_CLASSES", "KNOWN_HUB_FAMILIES", "resolve_family", "load_model", "load_processor"]
 
-# Model class per family for ``from_pretrained`` (module:Class).
-FAMILY_CLASSES: dict[str, str] = {
-    "blip_caption": "transformers:BlipForConditionalGeneration",
-    "blip_vqa": "transformers:BlipForQuestionAnswering",
-    "blip2": "transformers:Blip2ForConditionalGeneration",
-    "llava": "transformers:LlavaForConditionalGeneration",
-    "paligemma": "transformers:PaliGemmaForConditionalGeneration",
-    "git": "transformers:GitForCausalLM",
-    "vision_encoder_decoder": "transformers:VisionEncoderDecoderModel",
-    "vit_roberta": "vlpeft.models:VisionPrefixLMForClassification",
-    "vit_gpt2": "vlpeft.models:VisionPrefixLMForCausalLM",
-}
+# The tables below are read off the family layouts (vlpeft.tasks.layouts), one entry per family there.
+#: Model class per family for ``from_pretrained`` (module:Class).
+FAMILY_CLASSES: dict[str, str] = {name: layout.model_class for name, layout in LAYOUTS.items() if layout.model_class}
 #: Composite family of a (vision, text) pair, by the text model's name.
-COMPOSITE_TEXT_FAMILIES: dict[str, str] = {"roberta": "vit_roberta", "bert": "vit_bert", "gpt2": "vit_gpt2",
-                                           "gpt-2": "vit_gpt2"}
-COMPOSITE_FAMILIES: tuple[str, ...] = ("vit_roberta", "vit_bert", "vit_gpt2")
+COMPOSITE_TEXT_FAMILIES: dict[str, str] = {
+    prefix: name for name, layout in LAYOUTS.items() for prefix in layout.composite_text_models
+}
+COMPOSITE_FAMILIES: tuple[str, ...] = families_where(lambda layout: layout.composite_task is not None)
 
-# Hub-name prefixes whose family is known without reading a config (no download needed to validate).
+#: Hub-name prefixes whose family is known without reading a config (no download needed to validate).
 KNOWN_HUB_FAMILIES: dict[str, str] = {
-    "Salesforce/blip-image-captioning-": "blip_caption",
-    "Salesforce/blip-vqa-": "blip_vqa",
-    "Salesforce/blip2-": "blip2",
-    "llava-hf/": "llava",
-    "google/paligemma": "paligemma",
-    "microsoft/git-": "git",
+    prefix: name for name, layout in LAYOUTS.items() for prefix in layout.hub_prefixes
 }
 
 
@@ -53,7 +41,7 @@ def resolve_family(config: TrainConfig) -> str:
         if model.vision is None or model.text is None:
             raise ConfigError("model.vision / model.text: the composite needs both parts")
         if model.family is not None:
-            if model.family not in COMPOSITE_FAMILIES:
+            if _composite_task(model.family) is None:
                 raise ConfigError(f"model.family: {model.family!r} is not a composite family {list(COMPOSITE_FAMILIES)}")
             return model.family
         base = model.text.rsplit("/", 1)[-1].lower()
@@ -96,6 +84,12 @@ def resolve_family(config: TrainConfig) -> str:
     )
 
 
+def _composite_task(family: str) -> str | None:
+    """The head task of vlpeft's ViT + text-model composite ``family`` (``None`` for any other family)."""
+    layout = LAYOUTS.get(family)
+    return layout.composite_task if layout is not None else None
+
+
 def _import(path: str) -> Any:
     module, name = path.split(":")
     return getattr(importlib.import_module(module), name)
@@ -109,7 +103,7 @@ def load_model(config: TrainConfig, family: str, num_labels: int | None = None) 
         from vlpeft.testing import build_tiny_model
 
         overrides = dict(model.tiny_overrides)
-        if family in COMPOSITE_FAMILIES:
+        if _composite_task(family) is not None:
             overrides = {**model.options, **overrides}
         if num_labels is not None:
             if overrides.get("num_labels", num_labels) != num_labels:
@@ -130,13 +124,13 @@ def load_model(config: TrainConfig, family: str, num_labels: int | None = None) 
 
         labels = {"num_labels": num_labels} if num_labels is not None else {}
         return VisionPrefixLMPreTrainedModel.from_pretrained_parts(
-            model.vision, model.text, task="causal_lm" if family == "vit_gpt2" else "classification",
+            model.vision, model.text, task=_composite_task(family) or "classification",
             vision_kwargs=kwargs, text_kwargs=kwargs, **model.options, **labels)
     if family not in FAMILY_CLASSES:
         raise ConfigError(f"model.family: no model class known for family {family!r}; known: {sorted(FAMILY_CLASSES)}")
     if model.revision is not None:
         kwargs["revision"] = model.revision
-    if num_labels is not None and family in COMPOSITE_FAMILIES:
+    if num_labels is not None and _composite_task(family) is not None:
         kwargs["num_labels"] = num_labels
     return _import(FAMILY_CLASSES[family]).from_pretrained(model.name, **kwargs)
 

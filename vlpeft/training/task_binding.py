@@ -1,17 +1,20 @@
 """Bind a :class:`~vlpeft.training.config.TaskConfig` to datasets, a collator, a training objective, inference and
 a metric.
 
-There is one text layout per model family, :class:`vlpeft.tasks.collators.SequenceEncoder`: the training collator
-owns it and inference uses the same object as its prompt encoder, so ranking and generation see exactly the
-prefix the model was trained on. Each (framing, task) pair below is one small ``_bind_*`` function.
+There is one text layout per model family, :class:`vlpeft.tasks.sequence_encoder.SequenceEncoder` (reading the
+family's :class:`vlpeft.tasks.layouts.InputLayout`): the training collator owns it and inference uses the same
+object as its prompt encoder, so ranking and generation see exactly the prefix the model was trained on. Each
+(framing, task) pair below is one small ``_bind_*`` function. Which families go where is read off the layouts:
 
 =================  ==========================================  =====================================================
-framing            families                                    tasks (inference)
+framing            families (layout)                           tasks (inference)
 =================  ==========================================  =====================================================
-generative         blip_caption, git, blip2, llava, paligemma,  vqa (rank, generate), snli_ve (rank), caption
-                   vit_gpt2                                    (generate)
-generative         blip_vqa                                    vqa (generate; the model computes its own loss)
-discriminative     vit_roberta, vit_bert                       vqa (classify: BCE on soft scores over the answer
+generative         target after the prompt in ``input_ids``    vqa (rank, generate), snli_ve (rank), caption
+                   (``ranks_candidates``): blip_caption, git,  (generate)
+                   blip2, llava, paligemma, vit_gpt2
+generative         prompt inference without ranking:           vqa (generate; with ``model_computes_loss`` the
+                   blip_vqa                                    model computes its own loss)
+discriminative     ``classifier``: vit_roberta, vit_bert       vqa (classify: BCE on soft scores over the answer
                                                                vocabulary), snli_ve (classify: 3-way CE)
 =================  ==========================================  =====================================================
 """
@@ -26,6 +29,7 @@ from typing import Any
 
 import torch
 
+from vlpeft.tasks.layouts import LAYOUTS, families_where
 from vlpeft.training.config import ConfigError, TrainConfig
 
 __all__ = [
@@ -45,12 +49,16 @@ __all__ = [
 # Main metric per task (higher is better for all).
 DEFAULT_METRICS = {"vqa": "vqa_accuracy", "snli_ve": "accuracy", "caption": "CIDEr"}
 CAPTION_EVAL_METRICS = ("Bleu", "ROUGE_L", "CIDEr")
+# Family lists read off the layouts (vlpeft.tasks.layouts); kept for the messages that list allowed families.
 #: Families with a classifier head (discriminative framing).
-CLASSIFIER_FAMILIES: tuple[str, ...] = ("vit_roberta", "vit_bert")
+CLASSIFIER_FAMILIES: tuple[str, ...] = families_where(lambda layout: layout.classifier)
 #: Families that score candidates as ``prompt + target`` (ranking inference).
-RANKING_FAMILIES: tuple[str, ...] = ("blip_caption", "git", "blip2", "llava", "paligemma", "vit_gpt2")
-#: Families trained with the generative framing.
-GENERATIVE_TRAINING_FAMILIES: tuple[str, ...] = (*RANKING_FAMILIES, "blip_vqa")
+RANKING_FAMILIES: tuple[str, ...] = families_where(lambda layout: layout.ranks_candidates)
+#: Families trained with the generative framing (the ranking ones first).
+GENERATIVE_TRAINING_FAMILIES: tuple[str, ...] = (
+    *RANKING_FAMILIES,
+    *families_where(lambda layout: layout.trains_generatively and not layout.ranks_candidates),
+)
 
 
 def default_metric(task_type: str) -> str:
@@ -58,7 +66,9 @@ def default_metric(task_type: str) -> str:
 
 
 def default_framing(family: str) -> str:
-    return "discriminative" if family in CLASSIFIER_FAMILIES else "generative"
+    """``"discriminative"`` for a family with a classifier head, else ``"generative"``."""
+    layout = LAYOUTS.get(family)
+    return "discriminative" if layout is not None and layout.classifier else "generative"
 
 
 def allowed_inference(task_type: str, framing: str, family: str) -> tuple[str, ...]:
@@ -67,7 +77,8 @@ def allowed_inference(task_type: str, framing: str, family: str) -> tuple[str, .
         return ("classify",) if task_type in ("vqa", "snli_ve") else ()
     if task_type == "caption":
         return ("generate",)
-    ranking = family in RANKING_FAMILIES
+    layout = LAYOUTS.get(family)
+    ranking = layout is not None and layout.ranks_candidates
     if task_type == "vqa":
         return ("rank", "generate") if ranking else ("generate",)
     return ("rank",) if ranking else ()
@@ -256,7 +267,7 @@ def _generation_kwargs(config: TrainConfig) -> dict[str, Any]:
 def _token_objective(config: TrainConfig, encoder: Any) -> Any:
     from vlpeft.tasks.losses import ModelLossObjective, TokenObjective
 
-    if encoder.family == "blip_vqa":
+    if encoder.layout.model_computes_loss:
         return ModelLossObjective()
     return TokenObjective(config.optim.label_smoothing, encoder.prefix_predicts_first_token)
 
@@ -277,7 +288,7 @@ def _bind_generative(config: TrainConfig, processor: Any, family: str, model_con
         collate = collators.VQAGenerativeCollator(processor, family, answer_weighting=task.answer_weighting,
                                                   prompt_template=template, **common)
         encoder = collate.encoder
-        if task.answer_weighting == "most_common" or family == "blip_vqa":
+        if task.answer_weighting == "most_common" or encoder.layout.model_computes_loss:
             objective = _token_objective(config, encoder)
         else:
             objective = WeightedSequenceObjective(config.optim.label_smoothing)

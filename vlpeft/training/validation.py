@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from vlpeft.tasks.layouts import LAYOUTS
 from vlpeft.training.config import ConfigError, TrainConfig
 from vlpeft.training.methods import resolve_method_options
 from vlpeft.training.models import resolve_family
@@ -61,12 +62,13 @@ def validate_config(config: TrainConfig, *, for_training: bool = True) -> Valida
     _check_file(config, "task.images", task.images, folder=True)
     if task.framing is None:
         task.framing = default_framing(family)
-    if task.framing == "generative" and family not in GENERATIVE_TRAINING_FAMILIES:
+    layout = LAYOUTS.get(family)
+    if task.framing == "generative" and not (layout is not None and layout.trains_generatively):
         raise ConfigError(
             f"task.framing: the generative framing needs a model family in {list(GENERATIVE_TRAINING_FAMILIES)}, "
             f"got {family!r}"
         )
-    if task.framing == "discriminative" and family not in CLASSIFIER_FAMILIES:
+    if task.framing == "discriminative" and not (layout is not None and layout.classifier):
         raise ConfigError(
             f"task.framing: the discriminative framing needs a classifier model family in {list(CLASSIFIER_FAMILIES)}, "
             f"got {family!r}"
@@ -80,9 +82,11 @@ def validate_config(config: TrainConfig, *, for_training: bool = True) -> Valida
             f"task.inference: {task.inference!r} is not available for task {task.type!r} with model family "
             f"{family!r}; allowed: {list(modes)}"
         )
-    if family == "blip_vqa" and task.type == "vqa" and task.answer_weighting != "most_common":
-        raise ConfigError("task.answer_weighting: BlipForQuestionAnswering computes its own mean loss; use "
-                          "'most_common' with model family 'blip_vqa' (or a blip_caption model for 'release')")
+    weighted_vqa = task.type == "vqa" and task.answer_weighting != "most_common"
+    if weighted_vqa and layout is not None and layout.model_computes_loss:
+        model_class = (layout.model_class or family).rsplit(":", 1)[-1]
+        raise ConfigError(f"task.answer_weighting: {model_class} computes its own mean loss; use 'most_common' "
+                          f"with model family {family!r} (or a blip_caption model for 'release')")
     if task.max_length < 2:
         raise ConfigError(f"task.max_length: must be >= 2, got {task.max_length}")
 
