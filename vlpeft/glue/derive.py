@@ -38,16 +38,22 @@ __all__ = [
     "uses_attention_interface",
 ]
 
-QUERY_NAMES = ("q_proj", "query", "q", "wq", "to_q")
+# Multi-head latent attention (DeepSeek-style) projects queries with ``q_b_proj`` and keys/values with ``kv_b_proj``.
+QUERY_NAMES = ("q_proj", "query", "q", "wq", "to_q", "q_b_proj")
 KEY_NAMES = ("k_proj", "key", "k", "wk", "to_k")
-VALUE_NAMES = ("v_proj", "value", "v", "wv", "to_v")
+VALUE_NAMES = ("v_proj", "value", "v", "wv", "to_v", "kv_b_proj")
 FUSED_QKV_NAMES = ("qkv", "qkv_proj", "c_attn", "query_key_value", "Wqkv", "wqkv")
 OUTPUT_NAMES = ("o_proj", "out_proj", "dense", "proj", "projection", "projection_layer", "c_proj", "wo", "o",
-                "to_out", "out")
+                "to_out", "out", "output")
+CROSS_WORDS = ("cross", "encoder_decoder", "encdec")
 FFN_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block", "block_sparse_moe", "feedforward")
 FFN_INPUT_NAMES = ("up_proj", "fc1", "c_fc", "w1", "gate_up_proj", "linear_fc1", "dense_h_to_4h", "wi", "lin1")
 FFN_OUTPUT_NAMES = ("down_proj", "fc2", "c_proj", "w2", "linear_fc2", "dense_4h_to_h", "wo", "lin2")
 VISION_WORDS = ("vision", "visual", "image")
+#: Modules that map visual features into the language model's width, for models with no image placeholder token
+#: (their output is x_R, one entry per image).
+PROJECTOR_NAMES = ("multi_modal_projector", "language_projection", "image_to_text_projection", "mm_projector",
+                   "merger", "connector", "mlp1", "vision_projection", "visual_projection")
 
 
 class DescriptionError(ValueError):
@@ -139,7 +145,7 @@ def _layer_parts(layer: nn.Module) -> _LayerParts:
         found = describe_attention_module(module)
         if found is None:
             continue
-        if "cross" in name.lower():
+        if any(word in name.lower() for word in CROSS_WORDS):
             cross_attn = cross_attn or name
             attention = attention or found
         elif self_attn is None:
@@ -164,16 +170,29 @@ def _most_common(values: list[str | None]) -> str | None:
 
 
 def _stack_layout(layers: nn.ModuleList, list_name: str) -> LayerLayout | None:
+    """The layout of a stack's layers, or ``None`` when none holds an attention module.
+
+    Layers may differ (Mllama's cross-attention layers, hybrid stacks whose other layers hold linear attention or
+    state-space mixers): names are the most common ones, and a stack where the self-attention name is an attention
+    module in some layers only is restricted to those layers.
+    """
     parts = [_layer_parts(layer) for layer in layers]
     attention = next((p.attention for p in parts if p.attention is not None), None)
     if attention is None:
         return None
+    self_attn = _most_common([p.self_attn for p in parts])
+    layer_pattern = r"\d+"
+    if self_attn is not None and any(isinstance(getattr(layer, self_attn, None), nn.Module) for layer in layers):
+        holding = [i for i, p in enumerate(parts) if p.self_attn == self_attn or p.cross_attn is not None]
+        hybrid = [i for i, layer in enumerate(layers) if isinstance(getattr(layer, self_attn, None), nn.Module)]
+        if set(hybrid) - set(holding):
+            layer_pattern = "(?:" + "|".join(str(i) for i in holding) + ")"
     ffn = _most_common([p.ffn for p in parts])
     ffn_input = _most_common([p.ffn_input for p in parts])
     ffn_output = _most_common([p.ffn_output for p in parts])
     return LayerLayout(
-        layers=re.escape(list_name) + r"\.\d+",
-        self_attn=_most_common([p.self_attn for p in parts]),
+        layers=re.escape(list_name) + r"\." + layer_pattern,
+        self_attn=self_attn,
         cross_attn=_most_common([p.cross_attn for p in parts]),
         query=attention.query,
         key=attention.key,
@@ -249,16 +268,18 @@ def derive_family(model: nn.Module) -> ModelFamily:
     language = _language_module(base)
     groups: dict[str, list[tuple[str, LayerLayout]]] = {"language_model": [], "vision": [], "other": []}
     for path, layout in stacks:
-        if language is not None and (path + ".").startswith(language + "." if language else ""):
-            groups["language_model"].append((path, layout))
-        elif any(word in path.lower() for word in VISION_WORDS):
+        under_language = language is not None and path.startswith(language + ".")
+        below = path[len(language) + 1:] if under_language else path
+        if any(word in below.lower() for word in VISION_WORDS):
             groups["vision"].append((path, layout))
+        elif under_language:
+            groups["language_model"].append((path, layout))
         else:
             groups["other"].append((path, layout))
     if not groups["language_model"]:
         raise DescriptionError(
             f"{type(base).__name__}: none of the layer stacks {[p for p, _ in stacks]} lies under the language model "
-            f"({language!r}, from get_decoder()); pass explicit `target_modules`, or register a ModelFamily"
+            f"({language!r}, from get_decoder())"
         )
     towers = []
     for kind, members in groups.items():
@@ -269,13 +290,24 @@ def derive_family(model: nn.Module) -> ModelFamily:
             tower_name = _tower_name(kind, path, anchor, len(members))
             towers.append(Tower(tower_name, prefix, layout, None, modality))
     language_towers = tuple(t.name for t in towers if t.modality == "text")
+    token = image_token_id(base)
+    visual_module, visual_output = language or "", "placeholder_embeds"
+    if token is None:
+        projector = _projector(base)
+        visual_module, visual_output = (projector, "tensor") if projector else ("", "placeholder_embeds")
     return ModelFamily(
         name=getattr(getattr(base, "config", None), "model_type", None) or type(base).__name__,
         class_names=(type(base).__name__,),
         towers=tuple(towers),
         language_towers=language_towers,
-        visual_feature_module=language or "",
-        visual_feature_output="placeholder_embeds",
-        image_token_id=image_token_id(base),
+        visual_feature_module=visual_module,
+        visual_feature_output=visual_output,
+        image_token_id=token,
         derived=True,
     )
+
+
+def _projector(model: nn.Module) -> str | None:
+    """The shallowest module named like a multi-modal projector, or ``None``."""
+    found = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in PROJECTOR_NAMES]
+    return min(found, key=lambda name: name.count("."), default=None)

@@ -8,6 +8,7 @@ branches on family names.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 from torch import nn
@@ -45,6 +46,8 @@ FAMILIES: dict[str, ModelFamily] = {family.name: family for family in known.FAMI
 _REFINEMENTS: dict[str, Callable[[ModelFamily], ModelFamily]] = dict(known.REFINEMENTS)
 #: Descriptions derived in this process, by name (the latest derivation of a name wins).
 _DERIVED: dict[str, ModelFamily] = {}
+#: The description of each model object seen (tuners ask once per target module while they wrap the model).
+_BY_MODEL: weakref.WeakKeyDictionary[nn.Module, ModelFamily] = weakref.WeakKeyDictionary()
 
 
 def register_family(family: ModelFamily) -> None:
@@ -83,18 +86,21 @@ def detect_family(model: nn.Module) -> ModelFamily:
     for family in FAMILIES.values():
         if name in family.class_names:
             return family
+    known = _BY_MODEL.get(base)
+    if known is not None:
+        return known
     try:
         family = derive_family(base)
     except DescriptionError as error:
         raise ValueError(
-            f"Unknown model family for model class {name!r}: {error}. Written-out families: "
-            f"{sorted(c for f in FAMILIES.values() for c in f.class_names)}. Pass explicit `target_modules`, or "
-            "register a ModelFamily with vlpeft.glue.families.register_family()."
+            f"Unknown model family for model class {name!r}: {error}. Pass explicit `target_modules`, or register a "
+            "ModelFamily with vlpeft.glue.families.register_family()."
         ) from error
     refine = _REFINEMENTS.get(name)
     if refine is not None:
         family = refine(family)
     _DERIVED[family.name] = family
+    _BY_MODEL[base] = family
     return family
 
 

@@ -280,7 +280,7 @@ class VisualFeatureContext:
             return
         pooled = None
         if source.output == "tensor":
-            sequence = output
+            sequence = output[0] if isinstance(output, tuple) else output  # (features, extras) tuples too
         else:
             sequence = output[0] if isinstance(output, tuple | list) else output.last_hidden_state
             pooled = getattr(output, "pooler_output", None)

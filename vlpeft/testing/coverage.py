@@ -48,7 +48,8 @@ class Attempt:
 
     Attributes:
         model_type / method: what was tried.
-        status: ``"ok"``, ``"refused"`` (a ValueError at attach time), ``"no build"`` (the default config does not
+        status: ``"ok"``, ``"refused"`` (a ValueError at attach time, or transformers' NotImplementedError for a
+            model that does not implement what PEFT needs), ``"no build"`` (the default config does not
             build on the meta device here) or ``"error"`` (any other exception: a bug).
         detail: the number of adapted modules, or the message.
     """
@@ -87,8 +88,9 @@ def _adapted_modules(model: nn.Module) -> int:
 def attempt(model_type: str, method: str, model: nn.Module) -> Attempt:
     """Attach ``method`` with its defaults to ``model`` (which is consumed)."""
     try:
-        wrapped = peft.get_peft_model(model, METHODS[method]())
-    except ValueError as error:
+        with torch.device("meta"):  # adapter weights too: nothing is allocated or initialised
+            wrapped = peft.get_peft_model(model, METHODS[method]())
+    except (ValueError, NotImplementedError) as error:  # NotImplementedError: transformers' own refusal
         return Attempt(model_type, method, "refused", str(error).splitlines()[0])
     except Exception as error:  # noqa: BLE001  (reported as a bug in the table and by the test)
         return Attempt(model_type, method, "error", f"{type(error).__name__}: {str(error).splitlines()[0]}")

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from vlpeft.glue.families import FAMILIES
 from vlpeft.tasks.layouts import LAYOUTS
 from vlpeft.training.config import ConfigError
 
@@ -107,9 +108,6 @@ HEAD_MODULES = {name: list(layout.head_modules) for name, layout in LAYOUTS.item
 def _family(name: str | None):
     if name is None:
         return None
-    import vlpeft.glue.composite_families  # noqa: F401  (registers the composite families)
-    from vlpeft.glue.families import FAMILIES
-
     return FAMILIES.get(GLUE_FAMILIES.get(name, name))
 
 

@@ -169,22 +169,28 @@ class SequentialAdapter(nn.Module, BottleneckAdapterLayer):
         visual_context: VisualFeatureContext,
         module_name: str,
         shared: tuple[nn.Linear, nn.Linear] | None = None,
+        width: int | None = None,
     ) -> None:
+        """``width`` is the output width of ``base_layer`` when it is a whole block rather than a projection."""
         super().__init__()
-        BottleneckAdapterLayer.__init__(self, base_layer, projection_width(base_layer))
+        BottleneckAdapterLayer.__init__(
+            self, base_layer, projection_width(base_layer) if width is None else width
+        )
         self.module_name = module_name
         self.visual_context = visual_context
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, visual_source=visual_source, shared=shared)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """x: (batch, ..., in) -> (batch, ..., d)."""
-        result = self.base_layer(x, *args, **kwargs)
+        """x: (batch, ..., in) -> (batch, ..., d). A block returning a tuple (a mixture-of-experts FFN with its
+        router logits) has its first element adapted."""
+        output = self.base_layer(x, *args, **kwargs)
+        result = output[0] if isinstance(output, tuple) else output
         result_dtype = result.dtype
         for adapter in self._active():
             z = self.adapter_output(result, adapter).to(result_dtype)
             result = result + z if self.residual[adapter] else z
-        return result
+        return (result, *output[1:]) if isinstance(output, tuple) else result
 
     def __repr__(self) -> str:
         return "bottleneck_adapter." + super().__repr__()

@@ -35,15 +35,27 @@ def apply_adapter_preset(config: AdapterConfig, model: nn.Module) -> None:
     regexes = []
     for position in config.resolved_positions:
         if position == "ffn":
-            part = "block" if config.style == "parallel" else "ffn_output"
+            # Sequential: after the FFN's output projection, or after the whole block where it has no plain one
+            # (mixture-of-experts blocks with fused expert weights).
+            parts = ["block"] if config.style == "parallel" else ["ffn_output"]
+            if config.style != "parallel" and not _has_part(family, config.towers, "ffn_output"):
+                parts = ["block"]
         else:
-            part = "attn_output"
+            parts = ["attn_output"]
         try:
-            regexes.append(target_regex(family, config.towers, [position], [part]))
+            regexes.append(target_regex(family, config.towers, [position], parts))
         except ValueError as error:
             if position != "cross_attn":
                 raise ValueError(f"style={config.style!r} cannot be placed in model family {family.name!r}: {error}") from error
     config.target_modules = "(" + "|".join(regexes) + ")"
+
+
+def _has_part(family: ModelFamily, towers: list[str] | None, part: str) -> bool:
+    try:
+        family.module_regex(towers, ["ffn"], part)
+    except ValueError:
+        return False
+    return True
 
 
 def _block_call_style(config: AdapterConfig, family: ModelFamily | None, key: str, block: nn.Module) -> str:
@@ -73,6 +85,24 @@ def _block_width(block: nn.Module, style: str, key: str) -> int:
         if isinstance(module, Conv1D):
             return module.weight.shape[0] if style == "mlp" else module.weight.shape[1]
     raise ValueError(f"cannot find a projection inside the FFN block {key!r} to size its parallel adapter")
+
+
+def _is_projection(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear | Conv1D)
+
+
+def _block_output_width(model: nn.Module, block: nn.Module, key: str) -> int:
+    """Output width of a whole FFN block wrapped sequentially (a mixture-of-experts block with no plain output
+    projection): the input width of its first Linear (the router), else the language model's hidden size."""
+    try:
+        return _block_width(block, "mlp", key)
+    except ValueError:
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        width = getattr(text, "hidden_size", None)
+        if not isinstance(width, int):
+            raise ValueError(f"cannot find the output width of {key!r} to size its sequential adapter") from None
+        return width
 
 
 class BottleneckAdapterModel(RoutingTunerMixin, BaseTuner):
@@ -141,6 +171,7 @@ class BottleneckAdapterModel(RoutingTunerMixin, BaseTuner):
                     visual_context=self.visual_context,
                     module_name=current_key,
                     shared=shared,
+                    width=None if _is_projection(base) else _block_output_width(self.model, base, current_key),
                 )
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)

@@ -129,6 +129,8 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         """Create the adapter ``adapter_name`` on this block according to ``config``."""
         width = config.bottleneck_size or max(1, self.hidden_size // config.reduction_factor)
         graph = "self" if config.variant == "release" and not self.spec.is_cross else "bipartite"
+        if config.variant == "release" and config.bottleneck_size is None and width % self.num_heads:
+            width += self.num_heads - width % self.num_heads  # d / reduction rounded up to whole heads
         if config.variant == "release" and width % self.num_heads:
             raise ValueError(
                 f"{self.module_name}: the release variant splits the bottleneck r={width} into "

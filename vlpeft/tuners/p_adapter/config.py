@@ -42,7 +42,8 @@ class PAdapterConfig(PeftConfig):
             Ū' = GELU(Ū W_down) W_up + Ū replacing the attention output) or ``"release"`` (the released code:
             value-only self-attention graph with self loops, pooled bipartite cross-attention graph, per-head
             bottleneck features, y = o + W_up(GELU(W_gate o) ⊙ U)).
-        bottleneck_size: adapter width r; if ``None``, r = hidden size // ``reduction_factor``.
+        bottleneck_size: adapter width r; if ``None``, r = hidden size // ``reduction_factor`` (``release`` rounds it up
+            to a multiple of the attention heads, which its graph splits r into).
         reduction_factor: used when ``bottleneck_size`` is ``None`` (8 gives r = 96 for d = 768).
         p_init: initial p of every attention adapter.
         p_init_pattern: regex (matched like LoRA's ``rank_pattern`` against the module name) -> initial p.

@@ -52,6 +52,8 @@ def resolve_targets(
             if position != "ffn" and family.derived and tower.layer.attention_style != "interface":
                 unreadable.append(tower.name)
                 continue
+            if position == "ffn" and wanted is None and family.derived and tower.layer.ffn_input is None:
+                continue  # no plain first projection to size the FFN adapter (mixture-of-experts blocks)
             try:
                 parts[position].append(family.module_regex(tower.name, [position], "block"))
             except ValueError:
@@ -204,7 +206,7 @@ class PAdapterModel(BaseTuner):
         request: dict[str, Any] = {}
         for config_id, (config, implementation) in wanted.items():
             if config_id not in paths:
-                raise RuntimeError(
+                raise ValueError(
                     f"cannot locate attention config {type(config).__name__} in the model's config tree to switch "
                     f"its attention implementation to {implementation!r}."
                 )

@@ -128,8 +128,9 @@ def visual_source(config: RoutingOptions, model: nn.Module) -> VisualSource:
     module = config.visual_feature_module or (family.visual_feature_module if family else None)
     if not module:
         raise ValueError(
-            f"routing={config.routing!r} needs visual features, but {type(model).__name__} belongs to no known model "
-            "family; set `visual_feature_module` (and `visual_feature_output`) in the config"
+            f"routing={config.routing!r} needs visual features, but {type(model).__name__} has no known source: no "
+            "image placeholder token (config.image_token_id) and no multi-modal projector; set "
+            "`visual_feature_module` (and `visual_feature_output`) in the config"
         )
     output = config.visual_feature_output or (
         family.visual_feature_output if family and module == family.visual_feature_module else "tensor"
