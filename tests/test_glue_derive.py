@@ -90,3 +90,23 @@ def test_models_without_attention_stacks_are_refused_with_the_reason() -> None:
         derive_family(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="Unknown model family for model class 'Linear'"):
         detect_family(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("source", ["blip_caption", "blip_vqa", "blip2", "llava", "paligemma", "qwen2_vl",
+                                    "gemma3", "mllama", "idefics3"])
+def test_p_adapter_block_specs_from_the_description_match_the_blocks_structure(source: str) -> None:
+    from vlpeft.glue.attention_blocks import describe_attention_block, spec_from_layout
+    from vlpeft.testing.twins import TWINS
+
+    model = build_twin(source).model if source in TWINS else build_tiny_model(source).model
+    family = detect_family(model)
+    checked = 0
+    for name, module in model.named_modules():
+        located = family.locate_block(name)
+        if located is None or located[1] == "ffn":
+            continue
+        tower, position = located
+        from_layout = spec_from_layout(tower.layer, position == "cross_attn", module, name)
+        assert from_layout == describe_attention_block(module, name), name
+        checked += 1
+    assert checked >= 2

@@ -18,6 +18,7 @@ from vlpeft.glue.derive import (
     VALUE_NAMES,
     uses_attention_interface,
 )
+from vlpeft.glue.description import LayerLayout
 
 
 @dataclass(frozen=True)
@@ -132,5 +133,28 @@ def describe_attention_block(block: nn.Module, module_name: str) -> AttentionBlo
         value=value,
         fused_qkv=fused if query is None else None,
         is_cross=is_cross,
+        is_causal=_runs_with_kv_cache(block),
+    )
+
+
+def spec_from_layout(layout: LayerLayout, is_cross: bool, block: nn.Module, module_name: str) -> AttentionBlockSpec:
+    """The spec of an attention block as its model description lays it out.
+
+    BERT-style layouts (output projection ``output.dense`` in a post-LN ``output`` module, q/k/v in an inner
+    attention module) adapt between the output dropout and the LayerNorm; the others adapt the block's projected
+    output.
+    """
+    query, value, fused = layout.query, layout.value, layout.fused_qkv
+    inner = query.split(".", 1)[0] if query is not None and "." in query else ""
+    if layout.attn_output.startswith("output.") and inner:
+        attention = block.get_submodule(inner)
+        return AttentionBlockSpec(
+            style="bert", capture=layout.attention_style, attention=inner, out_proj=layout.attn_output,
+            out_dropout="output.dropout", query=query, value=value, fused_qkv=None, is_cross=is_cross,
+            is_causal=_runs_with_kv_cache(attention),
+        )
+    return AttentionBlockSpec(
+        style="projected", capture=layout.attention_style, attention="", out_proj=layout.attn_output,
+        out_dropout=None, query=query, value=value, fused_qkv=fused if query is None else None, is_cross=is_cross,
         is_causal=_runs_with_kv_cache(block),
     )

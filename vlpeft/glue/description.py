@@ -138,6 +138,15 @@ class ModelFamily:
             f"or an alias in {sorted(TOWER_ALIASES)}."
         )
 
+    def locate_block(self, key: str) -> tuple[Tower, str] | None:
+        """The tower and position (``self_attn``, ``cross_attn``, ``ffn``) of the block named ``key``, or ``None``."""
+        for tower in self.towers:
+            for position in POSITIONS:
+                relative = _relative_path(tower.layer, position, "block")
+                if relative is not None and re.fullmatch(tower.layer_regex() + r"\." + re.escape(relative), key):
+                    return tower, position
+        return None
+
     def tower_names(self) -> list[str]:
         return [tower.name for tower in self.towers]
 

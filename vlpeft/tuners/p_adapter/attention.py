@@ -35,7 +35,7 @@ from vlpeft.glue.attention import (
     capture_attention,
     hook_module_outputs,
 )
-from vlpeft.glue.attention_blocks import describe_attention_block, submodule
+from vlpeft.glue.attention_blocks import AttentionBlockSpec, describe_attention_block, submodule
 from vlpeft.tuners.p_adapter.config import PAdapterConfig
 from vlpeft.tuners.p_adapter.decoding_state import cached_values, paper_past_degrees
 from vlpeft.tuners.p_adapter.layer import (
@@ -105,11 +105,11 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
 
     __getattr__ = _getattr_with_fallback
 
-    def __init__(self, base_layer: nn.Module, module_name: str) -> None:
+    def __init__(self, base_layer: nn.Module, module_name: str, spec: AttentionBlockSpec | None = None) -> None:
         super().__init__()
         self._init_padapter_containers(base_layer)
         self.module_name = module_name
-        self.spec = describe_attention_block(base_layer, module_name)
+        self.spec = describe_attention_block(base_layer, module_name) if spec is None else spec
         weight, _ = _projection_weights(submodule(base_layer, self.spec.out_proj))
         self.hidden_size = int(weight.shape[0])
         self.attention_width = int(weight.shape[1])

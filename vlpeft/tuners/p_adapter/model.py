@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -10,8 +9,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from vlpeft.glue.attention import PADAPTER_ATTENTION
-from vlpeft.glue.attention_blocks import describe_attention_block
-from vlpeft.glue.families import FAMILIES, POSITIONS, ModelFamily, family_for
+from vlpeft.glue.attention_blocks import AttentionBlockSpec, describe_attention_block, spec_from_layout
+from vlpeft.glue.families import FAMILIES, POSITIONS, ModelFamily, detect_family, family_for
 from vlpeft.tuners._peft_registry import get_submodules
 from vlpeft.tuners.p_adapter.attention import PAdapterAttention
 from vlpeft.tuners.p_adapter.config import PAdapterConfig
@@ -113,27 +112,35 @@ class PAdapterModel(BaseTuner):
             peft_config.targets_resolved = True
         return peft_config
 
-    def _position_of(self, peft_config: PAdapterConfig, key: str, target: nn.Module) -> str:
-        """``"attention"`` or ``"ffn"`` for a matched module."""
-        if peft_config.family and peft_config.targets_resolved:
-            family = family_for(self.model, peft_config.family)
-            try:
-                ffn_regex = family.module_regex("all", ["ffn"], "block")
-            except ValueError:
-                ffn_regex = None
-            if ffn_regex is not None and re.fullmatch(ffn_regex, key):
-                return "ffn"
-            return "attention"
+    def _placement(
+        self, peft_config: PAdapterConfig, key: str, target: nn.Module
+    ) -> tuple[str, AttentionBlockSpec | None]:
+        """``("ffn", None)`` or ``("attention", spec)`` for a matched module: from the model's description where
+        it places the module, else from the module's structure (explicit targets in custom models)."""
+        family = self._description(peft_config)
+        located = family.locate_block(key) if family is not None else None
+        if located is not None:
+            tower, position = located
+            if position == "ffn":
+                return "ffn", None
+            return "attention", spec_from_layout(tower.layer, position == "cross_attn", target, key)
         if isinstance(target, nn.Linear) or type(target).__name__ == "Conv1D":
             raise ValueError(
                 f"target {key!r} is a projection ({type(target).__name__}); p-adapter targets whole attention "
                 "blocks (e.g. '...layer.0.attention', '...layers.0.self_attn') and FFN blocks ('...output', '...mlp')."
             )
         try:
-            describe_attention_block(target, key)
+            return "attention", describe_attention_block(target, key)
         except ValueError:
-            return "ffn"
-        return "attention"
+            return "ffn", None
+
+    def _description(self, peft_config: PAdapterConfig) -> ModelFamily | None:
+        if peft_config.family:
+            return family_for(self.model, peft_config.family)
+        try:
+            return detect_family(self.model)
+        except ValueError:
+            return None
 
     def _create_and_replace(
         self,
@@ -153,12 +160,12 @@ class PAdapterModel(BaseTuner):
                 f"{current_key} is already wrapped by another PEFT method ({type(target).__name__}); p-adapter "
                 "must be applied to the plain attention/FFN block."
             )
-        position = self._position_of(peft_config, current_key, target)
+        position, spec = self._placement(peft_config, current_key, target)
         new_module: PAdapterLayer
         if position == "ffn":
             new_module = PAdapterFFN(target, current_key)
         else:
-            new_module = PAdapterAttention(target, current_key)
+            new_module = PAdapterAttention(target, current_key, spec)
         new_module.update_layer(adapter_name, peft_config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
