@@ -32,6 +32,14 @@ import torch
 from torch import Tensor, nn
 
 from vlpeft.glue.description import VISUAL_FEATURE_OUTPUTS
+from vlpeft.glue.visual_rows import (
+    Captured,
+    MissingVisualFeaturesError,
+    cross_attention_rows,
+    expand_to_batch,
+    placeholder_rows,
+    pool,
+)
 
 POOLINGS: tuple[str, ...] = ("pooler", "cls", "mean", "none")
 FEATURE_OUTPUTS: tuple[str, ...] = VISUAL_FEATURE_OUTPUTS
@@ -47,10 +55,6 @@ __all__ = [
     "find_visual_contexts",
     "provide_visual_features",
 ]
-
-
-class MissingVisualFeaturesError(RuntimeError):
-    """A routed layer ran without visual features for its batch."""
 
 
 @dataclass(frozen=True)
@@ -78,26 +82,8 @@ class VisualSource:
 
 
 @dataclass
-class _Captured:
-    """Features of one source in one frame.
-
-    sequence: (images, m, d), or (samples, m, d) with ``token_mask``; pooled: (images, d) or None;
-    images_per_sample: one count per sample when the images are not one per sample (None: image i belongs to
-    sample i); token_mask: (samples, m) bool marking each sample's real visual tokens when they were gathered per
-    sample (placeholder rows, left-packed and zero-padded); explicit: given by the user.
-    """
-
-    sequence: Tensor | None = None
-    token_mask: Tensor | None = None
-    pooled: Tensor | None = None
-    images_per_sample: list[int] | None = None
-    explicit: bool = False
-    call: int = 0
-
-
-@dataclass
 class _Frame:
-    features: dict[str, _Captured] = field(default_factory=dict)
+    features: dict[str, Captured] = field(default_factory=dict)
     input_ids: Tensor | None = None
     call: int = 0
     cache: dict[tuple[Any, ...], tuple[Tensor, Tensor | None]] = field(default_factory=dict)
@@ -193,7 +179,7 @@ class VisualFeatureContext:
                 f"explicit pooled features must be (batch, d) with batch {features.shape[0]}, got {tuple(pooled.shape)}"
             )
         frame = self.current_frame().child()
-        frame.features[key] = _Captured(sequence=features, pooled=pooled, explicit=True)
+        frame.features[key] = Captured(sequence=features, pooled=pooled, explicit=True)
         self.bind_checkpointing()
         with self.activate(frame):
             yield
@@ -296,7 +282,7 @@ class VisualFeatureContext:
                 f"visual features from {source.module!r} must be (images, m, d) or (images, d), got "
                 f"{tuple(sequence.shape)}"
             )
-        new = _Captured(sequence=sequence, pooled=pooled if isinstance(pooled, Tensor) else None, call=frame.call)
+        new = Captured(sequence=sequence, pooled=pooled if isinstance(pooled, Tensor) else None, call=frame.call)
         new.images_per_sample = self._images_per_sample(frame.input_ids, sequence, source.module)
         same_call = captured is not None and captured.call == frame.call
         if same_call and captured.pooled is not None and new.pooled is None:
@@ -315,41 +301,17 @@ class VisualFeatureContext:
         if captured is not None and captured.explicit:
             return
         if source.output == "cross_attention_states":
-            new = _cross_attention_rows(kwargs, source.module, frame.call)
+            new = cross_attention_rows(kwargs, source.module, frame.call)
             if new is None:
                 return
         else:
             embeds = kwargs.get("inputs_embeds")
-            new = self._placeholder_rows(embeds, frame.input_ids, source.module, frame.call)
+            new = placeholder_rows(embeds, frame.input_ids, self._image_token_id, source.module, frame.call)
             if new is None:
                 return
         frame.features[source.module] = new
         frame.cache.clear()
         self.bind_checkpointing()
-
-    def _placeholder_rows(
-        self, embeds: Any, input_ids: Tensor | None, module: str, call: int
-    ) -> _Captured | None:
-        """Each sample's ``inputs_embeds`` rows at its image placeholder tokens, left-packed and zero-padded to the
-        longest: (samples, m, d) and the (samples, m) mask of real rows; ``None`` without placeholders."""
-        if not isinstance(embeds, Tensor) or embeds.dim() != 3 or input_ids is None or self._image_token_id is None:
-            return None
-        if tuple(input_ids.shape) != tuple(embeds.shape[:2]):
-            raise ValueError(
-                f"cannot find the image placeholder rows of {module!r}: its inputs_embeds are "
-                f"{tuple(embeds.shape[:2])} (batch, length) but the model's input_ids are {tuple(input_ids.shape)}"
-            )
-        is_image = input_ids == self._image_token_id
-        counts = is_image.sum(dim=1)
-        if int(counts.sum()) == 0:
-            return None
-        longest = int(counts.max())
-        # Left-pack each sample's placeholder rows in order: a stable sort puts image positions first.
-        order = torch.sort((~is_image).to(torch.int8), dim=1, stable=True).indices[:, :longest]
-        rows = embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
-        token_mask = torch.arange(longest, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
-        rows = rows * token_mask.unsqueeze(-1).to(rows.dtype)
-        return _Captured(sequence=rows, token_mask=token_mask, call=call)
 
     def _capture_pooler(self, source: VisualSource, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         frame = self.current_frame()
@@ -357,7 +319,7 @@ class VisualFeatureContext:
         if captured is not None and captured.explicit:
             return
         if captured is None or captured.call != frame.call:
-            captured = frame.features[source.module] = _Captured(call=frame.call)
+            captured = frame.features[source.module] = Captured(call=frame.call)
         pooled = output if isinstance(output, Tensor) else output[0]
         captured.pooled = pooled.reshape(pooled.shape[0], -1) if pooled.dim() != 2 else pooled
         frame.cache.clear()
@@ -428,13 +390,13 @@ class VisualFeatureContext:
         key = (source, pooling, text_batch)
         cached = frame.cache.get(key)
         if cached is None:
-            features, mask = _pool(captured, pooling, source)
+            features, mask = pool(captured, pooling, source)
             if features.shape[-1] != width:
                 raise ValueError(
                     f"routed module {requester!r} has input width {width}, but the visual features from {source!r} "
                     f"have width {features.shape[-1]}; x_R must be in the language model's width"
                 )
-            cached = _expand_to_batch(features, mask, text_batch, requester)
+            cached = expand_to_batch(features, mask, text_batch, requester)
             frame.cache[key] = cached
         return cached
 
@@ -454,120 +416,6 @@ def _frame_binding_checkpoint(context: VisualFeatureContext, inner: Any) -> Any:
     checkpoint_with_visual_frame._vlpeft_context = context  # type: ignore[attr-defined]
     checkpoint_with_visual_frame._vlpeft_inner = inner  # type: ignore[attr-defined]
     return checkpoint_with_visual_frame
-
-
-def _pool(captured: _Captured, pooling: str, source: str) -> tuple[Tensor, Tensor | None]:
-    """Pool per sample: returns (samples, k, d) and an optional (samples, k) mask of real tokens."""
-    if pooling == "pooler":
-        if captured.pooled is None:
-            raise ValueError(
-                f"pooling='pooler' needs a pooled output from {source!r} (or a pooler_module); this model has none. "
-                "Use pooling='cls', 'mean' or 'none'."
-            )
-        if captured.images_per_sample is not None:
-            raise ValueError(
-                "pooling='pooler' is ambiguous with several images per sample; use pooling='mean' or 'none'"
-            )
-        return captured.pooled.unsqueeze(1), None
-    if captured.sequence is None:
-        raise ValueError(f"pooling={pooling!r} needs the feature sequence of {source!r}, but only a pooled output was captured")
-    sequence = captured.sequence
-    if captured.token_mask is not None:
-        return _pool_rows(sequence, captured.token_mask, pooling, source)
-    if captured.images_per_sample is None:
-        if pooling == "cls":
-            return sequence[:, :1], None
-        if pooling == "mean":
-            return sequence.mean(dim=1, keepdim=True), None
-        return sequence, None
-    grouped, mask = _group_by_sample(sequence, captured.images_per_sample, source)
-    if pooling == "cls":
-        return grouped[:, :1], None
-    if pooling == "mean":
-        weights = mask.to(grouped.dtype).unsqueeze(-1)
-        return (grouped * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True), None
-    return grouped, mask
-
-
-def _cross_attention_rows(kwargs: dict[str, Any], module: str, call: int) -> _Captured | None:
-    """x_R from a cross-attending language model's ``cross_attention_states`` ((batch * images * tiles, patches, d)
-    or (batch, m, d)), as (batch, m, d) per sample, with the real rows marked by the 4-D additive
-    ``cross_attention_mask`` (batch, 1, n_text, m) where one is given (padding images and tiles are never
-    attended), over the text rows that ``full_text_row_masked_out_mask`` (batch, 1, n_text, 1) keeps."""
-    states = kwargs.get("cross_attention_states")
-    if not isinstance(states, Tensor):
-        return None
-    mask = kwargs.get("cross_attention_mask")
-    batch = mask.shape[0] if isinstance(mask, Tensor) else states.shape[0]
-    if states.dim() != 3 or states.numel() % (batch * states.shape[-1]):
-        raise ValueError(f"cross_attention_states of {module!r} must be (batch * k, m, d) for a batch of {batch}, "
-                         f"got {tuple(states.shape)}")
-    rows = states.reshape(batch, -1, states.shape[-1])
-    token_mask = None
-    if isinstance(mask, Tensor) and mask.dim() == 4 and mask.shape[-1] == rows.shape[1]:
-        attended = mask == 0 if mask.dtype != torch.bool else mask
-        rows_in_use = kwargs.get("full_text_row_masked_out_mask")
-        if isinstance(rows_in_use, Tensor):  # text rows that see no image are unmasked to all keys, then zeroed
-            attended = attended & rows_in_use.bool()
-        token_mask = attended.any(dim=2).any(dim=1)
-        rows = rows * token_mask.unsqueeze(-1).to(rows.dtype)
-    return _Captured(sequence=rows, token_mask=token_mask, call=call)
-
-
-def _pool_rows(rows: Tensor, token_mask: Tensor, pooling: str, source: str) -> tuple[Tensor, Tensor | None]:
-    """Pool per-sample rows (samples, m, d) with their (samples, m) mask of real tokens (``cls`` takes row 0, which
-    is a real token: placeholder rows are left-packed, and cross-attention states start with the first image)."""
-    counts = token_mask.sum(dim=1)
-    if bool((counts == 0).any()):
-        empty = torch.nonzero(counts == 0).flatten().tolist()
-        raise MissingVisualFeaturesError(
-            f"samples {empty} of the batch have no image, so routed layers have no visual features from "
-            f"{source!r} for them"
-        )
-    if pooling == "cls":
-        return rows[:, :1], None
-    if pooling == "mean":
-        weights = token_mask.to(rows.dtype).unsqueeze(-1)
-        return (rows * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True), None
-    return rows, None if bool(token_mask.all()) else token_mask
-
-
-def _group_by_sample(sequence: Tensor, per_sample: list[int], source: str) -> tuple[Tensor, Tensor]:
-    """(images, m, d) -> (samples, max_images * m, d), zero-padded, and the (samples, max_images * m) mask."""
-    if any(n == 0 for n in per_sample):
-        empty = [i for i, n in enumerate(per_sample) if n == 0]
-        raise MissingVisualFeaturesError(
-            f"samples {empty} of the batch have no image, so routed layers have no visual features from "
-            f"{source!r} for them"
-        )
-    m, d = sequence.shape[1], sequence.shape[2]
-    longest = max(per_sample) * m
-    rows = []
-    masks = []
-    for chunk in torch.split(sequence, per_sample, dim=0):
-        tokens = chunk.reshape(-1, d)
-        pad = longest - tokens.shape[0]
-        rows.append(torch.cat([tokens, tokens.new_zeros(pad, d)]) if pad else tokens)
-        mask = torch.zeros(longest, dtype=torch.bool, device=sequence.device)
-        mask[: tokens.shape[0]] = True
-        masks.append(mask)
-    return torch.stack(rows), torch.stack(masks)
-
-
-def _expand_to_batch(
-    features: Tensor, mask: Tensor | None, text_batch: int, requester: str
-) -> tuple[Tensor, Tensor | None]:
-    samples = features.shape[0]
-    if samples == text_batch:
-        return features, mask
-    if samples > 0 and text_batch % samples == 0:
-        repeats = text_batch // samples
-        expanded_mask = None if mask is None else mask.repeat_interleave(repeats, dim=0)
-        return features.repeat_interleave(repeats, dim=0), expanded_mask
-    raise ValueError(
-        f"routed module {requester!r} sees a batch of {text_batch} rows but the visual features have {samples} "
-        "samples; the text batch must equal the feature batch or be a multiple of it (beam expansion)"
-    )
 
 
 def find_visual_contexts(model: nn.Module) -> list[VisualFeatureContext]:
