@@ -87,6 +87,7 @@ class _Frame:
     input_ids: Tensor | None = None
     call: int = 0
     cache: dict[tuple[Any, ...], tuple[Tensor, Tensor | None]] = field(default_factory=dict)
+    pooled: dict[tuple[str, str], tuple[Tensor, Tensor | None]] = field(default_factory=dict)
 
     def child(self) -> _Frame:
         """A new frame for a nested scope; explicitly provided features are inherited."""
@@ -102,6 +103,7 @@ class VisualFeatureContext:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._checkpoint_modules: list[nn.Module] = []
         self._image_token_id: int | None = None
+        self._poolings: dict[str, set[str]] = {}
 
     # ----------------------------------------------------------------------------------------- copying
     def __deepcopy__(self, memo: dict[int, Any]) -> VisualFeatureContext:
@@ -114,15 +116,18 @@ class VisualFeatureContext:
         memo[id(self)] = new
         new._sources = dict(self._sources)
         new._image_token_id = self._image_token_id
+        new._poolings = {k: set(v) for k, v in self._poolings.items()}
         return new
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"sources": dict(self._sources), "image_token_id": self._image_token_id}
+        return {"sources": dict(self._sources), "image_token_id": self._image_token_id,
+                "poolings": {k: set(v) for k, v in self._poolings.items()}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()
         self._sources = state["sources"]
         self._image_token_id = state["image_token_id"]
+        self._poolings = state.get("poolings", {})
 
     # ---------------------------------------------------------------------------------------- frames
     def _stack(self) -> list[_Frame]:
@@ -180,6 +185,7 @@ class VisualFeatureContext:
             )
         frame = self.current_frame().child()
         frame.features[key] = Captured(sequence=features, pooled=pooled, explicit=True)
+        self._features_changed(frame, key)
         self.bind_checkpointing()
         with self.activate(frame):
             yield
@@ -288,7 +294,7 @@ class VisualFeatureContext:
         if same_call and captured.pooled is not None and new.pooled is None:
             new.pooled = captured.pooled
         frame.features[source.module] = new
-        frame.cache.clear()
+        self._features_changed(frame, source.module)
         self.bind_checkpointing()
 
     def _capture_language_input(
@@ -310,7 +316,7 @@ class VisualFeatureContext:
             if new is None:
                 return
         frame.features[source.module] = new
-        frame.cache.clear()
+        self._features_changed(frame, source.module)
         self.bind_checkpointing()
 
     def _capture_pooler(self, source: VisualSource, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -322,7 +328,27 @@ class VisualFeatureContext:
             captured = frame.features[source.module] = Captured(call=frame.call)
         pooled = output if isinstance(output, Tensor) else output[0]
         captured.pooled = pooled.reshape(pooled.shape[0], -1) if pooled.dim() != 2 else pooled
+        self._features_changed(frame, source.module)
+
+    def request(self, source: str, pooling: str) -> None:
+        """Declare that a routed layer reads ``source`` with ``pooling``: it is then pooled as soon as the features
+        are captured, outside any checkpointed layer, so that recomputation sees the same operations."""
+        self._poolings.setdefault(source, set()).add(pooling)
+
+    def _features_changed(self, frame: _Frame, source: str) -> None:
+        """Drop derived features of ``source`` and pool the new ones for every requested pooling (errors, such as
+        a sample without images, surface when a routed layer asks)."""
         frame.cache.clear()
+        for key in [k for k in frame.pooled if k[0] == source]:
+            del frame.pooled[key]
+        captured = frame.features[source]
+        for pooling in self._poolings.get(source, ()):
+            if pooling == "pooler" or captured.sequence is None:
+                continue
+            try:
+                frame.pooled[(source, pooling)] = pool(captured, pooling, source)
+            except (ValueError, MissingVisualFeaturesError):
+                continue
 
     def _images_per_sample(self, input_ids: Tensor | None, sequence: Tensor, module: str) -> list[int] | None:
         """Map images to samples through the image placeholder tokens of this forward's ``input_ids``.
@@ -390,7 +416,7 @@ class VisualFeatureContext:
         key = (source, pooling, text_batch)
         cached = frame.cache.get(key)
         if cached is None:
-            features, mask = pool(captured, pooling, source)
+            features, mask = frame.pooled.get((source, pooling)) or pool(captured, pooling, source)
             if features.shape[-1] != width:
                 raise ValueError(
                     f"routed module {requester!r} has input width {width}, but the visual features from {source!r} "

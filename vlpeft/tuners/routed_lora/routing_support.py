@@ -170,6 +170,7 @@ class RoutingTunerMixin:
             return None
         source = visual_source(config, model)
         self.visual_context.attach(model, source, image_token_id=image_token_id(model))
+        self.visual_context.request(source.module, config.pooling)
         return source
 
     @contextlib.contextmanager
