@@ -2,58 +2,35 @@
 
 from __future__ import annotations
 
-import pytest
+import _twin_checks as checks
 import torch
 
 from vlpeft.testing.twins import Twin, build_twin
 
 NAMES = ("gemma3", "mistral3")
 
-
-@pytest.fixture(params=NAMES)
-def twin(request: pytest.FixtureRequest) -> Twin:
-    return build_twin(request.param)
-
-
-def _image_token_counts(twin: Twin, batch: dict[str, torch.Tensor]) -> list[int]:
-    image_token_id = twin.model.config.image_token_id
-    return (batch["input_ids"] == image_token_id).sum(dim=1).tolist()
+twin = checks.twin_fixture(NAMES)
 
 
 def test_batch_gives_finite_loss_and_embedding_gradient(twin: Twin) -> None:
     batch = twin.batch(twin.samples((1, 2)))
     assert (batch["labels"] != -100).any(dim=1).all()
-    loss = twin.model(**batch).loss
-    assert torch.isfinite(loss)
-    loss.backward()
-    grad = twin.model.get_input_embeddings().weight.grad
-    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    checks.check_loss_and_embedding_gradient(twin, batch)
 
 
 def test_placeholder_counts_follow_the_images(twin: Twin) -> None:
-    one, two = _image_token_counts(twin, twin.batch(twin.samples((1, 2))))
+    one, two = checks.image_token_counts(twin, twin.batch(twin.samples((1, 2))))
     assert two > one
     if twin.spec.name == "gemma3":  # a fixed mm_tokens_per_image per image, whatever its size
         assert (one, two) == (4, 8)
 
 
 def test_generate_with_and_without_cache_agree(twin: Twin) -> None:
-    twin.model.eval()
-    inputs = twin.generation_batch(twin.samples((1, 2)))
-    cached = twin.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    uncached = twin.model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
-    assert cached.shape == (2, inputs["input_ids"].shape[1] + 4)
-    assert torch.equal(cached, uncached)
+    checks.check_generation_with_and_without_cache(twin, twin.generation_batch(twin.samples((1, 2))))
 
 
 def test_outputs_depend_on_the_images(twin: Twin) -> None:
-    twin.model.eval()
-    batch = twin.batch(twin.samples((1, 2)), with_labels=False)
-    with torch.no_grad():
-        logits = twin.model(**batch).logits
-        other = dict(batch, pixel_values=torch.flip(batch["pixel_values"], dims=[-1]))
-        changed = twin.model(**other).logits
-    assert (logits - changed).abs().max() > 1e-3
+    checks.check_outputs_depend_on_flipped_images(twin)
 
 
 def test_chat_format(twin: Twin) -> None:
@@ -109,7 +86,7 @@ def test_mistral3_image_size_sets_the_placeholder_grid() -> None:
     sizes = [s.images[0].size for s in samples]
     assert sizes[0] != sizes[1]
     batch = twin.batch(samples)
-    counts = _image_token_counts(twin, batch)
+    counts = checks.image_token_counts(twin, batch)
     assert counts[0] != counts[1]
     # one [IMG] per merged 2x2 patch group, rows closed by [IMG_BREAK], the last by [IMG_END]
     step = twin.processor.patch_size * twin.processor.spatial_merge_size

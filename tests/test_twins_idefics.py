@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
+import _twin_checks as checks
 import torch
 
-from vlpeft.testing.twins import Twin, build_twin, tiny_image
+from vlpeft.testing.twins import Twin, tiny_image
 from vlpeft.testing.twins import idefics3 as idefics3_twin
 from vlpeft.testing.twins import smolvlm as smolvlm_twin
 from vlpeft.testing.twins.base import Sample
@@ -13,58 +13,34 @@ from vlpeft.testing.twins.base import Sample
 MODULES = {"idefics3": idefics3_twin, "smolvlm": smolvlm_twin}
 BOS = {"idefics3": "<|begin_of_text|>", "smolvlm": "<|im_start|>"}
 
-
-@pytest.fixture(scope="module", params=sorted(MODULES))
-def twin(request: pytest.FixtureRequest) -> Twin:
-    return build_twin(request.param)
-
-
-def _image_tokens(twin: Twin, input_ids: torch.Tensor) -> list[int]:
-    return (input_ids == twin.model.config.image_token_id).sum(dim=1).tolist()
-
-
-def _generate(twin: Twin, batch: dict[str, torch.Tensor], **kwargs: object) -> torch.Tensor:
-    # A random twin may emit the image placeholder; without the cache its pixels are passed again at every step and
-    # the extra placeholder has no features. Real checkpoints do not generate it.
-    return twin.model.generate(**batch, max_new_tokens=4, do_sample=False,
-                               suppress_tokens=[twin.model.config.image_token_id], **kwargs)
+twin = checks.twin_fixture(sorted(MODULES), scope="module")
 
 
 def test_batch_of_one_and_two_images_trains(twin: Twin) -> None:
     batch = twin.batch(twin.samples((1, 2)))
-    twin.model.zero_grad()
-    loss = twin.model(**batch).loss
-    assert torch.isfinite(loss)
-    loss.backward()
-    grad = twin.model.get_input_embeddings().weight.grad
-    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    checks.check_loss_and_embedding_gradient(twin, batch)
     assert (batch["labels"] != -100).any()
 
 
 def test_image_tokens_differ_with_image_count_and_size(twin: Twin) -> None:
-    one, two = _image_tokens(twin, twin.batch(twin.samples((1, 2)))["input_ids"])
+    one, two = checks.image_token_counts(twin, twin.batch(twin.samples((1, 2))))
     assert one < two
-    small, large = _image_tokens(twin, twin.batch(twin.samples((1, 1)))["input_ids"])
+    small, large = checks.image_token_counts(twin, twin.batch(twin.samples((1, 1))))
     assert small < large
 
 
 def test_generation_with_and_without_cache(twin: Twin) -> None:
-    twin.model.eval()
-    batch = twin.generation_batch(twin.samples((1, 2)))
-    with torch.no_grad():
-        cached = _generate(twin, batch)
-        uncached = _generate(twin, batch, use_cache=False)
-    assert cached.shape == (2, batch["input_ids"].shape[1] + 4)
-    assert torch.equal(cached, uncached)
+    # A random twin may emit the image placeholder; without the cache its pixels are passed again at every step and
+    # the extra placeholder has no features. Real checkpoints do not generate it.
+    checks.check_generation_with_and_without_cache(twin, twin.generation_batch(twin.samples((1, 2))),
+                                                   suppress_tokens=[twin.model.config.image_token_id])
 
 
 def test_outputs_depend_on_images(twin: Twin) -> None:
     twin.model.eval()
     batch = twin.batch(twin.samples((1, 2)), with_labels=False)
-    with torch.no_grad():
-        logits = twin.model(**batch).logits
-        # Negating keeps the all-zero padding images (which the model drops) all-zero.
-        changed = twin.model(**{**batch, "pixel_values": -batch["pixel_values"]}).logits
+    # Negating keeps the all-zero padding images (which the model drops) all-zero.
+    logits, changed = checks.logits_with_other_pixels(twin, batch, torch.neg)
     assert not torch.allclose(logits, changed)
 
 
@@ -78,7 +54,7 @@ def test_tiles_plus_global_image_and_pixel_layout(twin: Twin) -> None:
     ids = batch["input_ids"]
 
     # A tile-sized image is only the global image; a 2x2-tile image is 4 tiles plus the global image.
-    assert _image_tokens(twin, ids) == [per_tile, 5 * per_tile]
+    assert checks.image_token_counts(twin, batch) == [per_tile, 5 * per_tile]
     row_col = tokenizer.convert_tokens_to_ids([f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)])
     fake, global_img = tokenizer.convert_tokens_to_ids(["<fake_token_around_image>", "<global-img>"])
     for i, tiles in enumerate((0, 4)):

@@ -3,7 +3,7 @@ tiles, and placeholder counts equal to the model's image features per sample."""
 
 from __future__ import annotations
 
-import pytest
+import _twin_checks as checks
 import torch
 from PIL import Image
 
@@ -17,14 +17,7 @@ SMALL_LARGE = {
     "internvl": ((16, 16), (32, 32)),
 }
 
-
-@pytest.fixture(params=NAMES)
-def twin(request: pytest.FixtureRequest) -> Twin:
-    return build_twin(request.param)
-
-
-def _image_token_counts(twin: Twin, batch: dict[str, torch.Tensor]) -> list[int]:
-    return (batch["input_ids"] == twin.model.config.image_token_id).sum(dim=1).tolist()
+twin = checks.twin_fixture(NAMES)
 
 
 def _tiles(twin: Twin, image: Image.Image) -> int:
@@ -63,11 +56,7 @@ def test_batch_gives_finite_loss_and_embedding_gradient(twin: Twin) -> None:
     # right padding: each row's labels end where its attention mask ends
     last = batch["attention_mask"].sum(dim=1) - 1
     assert (batch["labels"].gather(1, last[:, None]) != -100).all()
-    loss = twin.model(**batch).loss
-    assert torch.isfinite(loss)
-    loss.backward()
-    grad = twin.model.get_input_embeddings().weight.grad
-    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    checks.check_loss_and_embedding_gradient(twin, batch)
 
 
 def test_grouped_query_attention(twin: Twin) -> None:
@@ -78,41 +67,30 @@ def test_grouped_query_attention(twin: Twin) -> None:
 
 
 def test_placeholder_counts_follow_the_images(twin: Twin) -> None:
-    one, two = _image_token_counts(twin, twin.batch(twin.samples((1, 2))))
+    one, two = checks.image_token_counts(twin, twin.batch(twin.samples((1, 2))))
     assert one != two
     small, large = (tiny_image(w, h, seed=i) for i, (w, h) in enumerate(SMALL_LARGE[twin.spec.name]))
     assert _tiles(twin, large) > _tiles(twin, small)
     samples = [Sample((small,), "what is this ?", "a square"), Sample((large,), "what is this ?", "a square")]
-    few, many = _image_token_counts(twin, twin.batch(samples))
+    few, many = checks.image_token_counts(twin, twin.batch(samples))
     assert many > few
 
 
 def test_generate_with_and_without_cache_agree(twin: Twin) -> None:
-    twin.model.eval()
     inputs = twin.generation_batch(twin.samples((1, 2)))
     assert (inputs["attention_mask"][:, -1] == 1).all()  # left padding
-    with torch.no_grad():
-        cached = twin.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        uncached = twin.model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
-    assert cached.shape == (2, inputs["input_ids"].shape[1] + 4)
-    assert torch.equal(cached, uncached)
+    checks.check_generation_with_and_without_cache(twin, inputs)
 
 
 def test_outputs_depend_on_the_images(twin: Twin) -> None:
-    twin.model.eval()
-    batch = twin.batch(twin.samples((1, 2)), with_labels=False)
-    with torch.no_grad():
-        logits = twin.model(**batch).logits
-        other = dict(batch, pixel_values=torch.flip(batch["pixel_values"], dims=[-1]))
-        changed = twin.model(**other).logits
-    assert (logits - changed).abs().max() > 1e-3
+    checks.check_outputs_depend_on_flipped_images(twin)
 
 
 def test_placeholder_counts_equal_image_features_per_sample(twin: Twin) -> None:
     for counts in ((1, 2), (2, 1)):
         samples = twin.samples(counts)
         batch = twin.batch(samples, with_labels=False)
-        assert _image_token_counts(twin, batch) == _feature_counts(twin, batch, samples)
+        assert checks.image_token_counts(twin, batch) == _feature_counts(twin, batch, samples)
 
 
 def test_chat_format(twin: Twin) -> None:
@@ -135,7 +113,7 @@ def test_llava_next_tiles_are_unpadded_with_a_newline_per_row() -> None:
     image = tiny_image(16, 16, seed=0)  # square into a 1x2 pinpoint (2x4 patches): half of it is padding
     batch = twin.batch([Sample((image,), "what is this ?", "a square")], with_labels=False)
     # base view 2x2 + unpadded grid 2x2 + one newline for each of its 2 rows
-    assert _image_token_counts(twin, batch) == [4 + 2 * 2 + 2]
+    assert checks.image_token_counts(twin, batch) == [4 + 2 * 2 + 2]
     assert batch["pixel_values"].shape[1] == 3  # base view + 2 tiles
 
 
@@ -144,7 +122,7 @@ def test_llava_onevision_single_image_tiles_multi_image_one_view_each() -> None:
     per_view = twin.processor.num_image_tokens + 1  # one view and its newline
     batch = twin.batch(twin.samples((1, 2)), with_labels=False)
     assert batch["batch_num_images"].tolist() == [1, 2]
-    single, multi = _image_token_counts(twin, batch)
+    single, multi = checks.image_token_counts(twin, batch)
     assert multi == 2 * per_view
     # 48x48 alone: a 3x3 grid (6x6 features) shrunk below anyres_max_4 to 4x4, a newline per row, the base view
     assert single == 4 * 4 + 4 + per_view - 1

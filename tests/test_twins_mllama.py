@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _twin_checks as checks
 import pytest
 import torch
 from transformers.models.mllama.modeling_mllama import (
@@ -22,22 +23,15 @@ def _image_token_id(twin: Twin) -> int:
     return twin.model.config.image_token_id
 
 
-def _other_pixels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    changed = dict(batch)
+def _other_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
-    changed["pixel_values"] = batch["pixel_values"] + torch.randn(batch["pixel_values"].shape, generator=generator)
-    return changed
+    return pixel_values + torch.randn(pixel_values.shape, generator=generator)
 
 
 def test_loss_and_embedding_gradient(twin: Twin) -> None:
     batch = twin.batch(twin.samples((1, 2)))
     assert batch["pixel_values"].shape[:3] == (2, 2, 4)  # (batch, images, tiles)
-    twin.model.zero_grad()
-    loss = twin.model(**batch).loss
-    assert torch.isfinite(loss)
-    loss.backward()
-    grad = twin.model.get_input_embeddings().weight.grad
-    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    checks.check_loss_and_embedding_gradient(twin, batch)
     twin.model.zero_grad()
 
 
@@ -57,21 +51,12 @@ def test_generate_with_and_without_cache(twin: Twin) -> None:
     samples = twin.samples((1, 2))
     inputs = twin.generation_batch(samples)
     assert (inputs["attention_mask"][:, 0] == 0).any()  # left-padded: the prompts differ in length
-    twin.model.eval()
-    try:
-        cached = twin.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        uncached = twin.model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
-    finally:
-        twin.model.train()
-    assert cached.shape == (2, inputs["input_ids"].shape[1] + 4)
-    assert torch.equal(cached, uncached)
+    checks.check_generation_with_and_without_cache(twin, inputs)
 
 
 def test_logits_depend_on_the_images(twin: Twin) -> None:
     batch = twin.batch(twin.samples((1, 2)), with_labels=False)
-    with torch.no_grad():
-        logits = twin.model(**batch).logits
-        other = twin.model(**_other_pixels(batch)).logits
+    logits, other = checks.logits_with_other_pixels(twin, batch, _other_pixels)
     last = batch["attention_mask"].sum(dim=1) - 1
     rows = torch.arange(2)
     assert not torch.allclose(logits[rows, last], other[rows, last])
@@ -102,7 +87,7 @@ def test_cross_attention_layers_see_the_image_and_only_they_do(twin: Twin) -> No
     try:
         with torch.no_grad():
             twin.model(**batch)
-            twin.model(**_other_pixels(batch))
+            twin.model(**dict(batch, pixel_values=_other_pixels(batch["pixel_values"])))
     finally:
         for handle in handles:
             handle.remove()

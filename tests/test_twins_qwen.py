@@ -3,6 +3,7 @@ and generation, image dependence, dynamic-resolution grids, M-RoPE, windowed vis
 
 from __future__ import annotations
 
+import _twin_checks as checks
 import pytest
 import torch
 from transformers.vision_utils import get_vision_window_index
@@ -12,23 +13,11 @@ from vlpeft.testing.twins._qwen import MERGE, PATCH
 
 QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
-
-def _image_tokens(twin: Twin, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return batch["input_ids"] == twin.model.config.image_token_id
-
-
-@pytest.fixture(params=QWEN)
-def twin(request: pytest.FixtureRequest) -> Twin:
-    return build_twin(request.param)
+twin = checks.twin_fixture(QWEN)
 
 
 def test_training_step_gives_finite_loss_and_embedding_gradient(twin: Twin) -> None:
-    batch = twin.batch(twin.samples((1, 2)))
-    loss = twin.model(**batch).loss
-    assert torch.isfinite(loss)
-    loss.backward()
-    grad = twin.model.get_input_embeddings().weight.grad
-    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    checks.check_loss_and_embedding_gradient(twin, twin.batch(twin.samples((1, 2))))
 
 
 @pytest.mark.parametrize("images_per_sample", [(1, 2), (1, 1)])
@@ -36,7 +25,7 @@ def test_placeholder_count_follows_number_and_size_of_images(twin: Twin, images_
     # (1, 1): one image each, 32x32 and 48x32 -> 16 and 24 placeholders
     samples = twin.samples(images_per_sample)
     batch = twin.batch(samples)
-    counts = _image_tokens(twin, batch).sum(dim=1)
+    counts = checks.image_token_mask(twin, batch).sum(dim=1)
     assert counts[0] != counts[1]
     grids = iter(batch["image_grid_thw"])
     expected = [sum(int(next(grids).prod()) // MERGE**2 for _ in s.images) for s in samples]
@@ -44,21 +33,13 @@ def test_placeholder_count_follows_number_and_size_of_images(twin: Twin, images_
 
 
 def test_generate_with_and_without_cache_agree(twin: Twin) -> None:
-    inputs = twin.generation_batch(twin.samples((1, 2)))
-    with torch.no_grad():
-        cached = twin.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        uncached = twin.model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
-    assert cached.shape == (2, inputs["input_ids"].shape[1] + 4)
-    assert torch.equal(cached, uncached)
+    checks.check_generation_with_and_without_cache(twin, twin.generation_batch(twin.samples((1, 2))))
 
 
 def test_logits_depend_on_pixels(twin: Twin) -> None:
     batch = twin.batch(twin.samples((1, 2)), with_labels=False)
-    changed = dict(batch, pixel_values=torch.randn_like(batch["pixel_values"]))
-    with torch.no_grad():
-        logits = twin.model(**batch).logits
-        other = twin.model(**changed).logits
-    text = batch["attention_mask"].bool() & ~_image_tokens(twin, batch)
+    logits, other = checks.logits_with_other_pixels(twin, batch, torch.randn_like)
+    text = batch["attention_mask"].bool() & ~checks.image_token_mask(twin, batch)
     assert not torch.allclose(logits[text], other[text], atol=1e-4)
 
 
@@ -76,7 +57,7 @@ def test_image_grid_matches_image_sizes(twin: Twin) -> None:
 
 def test_mrope_positions_are_3d_on_image_tokens_and_used_by_the_model(twin: Twin) -> None:
     batch = twin.batch(twin.samples((1, 2)), with_labels=False)
-    image = _image_tokens(twin, batch)
+    image = checks.image_token_mask(twin, batch)
     # the processor marks exactly the image placeholders; the model needs the marks for M-RoPE
     assert torch.equal(batch["mm_token_type_ids"].bool(), image)
     positions, deltas = twin.model.model.get_rope_index(

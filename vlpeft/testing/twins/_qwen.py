@@ -1,5 +1,6 @@
 """What the Qwen-VL twins (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``) share: Qwen's special tokens, tokenizer, chat
-template and tiny dynamic-resolution image processor.
+template, tiny dynamic-resolution image processor, the config pieces around each twin's own vision tower and LM
+sizes (:func:`qwen_config`), and the image-only processor assembly (:func:`qwen_processor`).
 
 The real checkpoints place these tokens at ids 151643-151656 in this order (with the box / object-reference tokens
 between them); here they sit at ids 0-7, then the word-level tokenizer's ``<unk>`` (8). Every
@@ -9,10 +10,15 @@ number of placeholders follows the image's size (``image_grid_thw``).
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
+from typing import Any, TypeVar
+
+from transformers import PretrainedConfig, PreTrainedTokenizerFast, ProcessorMixin, Qwen2VLImageProcessorPil
 
 from vlpeft.testing.twins.base import build_chat_tokenizer, chat_template
 from vlpeft.testing.twins.sizes import TINY_TEXT
+
+ConfigT = TypeVar("ConfigT", bound=PretrainedConfig)
+ProcessorT = TypeVar("ProcessorT", bound=ProcessorMixin)
 
 #: Qwen's special tokens in their hub order (``<|endoftext|>`` is the pad token, ``<|im_end|>`` ends turns).
 SPECIAL: tuple[str, ...] = (
@@ -44,6 +50,8 @@ MIN_PIXELS, MAX_PIXELS = 16 * 16, 64 * 64
 IMAGE_SIZES: tuple[tuple[int, int], ...] = ((32, 32), (48, 32), (24, 40))
 #: M-RoPE: how the head_dim / 2 = 4 rotary frequencies are split over (temporal, height, width) positions.
 MROPE_SECTION = [2, 1, 1]
+#: LM sizes of the Qwen2 LM (Qwen2-VL, Qwen2.5-VL): no ``head_dim`` field, it is hidden_size / heads = 8.
+QWEN2_TEXT: dict[str, int] = {key: value for key, value in TINY_TEXT.items() if key != "head_dim"}
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -65,3 +73,34 @@ def build_image_processor(*, mean_std: float | None = None) -> Qwen2VLImageProce
         size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}, patch_size=PATCH, merge_size=MERGE,
         temporal_patch_size=TEMPORAL_PATCH, **stats,
     )
+
+
+def qwen_config(
+    config_class: type[ConfigT],
+    *,
+    vision: dict[str, Any],
+    text: dict[str, int],
+    rope_theta: float,
+    interleaved: bool = False,
+) -> ConfigT:
+    """A ``Qwen*VLConfig`` of class ``config_class``: the vision tower ``vision`` with the tiny patching (PATCH,
+    MERGE, TEMPORAL_PATCH), the LM sizes ``text`` with Qwen's token ids and M-RoPE over MROPE_SECTION (base
+    ``rope_theta``; ``interleaved`` frequencies as Qwen3-VL), tied embeddings."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": MROPE_SECTION}
+    if interleaved:
+        rope["mrope_interleaved"] = True
+    return config_class(
+        vision_config={
+            **vision, "patch_size": PATCH, "spatial_merge_size": MERGE, "temporal_patch_size": TEMPORAL_PATCH,
+        },
+        text_config={**text, **TOKEN_IDS, "tie_word_embeddings": True, "rope_parameters": rope},
+        **VISION_TOKEN_IDS,
+        tie_word_embeddings=True,
+    )
+
+
+def qwen_processor(processor_class: type[ProcessorT], *, mean_std: float | None = None) -> ProcessorT:
+    """The offline processor: ``processor_class`` (the family's image-only processor) over :func:`build_tokenizer`
+    and :func:`build_image_processor` (``mean_std`` as there), with the tokenizer's chat template."""
+    tokenizer = build_tokenizer()
+    return processor_class(build_image_processor(mean_std=mean_std), tokenizer, chat_template=tokenizer.chat_template)

@@ -25,15 +25,17 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from torch import nn
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 __all__ = [
     "CHAT_WORDS",
+    "ImageOnlyProcessorMixin",
     "Sample",
     "Twin",
     "TwinSpec",
     "build_chat_tokenizer",
     "chat_template",
+    "suppress_image_token",
     "tiny_image",
 ]
 
@@ -164,6 +166,28 @@ def chat_template(
         "{% endfor %}"
         f"{{% if add_generation_prompt %}}{turn_start}{generation_role}\n{{% endif %}}"
     )
+
+
+class ImageOnlyProcessorMixin:
+    """Put first in the bases of a processor class with a video slot: the subclass handles images and text only.
+
+    The video processor is ``None`` (the families' video processor classes need torchvision), and the constructor
+    declares only the image processor and the tokenizer (transformers reads a processor's sub-processors from its
+    ``__init__`` signature); every other keyword argument goes to the family's processor.
+    """
+
+    def __init__(self, image_processor: Any = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 **kwargs: Any) -> None:
+        # the next class in the MRO is the family's processor
+        super().__init__(  # type: ignore[call-arg]
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **kwargs
+        )
+
+
+def suppress_image_token(model: nn.Module) -> None:
+    """Keep the random model from generating its image placeholder (an ``adjust_model``): a generated placeholder
+    would be one token more than the image features on an uncached re-run."""
+    model.generation_config.suppress_tokens = [model.config.image_token_id]
 
 
 def tiny_image(width: int, height: int, seed: int) -> Image.Image:

@@ -15,7 +15,13 @@ from transformers import (
     Gemma3Processor,
 )
 
-from vlpeft.testing.twins.base import CHAT_WORDS, TwinSpec, build_chat_tokenizer, chat_template
+from vlpeft.testing.twins.base import (
+    CHAT_WORDS,
+    TwinSpec,
+    build_chat_tokenizer,
+    chat_template,
+    suppress_image_token,
+)
 from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
 
 # Gemma's own order for the first four (<pad>=0, <eos>=1, <bos>=2, <unk>=3), then the chat and image tokens.
@@ -60,8 +66,7 @@ def adjust_model(model: Gemma3ForConditionalGeneration) -> None:
     weight = model.model.multi_modal_projector.mm_input_projection_weight
     with torch.no_grad():
         weight.normal_(std=model.config.text_config.initializer_range)
-    # a generated placeholder would be one token more than the image features on an uncached re-run
-    model.generation_config.suppress_tokens = [model.config.image_token_id]
+    suppress_image_token(model)
 
 
 def build_processor() -> Gemma3Processor:

@@ -9,17 +9,14 @@ The video processor class needs torchvision, so the processor is :class:`InternV
 
 from __future__ import annotations
 
-from typing import Any
-
 from transformers import (
     GotOcr2ImageProcessorPil,
     InternVLConfig,
     InternVLForConditionalGeneration,
     InternVLProcessor,
-    PreTrainedTokenizerBase,
 )
 
-from vlpeft.testing.twins.base import TwinSpec, build_chat_tokenizer, chat_template
+from vlpeft.testing.twins.base import ImageOnlyProcessorMixin, TwinSpec, build_chat_tokenizer, chat_template
 from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
 
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<unk>")
@@ -30,12 +27,8 @@ IMAGE_SEQ_LENGTH = int((IMAGE_SIZE // PATCH * DOWNSAMPLE) ** 2)
 MAX_PATCHES = 4
 
 
-class ImageOnlyInternVLProcessor(InternVLProcessor):
+class ImageOnlyInternVLProcessor(ImageOnlyProcessorMixin, InternVLProcessor):
     """:class:`InternVLProcessor` without the video processor slot (whose class needs torchvision)."""
-
-    def __init__(self, image_processor: Any = None, tokenizer: PreTrainedTokenizerBase | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **kwargs)
 
 
 def build_config() -> InternVLConfig:

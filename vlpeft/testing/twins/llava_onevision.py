@@ -8,17 +8,14 @@ slot (:class:`ImageOnlyLlavaOnevisionProcessor`); ``<video>`` stays in the vocab
 
 from __future__ import annotations
 
-from typing import Any
-
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessorPil,
     LlavaOnevisionProcessor,
-    PreTrainedTokenizerBase,
 )
 
-from vlpeft.testing.twins.base import TwinSpec, build_chat_tokenizer, chat_template
+from vlpeft.testing.twins.base import ImageOnlyProcessorMixin, TwinSpec, build_chat_tokenizer, chat_template
 from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
 
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "<unk>")
@@ -31,12 +28,8 @@ PINPOINTS = [[IMAGE_SIZE * rows, IMAGE_SIZE * cols] for rows in (1, 2, 3) for co
 ASPECT_RATIO = "anyres_max_4"
 
 
-class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
+class ImageOnlyLlavaOnevisionProcessor(ImageOnlyProcessorMixin, LlavaOnevisionProcessor):
     """:class:`LlavaOnevisionProcessor` without the video processor slot (whose class needs torchvision)."""
-
-    def __init__(self, image_processor: Any = None, tokenizer: PreTrainedTokenizerBase | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **kwargs)
 
 
 def build_config() -> LlavaOnevisionConfig:

@@ -4,7 +4,7 @@
 ``PixtralProcessor``'s module imports a size helper from the torchvision image processor at import time, so without
 torchvision the class is only a placeholder; :func:`_pixtral_processor_class` imports the real module with that one
 helper taken from the PIL image processor module (the same computation) for the duration of the import.
-:func:`adjust_model` keeps the random model from generating ``[IMG]``.
+:func:`~vlpeft.testing.twins.base.suppress_image_token` keeps the random model from generating ``[IMG]``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessorPil
 from transformers.models.pixtral import image_processing_pil_pixtral
 
-from vlpeft.testing.twins.base import TwinSpec, build_chat_tokenizer
+from vlpeft.testing.twins.base import TwinSpec, build_chat_tokenizer, suppress_image_token
 from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
 
 # The Tekken tokenizer's control tokens at their real ids ([IMG] = 10 as Mistral3Config's default, <pad> = 11).
@@ -78,11 +78,6 @@ def build_config() -> Mistral3Config:
     )
 
 
-def adjust_model(model: Mistral3ForConditionalGeneration) -> None:
-    # a generated placeholder would be one token more than the image features on an uncached re-run
-    model.generation_config.suppress_tokens = [model.config.image_token_id]
-
-
 def build_processor() -> Any:
     tokenizer = build_chat_tokenizer(
         SPECIAL, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
@@ -102,6 +97,6 @@ SPEC = TwinSpec(
     build_config=build_config,
     model_class=Mistral3ForConditionalGeneration,
     build_processor=build_processor,
-    adjust_model=adjust_model,
+    adjust_model=suppress_image_token,
     image_sizes=((16, 16), (48, 32)),
 )

@@ -3,31 +3,16 @@ attention (windows of 2x2 merged patches, the last vision block attending over t
 block does in the real tower), SwiGLU vision MLP, grouped-query Qwen2 LM with tied embeddings, ChatML turns.
 
 The processor is ``Qwen2_5_VLProcessor`` without its video slot (its video processor class needs torchvision):
-:class:`Qwen2_5_VLImageOnlyProcessor` passes ``None`` for it and declares only the image processor and tokenizer.
+:class:`Qwen2_5_VLImageOnlyProcessor` passes ``None`` for it and declares only the image processor and tokenizer
+(:class:`~vlpeft.testing.twins.base.ImageOnlyProcessorMixin`).
 """
 
 from __future__ import annotations
 
-from transformers import (
-    PreTrainedTokenizerFast,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-    Qwen2VLImageProcessorPil,
-)
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-from vlpeft.testing.twins._qwen import (
-    IMAGE_SIZES,
-    MERGE,
-    MROPE_SECTION,
-    PATCH,
-    TEMPORAL_PATCH,
-    TOKEN_IDS,
-    VISION_TOKEN_IDS,
-    build_image_processor,
-    build_tokenizer,
-)
-from vlpeft.testing.twins.base import TwinSpec
+from vlpeft.testing.twins._qwen import IMAGE_SIZES, QWEN2_TEXT, qwen_config, qwen_processor
+from vlpeft.testing.twins.base import ImageOnlyProcessorMixin, TwinSpec
 from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
 
 #: Vision attention window side in pixels: 16 // PATCH // MERGE = 2 merged patches (the real 112 gives 4), so a
@@ -35,35 +20,21 @@ from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
 WINDOW_SIZE = 16
 
 
-class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
+class Qwen2_5_VLImageOnlyProcessor(ImageOnlyProcessorMixin, Qwen2_5_VLProcessor):
     """``Qwen2_5_VLProcessor`` for images and text only (no video processor, so no torchvision)."""
-
-    def __init__(self, image_processor: Qwen2VLImageProcessorPil, tokenizer: PreTrainedTokenizerFast,
-                 chat_template: str | None = None) -> None:
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
 
 
 def build_config() -> Qwen2_5_VLConfig:
-    text = {key: value for key, value in TINY_TEXT.items() if key != "head_dim"}  # hidden_size / heads = 8
     depth = TINY_VISION["num_hidden_layers"]
-    return Qwen2_5_VLConfig(
-        vision_config={
-            **TINY_VISION, "hidden_act": "silu", "out_hidden_size": TINY_TEXT["hidden_size"],
-            "patch_size": PATCH, "spatial_merge_size": MERGE, "temporal_patch_size": TEMPORAL_PATCH,
-            "window_size": WINDOW_SIZE, "fullatt_block_indexes": [depth - 1], "tokens_per_second": 2,
-        },
-        text_config={
-            **text, **TOKEN_IDS, "tie_word_embeddings": True,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": MROPE_SECTION},
-        },
-        **VISION_TOKEN_IDS,
-        tie_word_embeddings=True,
-    )
+    vision = {
+        **TINY_VISION, "hidden_act": "silu", "out_hidden_size": TINY_TEXT["hidden_size"],
+        "window_size": WINDOW_SIZE, "fullatt_block_indexes": [depth - 1], "tokens_per_second": 2,
+    }
+    return qwen_config(Qwen2_5_VLConfig, vision=vision, text=QWEN2_TEXT, rope_theta=1_000_000.0)
 
 
 def build_processor() -> Qwen2_5_VLImageOnlyProcessor:
-    tokenizer = build_tokenizer()
-    return Qwen2_5_VLImageOnlyProcessor(build_image_processor(), tokenizer, chat_template=tokenizer.chat_template)
+    return qwen_processor(Qwen2_5_VLImageOnlyProcessor)
 
 
 SPEC = TwinSpec(

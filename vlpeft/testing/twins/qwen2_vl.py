@@ -3,62 +3,33 @@ temporal patches), M-RoPE over (t, h, w) positions from the processor's ``mm_tok
 with tied embeddings, ChatML turns and ``<|vision_start|><|image_pad|><|vision_end|>`` placeholders.
 
 The processor is ``Qwen2VLProcessor`` without its video slot (its video processor class needs torchvision):
-:class:`Qwen2VLImageOnlyProcessor` passes ``None`` for it and declares only the image processor and tokenizer.
+:class:`Qwen2VLImageOnlyProcessor` passes ``None`` for it and declares only the image processor and tokenizer
+(:class:`~vlpeft.testing.twins.base.ImageOnlyProcessorMixin`).
 """
 
 from __future__ import annotations
 
-from transformers import (
-    PreTrainedTokenizerFast,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessorPil,
-    Qwen2VLProcessor,
-)
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
-from vlpeft.testing.twins._qwen import (
-    IMAGE_SIZES,
-    MERGE,
-    MROPE_SECTION,
-    PATCH,
-    TEMPORAL_PATCH,
-    TOKEN_IDS,
-    VISION_TOKEN_IDS,
-    build_image_processor,
-    build_tokenizer,
-)
-from vlpeft.testing.twins.base import TwinSpec
+from vlpeft.testing.twins._qwen import IMAGE_SIZES, QWEN2_TEXT, qwen_config, qwen_processor
+from vlpeft.testing.twins.base import ImageOnlyProcessorMixin, TwinSpec
 from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
 
 
-class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+class Qwen2VLImageOnlyProcessor(ImageOnlyProcessorMixin, Qwen2VLProcessor):
     """``Qwen2VLProcessor`` for images and text only (no video processor, so no torchvision)."""
-
-    def __init__(self, image_processor: Qwen2VLImageProcessorPil, tokenizer: PreTrainedTokenizerFast,
-                 chat_template: str | None = None) -> None:
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
 
 
 def build_config() -> Qwen2VLConfig:
-    text = {key: value for key, value in TINY_TEXT.items() if key != "head_dim"}  # hidden_size / heads = 8
-    return Qwen2VLConfig(
-        vision_config={
-            "depth": TINY_VISION["num_hidden_layers"], "embed_dim": TINY_VISION["hidden_size"],
-            "num_heads": TINY_VISION["num_attention_heads"], "mlp_ratio": 2, "hidden_size": TINY_TEXT["hidden_size"],
-            "patch_size": PATCH, "spatial_merge_size": MERGE, "temporal_patch_size": TEMPORAL_PATCH,
-        },
-        text_config={
-            **text, **TOKEN_IDS, "tie_word_embeddings": True,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": MROPE_SECTION},
-        },
-        **VISION_TOKEN_IDS,
-        tie_word_embeddings=True,
-    )
+    vision = {
+        "depth": TINY_VISION["num_hidden_layers"], "embed_dim": TINY_VISION["hidden_size"],
+        "num_heads": TINY_VISION["num_attention_heads"], "mlp_ratio": 2, "hidden_size": TINY_TEXT["hidden_size"],
+    }
+    return qwen_config(Qwen2VLConfig, vision=vision, text=QWEN2_TEXT, rope_theta=1_000_000.0)
 
 
 def build_processor() -> Qwen2VLImageOnlyProcessor:
-    tokenizer = build_tokenizer()
-    return Qwen2VLImageOnlyProcessor(build_image_processor(), tokenizer, chat_template=tokenizer.chat_template)
+    return qwen_processor(Qwen2VLImageOnlyProcessor)
 
 
 SPEC = TwinSpec(

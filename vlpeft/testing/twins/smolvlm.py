@@ -3,7 +3,8 @@ pixel-shuffle connector (``scale_factor`` 4, as the 256M model), ``pixel_attenti
 ``<|im_start|>User:``/``Assistant:`` chat ending turns with ``<end_of_utterance>``.
 
 Images are split as in :mod:`vlpeft.testing.twins.idefics3` (``do_image_splitting=True``, ``do_resize=False``): a
-tile-sized image is one global image, a larger one tiles plus the global image. The processor is
+tile-sized image is one global image, a larger one tiles plus the global image; the config and processor are
+assembled as Idefics3's (:mod:`vlpeft.testing.twins._idefics`). The processor is
 :class:`SmolVLMImageOnlyProcessor`, ``SmolVLMProcessor`` without its video slot (``SmolVLMVideoProcessor`` needs
 torchvision; the video prompt needs ``num2words``): images and text only.
 """
@@ -21,9 +22,14 @@ from transformers import (
 )
 from transformers.processing_utils import ProcessorMixin
 
-from vlpeft.testing.twins.base import TwinSpec, build_chat_tokenizer
-from vlpeft.testing.twins.idefics3 import ROW_COL_TOKENS, idefics_chat_template
-from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
+from vlpeft.testing.twins._idefics import (
+    ROW_COL_TOKENS,
+    TILE,
+    idefics_config,
+    idefics_processor,
+    tokens_per_tile,
+)
+from vlpeft.testing.twins.base import TwinSpec
 
 __all__ = ["IMAGE_TOKENS_PER_TILE", "SPEC", "SPECIAL", "TILE", "SmolVLMImageOnlyProcessor"]
 
@@ -31,9 +37,10 @@ SPECIAL: tuple[str, ...] = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>",
     "<global-img>", *ROW_COL_TOKENS,
 )
-TILE, PATCH, SCALE = 32, 4, 4
-#: Image tokens per tile (and for the global image): (tile / patch)^2 patches, pixel-shuffled by ``SCALE``^2.
-IMAGE_TOKENS_PER_TILE = (TILE // PATCH) ** 2 // SCALE**2
+PATCH, SCALE = 4, 4
+#: Image tokens per tile (and for the global image): (TILE / PATCH)^2 patches, pixel-shuffled by ``SCALE``^2.
+IMAGE_TOKENS_PER_TILE = tokens_per_tile(PATCH, SCALE)
+PAD, BOS = "<|im_end|>", "<|im_start|>"
 
 #: Named tokens the processor reads from the tokenizer (as the real tokenizer's ``extra_special_tokens``).
 NAMED_TOKENS: dict[str, str] = {
@@ -72,30 +79,13 @@ class SmolVLMImageOnlyProcessor(SmolVLMProcessor):
 
 
 def build_config() -> SmolVLMConfig:
-    return SmolVLMConfig(
-        vision_config={**TINY_VISION, "image_size": TILE, "patch_size": PATCH},
-        text_config={**TINY_TEXT, "model_type": "llama", "pad_token_id": SPECIAL.index("<|im_end|>"),
-                     "bos_token_id": SPECIAL.index("<|im_start|>"),
-                     "eos_token_id": SPECIAL.index("<end_of_utterance>")},
-        scale_factor=SCALE,
-        image_token_id=SPECIAL.index("<image>"),
-        pad_token_id=SPECIAL.index("<|im_end|>"),
-    )
+    return idefics_config(SmolVLMConfig, SPECIAL, pad_token=PAD, bos_token=BOS, patch=PATCH, scale=SCALE)
 
 
 def build_processor() -> SmolVLMImageOnlyProcessor:
-    tokenizer = build_chat_tokenizer(
-        SPECIAL, pad_token="<|im_end|>", bos_token="<|im_start|>", eos_token="<end_of_utterance>",
-        unk_token="<|endoftext|>", extra_special_tokens=NAMED_TOKENS, vocab_size=TINY_TEXT["vocab_size"],
-        chat_template=idefics_chat_template("<|im_start|>"),
-    )
-    image_processor = SmolVLMImageProcessorPil(
-        do_resize=False, size={"longest_edge": 2 * TILE}, do_image_splitting=True,
-        max_image_size={"longest_edge": TILE},
-    )
-    return SmolVLMImageOnlyProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=IMAGE_TOKENS_PER_TILE,
-        chat_template=tokenizer.chat_template,
+    return idefics_processor(
+        SmolVLMImageOnlyProcessor, SmolVLMImageProcessorPil, SPECIAL, pad_token=PAD, bos_token=BOS,
+        unk_token="<|endoftext|>", image_seq_len=IMAGE_TOKENS_PER_TILE, named_tokens=NAMED_TOKENS,
     )
 
 
