@@ -1,9 +1,13 @@
-"""Task data: datasets in the standard formats (VQAv2, SNLI-VE, COCO captions), lazy images, bad-input
-policy, offline tiny processors, and collators producing model inputs per family (as each family's
+"""Task data: datasets in the standard formats (VQAv2, SNLI-VE, COCO captions), chat conversation data
+(LLaVA JSON, messages + images in JSON / JSON Lines / Parquet / save_to_disk) with a chat-template collator, lazy
+images, bad-input policy, offline tiny processors, and collators producing model inputs per family (as each family's
 :class:`~vlpeft.tasks.layouts.InputLayout` states its input conventions)."""
 
 from vlpeft.tasks.bad_input import BAD_INPUT_REASONS, BadInputError, BadInputPolicy
 from vlpeft.tasks.captions import CaptionDataset, CaptionImage
+from vlpeft.tasks.chat_collator import ChatCollator, PromptBatch
+from vlpeft.tasks.chat_data import detect_chat_format, load_chat_dataset, read_chat_records
+from vlpeft.tasks.chat_records import ChatRecord, normalise_chat_record, single_turn_record
 from vlpeft.tasks.collators import (
     GENERATIVE_FAMILIES,
     SEQUENCE_INFO_KEYS,
@@ -34,11 +38,14 @@ __all__ = [
     "CaptionDataset",
     "CaptionGenerativeCollator",
     "CaptionImage",
+    "ChatCollator",
+    "ChatRecord",
     "EntailmentClassificationCollator",
     "EntailmentGenerativeCollator",
     "ImageFolderIndex",
     "ImageTextProcessor",
     "InputLayout",
+    "PromptBatch",
     "SNLIVEDataset",
     "SNLIVERecord",
     "SequenceEncoder",
@@ -49,9 +56,14 @@ __all__ = [
     "basic_answer_normalizer",
     "build_tiny_processor",
     "build_tiny_tokenizer",
+    "detect_chat_format",
     "layout_for",
+    "load_chat_dataset",
     "load_image",
+    "normalise_chat_record",
     "numeric_image_id",
+    "read_chat_records",
+    "single_turn_record",
     "split_model_inputs",
     "vqa_soft_scores",
     "weighted_sequence_loss",

@@ -1,7 +1,8 @@
 """Bad-input handling shared by every task loader.
 
 A loader meets bad input when an image file is missing or cannot be decoded, a record lacks a field or has
-the wrong type, a label/answer is outside the allowed set, or a split holds no records. The
+the wrong type, a label/answer is outside the allowed set, a split holds no records, or a sequence exceeds the
+maximum length where it cannot be cut (e.g. inside its image placeholders). The
 :class:`BadInputPolicy` decides what happens:
 
 - ``on_error="raise"`` (default): raise :class:`BadInputError` whose message names the file and the record.
@@ -27,6 +28,7 @@ BAD_INPUT_REASONS: tuple[str, ...] = (
     "unknown_label",
     "answer_not_in_vocab",
     "empty_split",
+    "too_long",
 )
 
 
