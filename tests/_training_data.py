@@ -116,3 +116,37 @@ def tiny_caption_config(data: dict[str, str], output_dir: Path, **sections: dict
 def write_config(path: Path, config: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def write_chat_data(root: Path, n_train: int = 6, n_eval: int = 4) -> dict[str, str]:
+    """Conversation data in both supported layouts over the same images: LLaVA JSON (``llava_{split}.json``,
+    ``<image>`` placeholders, one and two images per record, a 2-turn conversation) and JSONL with ``messages`` /
+    ``images`` columns (``messages_{split}.jsonl``); image paths are relative to ``images``. Final answers are
+    single colour words (short answers)."""
+    folder = root / "images"
+    images = _images(folder, n_train + n_eval + 1, "chat", 1)
+    files: dict[str, str] = {"images": str(folder)}
+    splits = {"train": images[:n_train], "val": images[n_train:n_train + n_eval]}
+    extra = images[-1][1]
+    for split, rows in splits.items():
+        llava, messages = [], []
+        for k, (image_id, name, colour) in enumerate(rows):
+            two = k % 3 == 1
+            turns = [{"from": "human", "value": "<image>\n" + ("<image>\nwhat colour is the first ?" if two
+                                                               else "what colour is the square ?")},
+                     {"from": "gpt", "value": colour}]
+            if k % 3 == 2:
+                turns = [{"from": "human", "value": "<image>\ndescribe this image ."},
+                         {"from": "gpt", "value": f"a {colour} square"},
+                         {"from": "human", "value": "what colour is it ?"}, {"from": "gpt", "value": colour}]
+            llava.append({"id": f"{split}-{image_id}", "image": [name, extra] if two else name,
+                          "conversations": turns})
+            content = [{"type": "image"}] * (2 if two else 1) + [{"type": "text", "text": "what colour is it ?"}]
+            messages.append({"messages": [{"role": "user", "content": content},
+                                          {"role": "assistant", "content": [{"type": "text", "text": colour}]}],
+                             "images": [name, extra] if two else [name]})
+        (root / f"llava_{split}.json").write_text(json.dumps(llava))
+        (root / f"messages_{split}.jsonl").write_text("\n".join(json.dumps(m) for m in messages) + "\n")
+        files[f"llava_{split}"] = str(root / f"llava_{split}.json")
+        files[f"messages_{split}"] = str(root / f"messages_{split}.jsonl")
+    return files

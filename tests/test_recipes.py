@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from _training_data import write_caption_data, write_snli_ve_data, write_vqa_data
+from _training_data import write_caption_data, write_chat_data, write_snli_ve_data, write_vqa_data
 
 from vlpeft.training import load_config, run_training
 from vlpeft.training.config import use_tiny_twin
@@ -20,10 +20,13 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe-data")
     return {"caption": write_caption_data(root / "caption", 4, 2), "vqa": write_vqa_data(root / "vqa", 4, 2),
-            "snli_ve": write_snli_ve_data(root / "snli_ve", 4, 2)}
+            "snli_ve": write_snli_ve_data(root / "snli_ve", 4, 2), "chat": write_chat_data(root / "chat", 4, 2)}
 
 
 def _data_overrides(task: str, files: dict[str, str]) -> list[str]:
+    if task == "chat":
+        return [f"task.train={files['llava_train']}", f"task.eval={files['messages_val']}",
+                f"task.test={files['messages_val']}", f"task.images={files['images']}"]
     evaluation = files.get("val", files.get("dev"))
     out = [f"task.train={files['train']}", f"task.eval={evaluation}", f"task.test={evaluation}",
            f"task.images={files['images']}"]
@@ -58,5 +61,5 @@ def test_recipe_runs_two_steps_on_its_tiny_twin(recipe, data, tmp_path):
     run_dir = tmp_path / "run"
     assert (run_dir / "metrics.json").is_file() and (run_dir / "config.yaml").is_file()
     predictions = json.loads((run_dir / "predictions_test.json").read_text())
-    key = {"vqa": "question_id", "snli_ve": "pair_id", "caption": "image_id"}[task]
+    key = {"vqa": "question_id", "snli_ve": "pair_id", "caption": "image_id", "chat": "id"}[task]
     assert len(predictions) == 2 and all(key in p for p in predictions)

@@ -39,14 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; user errors (bad config, missing run folder) print ``error: ...`` without a traceback and
-    exit with status 2."""
+    """Run the CLI; user errors (bad config, missing run folder, bad input data) print ``error: ...`` without a
+    traceback and exit with status 2."""
+    from vlpeft.tasks.bad_input import BadInputError
     from vlpeft.training.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except ConfigError as error:
+    except (ConfigError, BadInputError) as error:
         print(f"vlpeft {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -32,9 +32,10 @@ from vlpeft.tasks.framing import (
     DEFAULT_VQA_PROMPT,
     AnswerWeighting,
     TextExample,
-    clean_hypothesis,
+    caption_examples,
+    entailment_examples,
     format_prompt,
-    vqa_targets,
+    vqa_examples,
 )
 from vlpeft.tasks.layouts import DEFAULT_LLAVA_TEMPLATE, families_where
 from vlpeft.tasks.sequence_encoder import GENERATIVE_FAMILIES, SequenceEncoder, pixel_inputs, processor_parts
@@ -132,12 +133,7 @@ class VQAGenerativeCollator(_GenerativeCollator):
         format_prompt(prompt_template, question="")
 
     def examples(self, items: Sequence[Mapping[str, Any]]) -> list[TextExample]:
-        out = []
-        for i, item in enumerate(items):
-            prompt = format_prompt(self.prompt_template, question=item["question"].strip())
-            for answer, weight in vqa_targets(item, self.answer_weighting, self.answer_normalizer):
-                out.append(TextExample(prompt, answer, weight, i))
-        return out
+        return vqa_examples(items, self.prompt_template, self.answer_weighting, self.answer_normalizer)
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         batch, examples = self._collate(items)
@@ -164,15 +160,7 @@ class EntailmentGenerativeCollator(_GenerativeCollator):
         format_prompt(prompt_template, hypothesis="")
 
     def examples(self, items: Sequence[Mapping[str, Any]]) -> list[TextExample]:
-        out = []
-        for i, item in enumerate(items):
-            label = item["label"]
-            if label not in self.label_words:
-                raise ValueError(f"item {item.get('pair_id')!r}: label {label!r} has no label word "
-                                 f"(known: {sorted(self.label_words)})")
-            prompt = format_prompt(self.prompt_template, hypothesis=clean_hypothesis(item["hypothesis"]))
-            out.append(TextExample(prompt, self.label_words[label], 1.0, i))
-        return out
+        return entailment_examples(items, self.prompt_template, self.label_words)
 
 
 class CaptionGenerativeCollator(_GenerativeCollator):
@@ -190,16 +178,7 @@ class CaptionGenerativeCollator(_GenerativeCollator):
         self.caption_transform = caption_transform
 
     def examples(self, items: Sequence[Mapping[str, Any]]) -> list[TextExample]:
-        out = []
-        for i, item in enumerate(items):
-            if "caption" not in item:
-                raise ValueError(f"item for image {item.get('image_id')!r} has no 'caption'; use the 'pairs' view "
-                                 "of CaptionDataset for training")
-            caption = item["caption"].strip()
-            if self.caption_transform is not None:
-                caption = self.caption_transform(caption)
-            out.append(TextExample(self.prompt, caption, 1.0, i))
-        return out
+        return caption_examples(items, self.prompt, self.caption_transform)
 
 
 class _ClassificationCollator:

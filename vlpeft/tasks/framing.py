@@ -8,7 +8,7 @@ by ``Correct`` / ``Ambiguous`` / ``Incorrect``; captions use the prompt "a pictu
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -82,3 +82,40 @@ def vqa_targets(
 def clean_hypothesis(hypothesis: str) -> str:
     """Strip whitespace and trailing sentence punctuation so it fits "Is it correct that ...?"."""
     return hypothesis.strip().rstrip(".!?").strip()
+
+
+def vqa_examples(items: Sequence[Mapping[str, Any]], template: str, weighting: AnswerWeighting,
+                 normalizer: Callable[[str], str] = basic_answer_normalizer) -> list[TextExample]:
+    """VQA training sequences: the question in ``template`` and one target per answer of :func:`vqa_targets`."""
+    out = []
+    for i, item in enumerate(items):
+        prompt = format_prompt(template, question=item["question"].strip())
+        out.extend(TextExample(prompt, answer, weight, i) for answer, weight in vqa_targets(item, weighting, normalizer))
+    return out
+
+
+def entailment_examples(items: Sequence[Mapping[str, Any]], template: str,
+                        label_words: Mapping[str, str]) -> list[TextExample]:
+    """SNLI-VE training sequences: the hypothesis in ``template``, the label's word as the target."""
+    out = []
+    for i, item in enumerate(items):
+        label = item["label"]
+        if label not in label_words:
+            raise ValueError(f"item {item.get('pair_id')!r}: label {label!r} has no label word "
+                             f"(known: {sorted(label_words)})")
+        prompt = format_prompt(template, hypothesis=clean_hypothesis(item["hypothesis"]))
+        out.append(TextExample(prompt, label_words[label], 1.0, i))
+    return out
+
+
+def caption_examples(items: Sequence[Mapping[str, Any]], prompt: str,
+                     transform: Callable[[str], str] | None = None) -> list[TextExample]:
+    """Caption training sequences (``"pairs"`` view items with ``caption``): the prompt, then the caption."""
+    out = []
+    for i, item in enumerate(items):
+        if "caption" not in item:
+            raise ValueError(f"item for image {item.get('image_id')!r} has no 'caption'; use the 'pairs' view "
+                             "of CaptionDataset for training")
+        caption = item["caption"].strip()
+        out.append(TextExample(prompt.strip(), transform(caption) if transform is not None else caption, 1.0, i))
+    return out

@@ -21,6 +21,9 @@ kind                 layout of one (prompt, target) training sequence
                      ``prompt target [end]`` (no shift inside the model), prompt masked (VisionEncoderDecoder)
 ``question_answer``  ``input_ids`` = tokenizer(prompt) for the question encoder; ``decoder_input_ids`` =
                      ``[begin] target [end]`` (BlipForQuestionAnswering)
+``chat_template``    the processor's chat template: the user turn holds the image(s) and the prompt, the
+                     assistant turn the target; labels on assistant tokens (:mod:`vlpeft.tasks.chat_tasks`;
+                     any image-text-to-text model whose processor has a chat template)
 ===================  ==========================================================================================
 
 This module imports nothing heavy: model classes and tiny-processor builders are named, not imported.
@@ -40,7 +43,7 @@ __all__ = [
     "layout_for",
 ]
 
-SequenceKind = Literal["causal", "chat", "prefix_suffix", "encoder_decoder", "question_answer"]
+SequenceKind = Literal["causal", "chat", "prefix_suffix", "encoder_decoder", "question_answer", "chat_template"]
 TokenizerStyle = Literal["cls_sep", "bos", "none"]
 BeginToken = Literal["required", "optional", "decoder_start", "none"]
 ImagePlaceholders = Literal["query_tokens", "image_seq_length", "patch_grid"]
@@ -52,7 +55,7 @@ CompositeTask = Literal["causal_lm", "classification"]
 DEFAULT_LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
 #: Sequence kinds whose target follows the prompt in ``input_ids`` (so candidates can be scored there).
-_TARGET_IN_INPUT_IDS: frozenset[str] = frozenset({"causal", "chat", "prefix_suffix"})
+_TARGET_IN_INPUT_IDS: frozenset[str] = frozenset({"causal", "chat", "prefix_suffix", "chat_template"})
 #: Sequence kinds without an inference path from a prompt alone.
 _NO_PROMPT_INFERENCE: frozenset[str] = frozenset({"encoder_decoder"})
 
@@ -172,13 +175,19 @@ _LAYOUTS: tuple[InputLayout, ...] = (
         "llava", tokenizer_style="bos", sequence="chat", begin_token="optional",
         image_placeholders="patch_grid", prompt_template=DEFAULT_LLAVA_TEMPLATE,
         model_class="transformers:LlavaForConditionalGeneration", tiny_processor="LlavaProcessor",
-        hub_prefixes=("llava-hf/",),
+        hub_prefixes=("llava-hf/llava-1.5-", "llava-hf/bakLlava-"),
     ),
     InputLayout(
         "paligemma", tokenizer_style="bos", sequence="prefix_suffix", begin_token="optional",
         image_placeholders="image_seq_length", token_type_ids=True,
         model_class="transformers:PaliGemmaForConditionalGeneration", tiny_processor="PaliGemmaProcessor",
         hub_prefixes=("google/paligemma",),
+    ),
+    # Every other image-text-to-text model: loaded with AutoModelForImageTextToText, driven by its processor's chat
+    # template (its structure for PEFT placement is derived by vlpeft.glue); tiny twins: vlpeft.testing.twins.
+    InputLayout(
+        "chat_template", tokenizer_style="none", sequence="chat_template", begin_token="none",
+        model_class="transformers:AutoModelForImageTextToText",
     ),
     InputLayout(
         "vision_encoder_decoder", tokenizer_style="none", sequence="encoder_decoder",

@@ -44,7 +44,7 @@ __all__ = [
     "PRECISIONS",
 ]
 
-TASK_TYPES = ("vqa", "snli_ve", "caption")
+TASK_TYPES = ("vqa", "snli_ve", "caption", "chat")
 FRAMINGS = ("generative", "discriminative")
 INFERENCE_MODES = ("generate", "rank", "classify")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -124,12 +124,14 @@ class TaskConfig:
     """Task and data.
 
     Attributes:
-        type: ``vqa``, ``snli_ve`` or ``caption``.
+        type: ``vqa``, ``snli_ve``, ``caption`` or ``chat`` (conversation data: LLaVA JSON, or JSON / JSONL /
+            Parquet / a ``datasets.save_to_disk`` folder with ``messages`` and ``images``; chat-template models).
         train / eval / test: annotation files (VQAv2 official question file or Karpathy JSON; SNLI-VE jsonl;
             COCO/Karpathy caption JSON).
         train_annotations / eval_annotations / test_annotations: VQAv2 official annotation files that go with
             the question files above (unused by the other formats).
-        images: image folder (searched one level deep, so ``train2014/`` and ``val2014/`` are both found).
+        images: image folder (searched one level deep, so ``train2014/`` and ``val2014/`` are both found); for
+            ``chat`` data the root of relative image paths (default: each data file's folder).
         answer_list: VQA candidate answers (JSON list, or an ``ans2label`` mapping) for ranking / the classifier
             vocabulary (default: built from the training answers).
         framing: ``generative`` (the LM writes the answer) or ``discriminative`` (a classifier head); default:

@@ -111,6 +111,13 @@ def _family(name: str | None):
     return FAMILIES.get(GLUE_FAMILIES.get(name, name))
 
 
+def _described_at_attach(family: str | None) -> bool:
+    """Whether the family's structure is derived from the model when the method is attached (chat-template models,
+    :mod:`vlpeft.glue.derive`) rather than known before loading."""
+    layout = LAYOUTS.get(family or "")
+    return layout is not None and layout.sequence == "chat_template"
+
+
 def _lora_targets(task: str, family_name: str | None) -> dict[str, Any]:
     """Query and value projections of every attention block in the language towers (LoRA's usual placement;
     routing.md §3.5-3.6), as a PEFT ``target_modules`` regex."""
@@ -129,7 +136,7 @@ def _p_adapter_defaults(task: str, family_name: str | None) -> dict[str, Any]:
     """The tuner's per-task constants (p-adapter.md §5.1: p init, mu0, key pooling, reduction 8)."""
     from vlpeft.tuners.p_adapter.config import TASK_DEFAULTS
 
-    return dict(TASK_DEFAULTS[task])
+    return dict(TASK_DEFAULTS.get(task, {}))
 
 
 # ----------------------------------------------------------------------------------------- entries
@@ -204,7 +211,7 @@ def resolve_method_options(method_type: str, options: dict[str, Any], task: str,
             f"method {method_type!r} cannot be used with model family {family!r}; "
             f"supported families: {list(entry.supported_families)}"
         )
-    if entry.needs_visual_features:
+    if entry.needs_visual_features and not _described_at_attach(family):
         fam = _family(family)
         if fam is None:
             raise ConfigError(
@@ -251,10 +258,16 @@ def apply_method(model: nn.Module, method_type: str, method_config: Any, family:
             param.requires_grad_(True)
         _freeze_for_full(model, family, method_config.get("freeze", []))
         return model
-    from peft import get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     import vlpeft  # noqa: F401  (registers vlpeft's methods with PEFT)
 
+    if isinstance(method_config, LoraConfig) and method_config.target_modules is None:
+        # LoRA's usual placement from the model's own description: q/v of the language model's attention.
+        from vlpeft.tuners.routed_lora.routing_support import preset_family, target_regex
+
+        described = preset_family(model, "LoraConfig")
+        method_config.target_modules = target_regex(described, None, ("self_attn", "cross_attn"), ("query", "value"))
     return get_peft_model(model, method_config)
 
 

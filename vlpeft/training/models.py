@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from vlpeft.tasks.layouts import LAYOUTS, families_where
 from vlpeft.training.config import ConfigError, TrainConfig
 
-__all__ = ["COMPOSITE_FAMILIES", "FAMILY_CLASSES", "KNOWN_HUB_FAMILIES", "resolve_family", "load_model", "load_processor"]
+__all__ = ["CHAT_TEMPLATE", "COMPOSITE_FAMILIES", "FAMILY_CLASSES", "KNOWN_HUB_FAMILIES", "resolve_family", "load_model", "load_processor"]
 
 # The tables below are read off the family layouts (vlpeft.tasks.layouts), one entry per family there.
 #: Model class per family for ``from_pretrained`` (module:Class).
@@ -27,6 +29,8 @@ COMPOSITE_FAMILIES: tuple[str, ...] = families_where(lambda layout: layout.compo
 KNOWN_HUB_FAMILIES: dict[str, str] = {
     prefix: name for name, layout in LAYOUTS.items() for prefix in layout.hub_prefixes
 }
+#: The family of every image-text-to-text model outside the tables above: driven by its chat template.
+CHAT_TEMPLATE = "chat_template"
 
 
 def resolve_family(config: TrainConfig) -> str:
@@ -50,17 +54,12 @@ def resolve_family(config: TrainConfig) -> str:
                 return family
         raise ConfigError(f"model.family: cannot infer the composite family of text model {model.text!r}; set "
                           f"model.family to one of {list(COMPOSITE_FAMILIES)}")
-    if model.tiny_twin is not None:
-        from vlpeft.testing import FAMILIES as TINY_FAMILIES
-
-        if model.tiny_twin not in TINY_FAMILIES:
-            raise ConfigError(f"model.tiny_twin: unknown tiny family {model.tiny_twin!r}; allowed: {sorted(TINY_FAMILIES)}")
+    if model.tiny_twin is not None and model.tiny_twin not in tiny_names():
+        raise ConfigError(f"model.tiny_twin: unknown tiny family {model.tiny_twin!r}; allowed: {tiny_names()}")
     if model.tiny is not None:
-        from vlpeft.testing import FAMILIES
-
-        if model.tiny not in FAMILIES:
-            raise ConfigError(f"model.tiny: unknown tiny family {model.tiny!r}; allowed: {sorted(FAMILIES)}")
-        return model.family or model.tiny
+        if model.tiny not in tiny_names():
+            raise ConfigError(f"model.tiny: unknown tiny family {model.tiny!r}; allowed: {tiny_names()}")
+        return CHAT_TEMPLATE if model.tiny in _twins() else model.family or model.tiny
     if model.family is not None:
         return model.family
     local = Path(model.name)
@@ -68,20 +67,38 @@ def resolve_family(config: TrainConfig) -> str:
         config_file = local / "config.json"
         if not config_file.is_file():
             raise ConfigError(f"model.name: local folder {model.name!r} has no config.json")
-        architectures = json.loads(config_file.read_text()).get("architectures") or []
+        saved = json.loads(config_file.read_text())
+        architectures = saved.get("architectures") or []
         for family, path in FAMILY_CLASSES.items():
             if path.split(":")[1] in architectures:
                 return family
+        if saved.get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+            return CHAT_TEMPLATE
         raise ConfigError(
-            f"model.name: architectures {architectures} of {model.name!r} belong to no known family; set model.family "
+            f"model.name: architectures {architectures} of {model.name!r} belong to no known family and its "
+            f"model_type {saved.get('model_type')!r} is not an image-text-to-text model; set model.family "
             f"(one of {sorted(FAMILY_CLASSES)})"
         )
     for prefix, family in KNOWN_HUB_FAMILIES.items():
         if model.name.startswith(prefix):
             return family
-    raise ConfigError(
-        f"model.family: cannot infer the family of {model.name!r}; set model.family to one of {sorted(FAMILY_CLASSES)}"
-    )
+    # Any other hub model: an image-text-to-text model driven by its processor's chat template (its structure is
+    # derived when the method is attached; a model of another kind fails to load with transformers' message).
+    return CHAT_TEMPLATE
+
+
+def _twins() -> dict[str, Any]:
+    """The tiny twins of chat VLMs (:mod:`vlpeft.testing.twins`), by name."""
+    from vlpeft.testing.twins import TWINS
+
+    return TWINS
+
+
+def tiny_names() -> list[str]:
+    """Allowed ``model.tiny`` / ``model.tiny_twin`` values: the tiny families and the chat-VLM twins."""
+    from vlpeft.testing import FAMILIES
+
+    return sorted({*FAMILIES, *_twins()})
 
 
 def _composite_task(family: str) -> str | None:
@@ -99,6 +116,13 @@ def load_model(config: TrainConfig, family: str, num_labels: int | None = None) 
     """Build the tiny twin (seeded with ``run.seed``), assemble the composite from its parts, or
     ``from_pretrained`` the named checkpoint. ``num_labels``: classifier width (discriminative framing)."""
     model = config.model
+    if model.tiny is not None and model.tiny in _twins():
+        from vlpeft.testing.twins import build_twin
+
+        twin = build_twin(model.tiny, seed=config.run.seed).model
+        if model.attn_implementation is not None:
+            twin.set_attn_implementation(model.attn_implementation)
+        return twin
     if model.tiny is not None:
         from vlpeft.testing import build_tiny_model
 
@@ -132,12 +156,16 @@ def load_model(config: TrainConfig, family: str, num_labels: int | None = None) 
         kwargs["revision"] = model.revision
     if num_labels is not None and _composite_task(family) is not None:
         kwargs["num_labels"] = num_labels
+    if family == CHAT_TEMPLATE and config.run.precision == "bf16":
+        kwargs["dtype"] = torch.bfloat16  # what fits one GPU; adapters keep float32 weights
     return _import(FAMILY_CLASSES[family]).from_pretrained(model.name, **kwargs)
 
 
 def load_processor(config: TrainConfig, family: str, texts: list[str]) -> Any:
     """The model's processor; for tiny models one built offline from ``texts`` (the task's words)."""
     model = config.model
+    if model.tiny is not None and model.tiny in _twins():
+        return _twins()[model.tiny].build_processor()
     if model.tiny is not None:
         from vlpeft.tasks.processors import build_tiny_processor
 

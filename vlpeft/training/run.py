@@ -32,6 +32,7 @@ from vlpeft.training.config import ConfigError, TrainConfig, config_to_dict, sav
 from vlpeft.training.methods import apply_method, count_parameters
 from vlpeft.training.models import load_model, load_processor
 from vlpeft.training.task_binding import (
+    LOWER_IS_BETTER,
     TaskBinding,
     answer_list,
     build_task,
@@ -165,7 +166,7 @@ def _training_arguments(config: TrainConfig, plan: ValidatedPlan, has_eval: bool
         report_to=["tensorboard"] if "tensorboard" in run.report_to and _tensorboard_available() else "none",
         load_best_model_at_end=ev.load_best_at_end and eval_strategy != "no",
         metric_for_best_model=plan.metric if eval_strategy != "no" else None,
-        greater_is_better=True,
+        greater_is_better=plan.metric not in LOWER_IS_BETTER,
         disable_tqdm=not run.progress_bar,
         remove_unused_columns=False,
         dataloader_num_workers=run.dataloader_num_workers,

@@ -47,7 +47,9 @@ __all__ = [
 ]
 
 # Main metric per task (higher is better for all).
-DEFAULT_METRICS = {"vqa": "vqa_accuracy", "snli_ve": "accuracy", "caption": "CIDEr"}
+DEFAULT_METRICS = {"vqa": "vqa_accuracy", "snli_ve": "accuracy", "caption": "CIDEr", "chat": "loss"}
+#: Selection metrics where lower is better (all others: higher is better).
+LOWER_IS_BETTER = frozenset({"loss"})
 CAPTION_EVAL_METRICS = ("Bleu", "ROUGE_L", "CIDEr")
 # Family lists read off the layouts (vlpeft.tasks.layouts); kept for the messages that list allowed families.
 #: Families with a classifier head (discriminative framing).
@@ -75,7 +77,7 @@ def allowed_inference(task_type: str, framing: str, family: str) -> tuple[str, .
     """Inference modes for (task, framing, family), the default first."""
     if framing == "discriminative":
         return ("classify",) if task_type in ("vqa", "snli_ve") else ()
-    if task_type == "caption":
+    if task_type in ("caption", "chat"):
         return ("generate",)
     layout = LAYOUTS.get(family)
     ranking = layout is not None and layout.ranks_candidates
@@ -155,8 +157,14 @@ def _truncate(dataset: Any, limit: int) -> Any:
 def load_datasets(config: TrainConfig) -> tuple[Any, Any, Any]:
     """(train, eval, test) datasets of the task (``None`` for files not given)."""
     task = config.task
-    images = config.resolve_path(task.images)
     policy = _policy(task.bad_input)
+    if task.type == "chat":
+        from vlpeft.training.chat_binding import load_chat_datasets
+
+        train, evaluation, test = load_chat_datasets(config, policy)
+        return (_truncate(train, task.max_train_samples), _truncate(evaluation, task.max_eval_samples),
+                _truncate(test, task.max_eval_samples))
+    images = config.resolve_path(task.images)
     out = []
     for split in ("train", "eval", "test"):
         path = config.resolve_path(getattr(task, split))
@@ -371,4 +379,8 @@ def build_task(config: TrainConfig, processor: Any, family: str, model_config: A
     """
     if config.task.framing == "discriminative":
         return _bind_discriminative(config, processor, datasets, answers)
+    if LAYOUTS[family].sequence == "chat_template":
+        from vlpeft.training.chat_binding import bind_chat_template
+
+        return bind_chat_template(config, processor, datasets, answers)
     return _bind_generative(config, processor, family, model_config, datasets, answers)

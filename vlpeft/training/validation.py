@@ -56,10 +56,20 @@ def validate_config(config: TrainConfig, *, for_training: bool = True) -> Valida
     if ev.strategy != "no" and task.eval is None:
         raise ConfigError(f"task.eval: eval.strategy={ev.strategy!r} needs an evaluation file (or eval.strategy: no)")
     for key in ("train", "eval", "test", "train_annotations", "eval_annotations", "test_annotations", "answer_list"):
+        if task.type == "chat" and key in ("train", "eval", "test") and getattr(task, key) is not None:
+            path = config.resolve_path(getattr(task, key))
+            if not (path.is_file() or path.is_dir()):  # a datasets.save_to_disk folder is data too
+                raise ConfigError(f"task.{key}: file or folder {str(path)!r} does not exist")
+            continue
         _check_file(config, f"task.{key}", getattr(task, key))
-    if task.images is None:
+    if task.images is None and task.type != "chat":
         raise ConfigError("task.images: an image folder is required")
     _check_file(config, "task.images", task.images, folder=True)
+    chat_model = LAYOUTS.get(family) is not None and LAYOUTS[family].sequence == "chat_template"
+    if task.type == "chat" and not chat_model:
+        raise ConfigError(f"task.type: 'chat' (conversation data) needs a model driven by its chat template, got "
+                          f"model family {family!r}; use an image-text-to-text chat model (model.name) or a chat "
+                          "twin (model.tiny)")
     if task.framing is None:
         task.framing = default_framing(family)
     layout = LAYOUTS.get(family)
