@@ -46,6 +46,32 @@ def gather_predictions(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for part in gathered for r in part]
 
 
+def enable_fsdp_on_cpu(accelerator: Any) -> bool:
+    """Turn FSDP on for a multi-process CPU (gloo) run launched with an FSDP accelerate config.
+
+    accelerate (checked with 1.16) switches FSDP on only for accelerator devices: with ``use_cpu: true`` its state
+    becomes ``MULTI_CPU`` and it silently drops the FSDP plugin, so the model would be trained with DDP instead.
+    torch's FSDP (``fully_shard``, FSDP2) itself runs on CPU with gloo, so when ``ACCELERATE_USE_FSDP`` is set and
+    the state is ``MULTI_CPU`` this builds the plugin from the launcher's environment (``FSDP_*`` variables, as
+    accelerate does) and marks the state as FSDP. Only FSDP2 (``fsdp_version: 2``) is switched on: FSDP1 on CPU
+    needs a ``device_id``-less setup that accelerate's FSDP1 path does not provide. Returns whether it did.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ValueError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config "
+                         "(configs/accelerate/fsdp2_cpu.yaml)")
+    state.fsdp_plugin = plugin
+    # AcceleratorState re-reads PartialState's fields whenever it is constructed again: mark both.
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    return True
+
+
 class VLPeftTrainer(Trainer):
     """Trainer whose loss is the task's objective and whose evaluation is the task's inference + metric (see the
     module docstring)."""
@@ -56,6 +82,13 @@ class VLPeftTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.task = task
         self.last_predictions: list[dict[str, Any]] = []
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator, with FSDP switched on for CPU runs launched with an FSDP accelerate config
+        (:func:`enable_fsdp_on_cpu`)."""
+        super().create_accelerator_and_postprocess()
+        if not self.is_fsdp_enabled and enable_fsdp_on_cpu(self.accelerator):
+            self.is_fsdp_enabled = True
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """The objective's divisor summed over the accumulated micro-batches and all processes."""
