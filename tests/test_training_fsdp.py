@@ -107,3 +107,27 @@ def test_fsdp2_two_cpu_processes_equal_one_process(recipe: str, chat_data: dict[
     reference = _logits(RECIPES[recipe], single)
     torch.testing.assert_close(_logits(RECIPES[recipe], sharded), reference, rtol=1e-3,
                                atol=2e-3 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_configs_parse_and_keep_the_adapter(stage: int) -> None:
+    """configs/accelerate/zero{2,3}.yaml parse as accelerate configs and their DeepSpeed JSON as accelerate's
+    DeepSpeedPlugin (no DeepSpeed needed for that; ZeRO training itself needs GPUs); ZeRO-3 gathers the 16-bit
+    weights on save, without which vlpeft refuses to train (the adapter would be saved empty)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DeepSpeedPlugin
+
+    from vlpeft.training.trainer import check_deepspeed_saves_adapter
+
+    config = load_config_from_file(str(REPO / "configs" / "accelerate" / f"zero{stage}.yaml"))
+    assert config.distributed_type == "DEEPSPEED"
+    options = config.deepspeed_config
+    plugin = DeepSpeedPlugin(hf_ds_config=str(REPO / options["deepspeed_config_file"]),
+                             zero3_init_flag=options.get("zero3_init_flag", False))
+    assert plugin.zero_stage == stage and plugin.hf_ds_config.is_zero3() == (stage == 3)
+    check_deepspeed_saves_adapter(plugin.deepspeed_config)
+    if stage == 3:
+        broken = {"zero_optimization": {**plugin.deepspeed_config["zero_optimization"],
+                                        "stage3_gather_16bit_weights_on_model_save": False}}
+        with pytest.raises(ValueError, match="empty adapter"):
+            check_deepspeed_saves_adapter(broken)

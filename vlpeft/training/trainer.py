@@ -27,7 +27,14 @@ from transformers import Trainer, TrainerCallback
 
 from vlpeft.training.task_binding import TaskBinding
 
-__all__ = ["VLPeftTrainer", "CsvLoggerCallback", "decay_parameter_names", "gather_predictions"]
+__all__ = [
+    "VLPeftTrainer",
+    "CsvLoggerCallback",
+    "check_deepspeed_saves_adapter",
+    "decay_parameter_names",
+    "enable_fsdp_on_cpu",
+    "gather_predictions",
+]
 
 def decay_parameter_names(model: nn.Module) -> list[str]:
     """Names of trainable parameters that get weight decay (``vlpeft.tuners.param_groups``): no decay for biases,
@@ -72,6 +79,22 @@ def enable_fsdp_on_cpu(accelerator: Any) -> bool:
     return True
 
 
+def check_deepspeed_saves_adapter(ds_config: dict[str, Any]) -> None:
+    """Refuse a ZeRO-3 DeepSpeed config that would save an empty adapter.
+
+    Under ZeRO-3 every parameter is partitioned; the Trainer gathers the adapter for saving only when
+    ``zero_optimization.stage3_gather_16bit_weights_on_model_save`` is true (accelerate: ``zero3_save_16bit_model``).
+    Without it ``Trainer.save_model`` warns and writes an ``adapter_model.safetensors`` with no tensors (DeepSpeed
+    #7900, peft #453), so the run would end with nothing usable: raise before training instead.
+    """
+    zero = ds_config.get("zero_optimization", {}) or {}
+    if int(zero.get("stage", 0)) == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise ValueError(
+            "DeepSpeed ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save: true (accelerate "
+            "config: zero3_save_16bit_model: true) saves an empty adapter; set it (configs/accelerate/ds_zero3.json)"
+        )
+
+
 class VLPeftTrainer(Trainer):
     """Trainer whose loss is the task's objective and whose evaluation is the task's inference + metric (see the
     module docstring)."""
@@ -89,6 +112,8 @@ class VLPeftTrainer(Trainer):
         super().create_accelerator_and_postprocess()
         if not self.is_fsdp_enabled and enable_fsdp_on_cpu(self.accelerator):
             self.is_fsdp_enabled = True
+        if self.is_deepspeed_enabled:
+            check_deepspeed_saves_adapter(self.accelerator.state.deepspeed_plugin.deepspeed_config)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """The objective's divisor summed over the accumulated micro-batches and all processes."""
