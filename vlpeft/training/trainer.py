@@ -60,8 +60,8 @@ def enable_fsdp_on_cpu(accelerator: Any) -> bool:
     becomes ``MULTI_CPU`` and it silently drops the FSDP plugin, so the model would be trained with DDP instead.
     torch's FSDP (``fully_shard``, FSDP2) itself runs on CPU with gloo, so when ``ACCELERATE_USE_FSDP`` is set and
     the state is ``MULTI_CPU`` this builds the plugin from the launcher's environment (``FSDP_*`` variables, as
-    accelerate does) and marks the state as FSDP. Only FSDP2 (``fsdp_version: 2``) is switched on: FSDP1 on CPU
-    needs a ``device_id``-less setup that accelerate's FSDP1 path does not provide. Returns whether it did.
+    accelerate does) and marks the state as FSDP. Only FSDP2 (``fsdp_version: 2``, the tested path,
+    ``tests/test_training_fsdp.py``) is switched on; an FSDP1 config raises. Returns whether it switched FSDP on.
     """
     from accelerate import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
