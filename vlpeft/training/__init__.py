@@ -28,6 +28,7 @@ from vlpeft.training.config import (
 )
 from vlpeft.training.methods import METHODS, MethodEntry, register_method
 from vlpeft.training.run import RunResult, evaluate, format_summary, predict, run_training
+from vlpeft.training.trainer import TrainingDivergedError
 from vlpeft.training.validation import validate_config
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "RunResult",
     "TaskConfig",
     "TrainConfig",
+    "TrainingDivergedError",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import time
 from pathlib import Path
@@ -25,11 +26,13 @@ import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from vlpeft.training.config import ConfigError
 from vlpeft.training.task_binding import TaskBinding
 
 __all__ = [
     "VLPeftTrainer",
     "CsvLoggerCallback",
+    "TrainingDivergedError",
     "check_deepspeed_saves_adapter",
     "decay_parameter_names",
     "enable_fsdp_on_cpu",
@@ -95,6 +98,26 @@ def check_deepspeed_saves_adapter(ds_config: dict[str, Any]) -> None:
         )
 
 
+class TrainingDivergedError(ConfigError):
+    """Training stopped at the first optimiser step whose loss, gradient norm or updated weights are not finite.
+
+    Raised before that step's optimiser update is applied (loss, gradient norm) or before its checkpoint is written
+    (weights), so every checkpoint already on disk stays as it was. A subclass of :class:`ConfigError` (the usual
+    cause is a setting: learning rate, precision, clipping), so ``vlpeft train`` prints ``error: ...`` and exits 2.
+
+    Attributes:
+        step: the optimiser step (1-based, as logged) that diverged.
+    """
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+_DIVERGENCE_HINT = ("lower optim.learning_rate, keep optim.max_grad_norm > 0, or use run.precision fp32/bf16; "
+                    "checkpoints already written were kept")
+
+
 class VLPeftTrainer(Trainer):
     """Trainer whose loss is the task's objective and whose evaluation is the task's inference + metric (see the
     module docstring)."""
@@ -105,6 +128,46 @@ class VLPeftTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.task = task
         self.last_predictions: list[dict[str, Any]] = []
+        self._non_finite_loss: float | None = None  # first non-finite micro-batch loss of the current step
+
+    # ------------------------------------------------------------------------------------------- divergence
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._non_finite_loss is None and not bool(torch.isfinite(loss).all()):
+            self._non_finite_loss = float(loss.float().reshape(-1)[0])
+        return loss
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        """The step's gradient norm; raises :class:`TrainingDivergedError` before the optimiser update when the
+        step's loss or gradient norm is not finite (on every process alike). Under fp16 loss scaling a non-finite
+        gradient norm alone is an overflow the scaler skips, not a divergence."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        step = self.state.global_step + 1
+        bad_loss = torch.tensor([0.0 if self._non_finite_loss is None else 1.0], device=self.args.device)
+        if self.args.world_size > 1:
+            bad_loss = self.accelerator.gather(bad_loss).max().reshape(1)
+        self._non_finite_loss, local_loss = None, self._non_finite_loss
+        if bool(bad_loss.item()):
+            value = "non-finite on another process" if local_loss is None else local_loss
+            raise TrainingDivergedError(
+                f"training diverged at step {step}: the loss is {value}; stopped before updating the weights "
+                f"({_DIVERGENCE_HINT})", step)
+        scaled = getattr(self.accelerator, "scaler", None) is not None
+        if grad_norm is not None and not scaled and not math.isfinite(float(grad_norm)):
+            raise TrainingDivergedError(
+                f"training diverged at step {step}: the gradient norm is {float(grad_norm)}; stopped before "
+                f"updating the weights ({_DIVERGENCE_HINT})", step)
+        return grad_norm
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Write a checkpoint only when every trainable weight is finite (else :class:`TrainingDivergedError`)."""
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and param.numel() and not bool(torch.isfinite(param.detach()).all()):
+                step = self.state.global_step
+                raise TrainingDivergedError(
+                    f"training diverged at step {step}: trainable weight {name} is not finite after the update; "
+                    f"checkpoint-{step} was not written ({_DIVERGENCE_HINT})", step)
+        super()._save_checkpoint(model, trial)
 
     def create_accelerator_and_postprocess(self) -> None:
         """The Trainer's accelerator, with FSDP switched on for CPU runs launched with an FSDP accelerate config

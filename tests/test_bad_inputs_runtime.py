@@ -1,0 +1,82 @@
+"""Bad inputs and faults found at run time (issue #18): each gets a clear error naming the culprit, the CLI exits
+with status 2, and nothing already written is lost."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from _training_data import tiny_caption_config, write_caption_data, write_config
+from transformers import TrainerCallback
+
+from vlpeft.cli import main as cli_main
+from vlpeft.training import TrainingDivergedError, load_config, run_training
+from vlpeft.training.checkpoints import checkpoint_problem, list_checkpoints
+
+
+def _config(tmp_path: Path, name: str, data: dict[str, str], **optim: object) -> Path:
+    config = tiny_caption_config(data, tmp_path / name, optim={"max_steps": 6, "batch_size": 2, **optim},
+                                 eval={"steps": 2, "load_best_at_end": False})
+    return write_config(tmp_path / f"{name}.yaml", config)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------- 9: divergence
+class _AbsurdLearningRateFrom(TrainerCallback):
+    """From optimiser step ``first`` on, every update uses learning rate 1e30 (the scheduler resets it after)."""
+
+    def __init__(self, first: int) -> None:
+        self.first = first
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step + 1 >= self.first:
+            for group in optimizer.param_groups:
+                group["lr"] = 1e30
+        return control
+
+
+def test_absurd_learning_rate_stops_at_first_non_finite_step_with_exit_2(tmp_path, capsys):
+    data = write_caption_data(tmp_path / "data")
+    config = _config(tmp_path, "diverge", data, learning_rate=1e30)
+    with pytest.raises(TrainingDivergedError, match=r"training diverged at step 2: the (loss|gradient norm)") as info:
+        run_training(load_config(config))
+    assert info.value.step == 2
+    run_dir = tmp_path / "diverge"
+    assert not list_checkpoints(run_dir) and not (run_dir / "metrics.json").exists()
+
+    assert cli_main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "vlpeft train: error: training diverged at step 2" in err and "learning_rate" in err
+
+
+def test_divergence_after_a_checkpoint_keeps_it_intact(tmp_path):
+    data = write_caption_data(tmp_path / "data")
+    config = load_config(_config(tmp_path, "late", data))
+    run_dir = tmp_path / "late"
+
+    class Snapshot(TrainerCallback):
+        digests: dict[str, str] = {}
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                Snapshot.digests = _digests(run_dir / "checkpoint-2")
+            return control
+
+    # step 3 updates with lr 1e30 (finite but absurd weights), step 4's loss/gradient is no longer finite
+    with pytest.raises(TrainingDivergedError, match=r"training diverged at step [34]") as info:
+        run_training(config, callbacks=[_AbsurdLearningRateFrom(3), Snapshot()])
+    assert info.value.step in (3, 4)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-2"]
+    assert checkpoint_problem(run_dir / "checkpoint-2") is None
+    # marker is written after on_save's other callbacks: compare the files the Trainer wrote
+    after = _digests(run_dir / "checkpoint-2")
+    assert {k: v for k, v in after.items() if k in Snapshot.digests} == Snapshot.digests
+    assert not (run_dir / "metrics.json").exists()
+    state = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
