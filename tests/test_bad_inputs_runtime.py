@@ -80,3 +80,17 @@ def test_divergence_after_a_checkpoint_keeps_it_intact(tmp_path):
     assert not (run_dir / "metrics.json").exists()
     state = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+
+
+# --------------------------------------------------------------------------------- 12: train_loss after resume
+def test_train_loss_names_its_window_when_the_log_does_not_reach_the_resumed_step():
+    from vlpeft.training.run import _whole_run_train_metrics
+
+    history = [{"step": 1, "loss": 4.0}, {"step": 3, "loss": 2.0}, {"step": 4, "eval_x": 1.0}]
+    # logged windows reach the resumed step 3: 4 + 2*2 over steps 1-3, 1.0 over steps 4-6
+    whole = _whole_run_train_metrics({"train_loss": 1.0}, history, resumed_step=3, global_step=6)
+    assert whole["train_loss"] == pytest.approx((4.0 + 4.0 + 3.0) / 6)
+    assert (whole["train_loss_first_step"], whole["train_loss_last_step"], whole["train_loss_since_resume"]) == (1, 6, 1)
+    # resumed at step 4, last logged step 3: step 4's loss is unknown, so train_loss covers steps 5-6 and says so
+    part = _whole_run_train_metrics({"train_loss": 1.0}, history, resumed_step=4, global_step=6)
+    assert (part["train_loss"], part["train_loss_first_step"], part["train_loss_last_step"]) == (1.0, 5, 6)

@@ -72,9 +72,16 @@ def _assert_same_run(resumed: Path, reference: Path, resumed_losses_from: int) -
     assert loss_res[-(len(loss_ref) - resumed_losses_from):] == loss_ref[resumed_losses_from:]
     assert m_res["metrics"]["eval"] == pytest.approx({**m_ref["metrics"]["eval"], "runtime": m_res["metrics"]["eval"]["runtime"]})
     assert m_res["global_step"] == m_ref["global_step"] == 6
+    # train_loss covers the whole run (the steps before the resume come from the restored log history)
+    train_res, train_ref = m_res["metrics"]["train"], m_ref["metrics"]["train"]
+    assert train_res["train_loss"] == pytest.approx(train_ref["train_loss"], rel=1e-5)
+    assert (train_res["train_loss_first_step"], train_res["train_loss_last_step"]) == (1, 6)
+    assert train_ref["train_loss_first_step"] == 1 and "train_loss_since_resume" not in train_ref
+    assert train_res["train_loss_since_resume"] == pytest.approx(
+        sum(loss_ref[resumed_losses_from:]) / (6 - resumed_losses_from), rel=1e-5)
 
 
-def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
+def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path, capsys):
     data = write_caption_data(tmp_path / "data")
     reference = run_training(load_config(_config(tmp_path, "reference", data)))
     assert reference.global_step == 6
@@ -89,6 +96,7 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
 
     # the same command again resumes from checkpoint-4 and ends where the uninterrupted run ended
     assert cli_main(["train", str(killed)]) == 0
+    assert "vlpeft train: resuming from checkpoint 4 (" in capsys.readouterr().out
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["resumed_from"].endswith("checkpoint-4")
     _assert_same_run(run_dir, reference.output_dir, resumed_losses_from=4)

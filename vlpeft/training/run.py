@@ -263,6 +263,52 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def _announce_resume(resume: str | None, trainer: VLPeftTrainer) -> int:
+    """Print (main process) which checkpoint training resumes from; returns its step (0 without a resume)."""
+    if resume is None:
+        return 0
+    try:
+        step = int(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        step = int(Path(resume).name.rsplit("-", 1)[-1]) if Path(resume).name.rsplit("-", 1)[-1].isdigit() else 0
+    if trainer.is_world_process_zero():
+        print(f"vlpeft train: resuming from checkpoint {step} ({resume}); optimiser, scheduler, RNG and data "
+              "order are restored", flush=True)
+    return step
+
+
+def _whole_run_train_metrics(
+    metrics: dict[str, float], log_history: list[dict[str, Any]], resumed_step: int, global_step: int
+) -> dict[str, float]:
+    """The Trainer's train metrics with ``train_loss`` over the whole run, also after a resume.
+
+    After a resume the Trainer averages only the steps this process trained. The steps before the resume are taken
+    from the logged losses in the restored ``log_history`` (each logged ``loss`` is the mean of its logging window).
+    ``train_loss_first_step`` / ``train_loss_last_step`` name the steps ``train_loss`` covers: the whole run when the
+    logged windows reach the resumed checkpoint, else only the steps since the resume (``train_loss_since_resume``
+    is always the latter).
+    """
+    out = dict(metrics)
+    if "train_loss" not in out:
+        return out
+    first = resumed_step + 1
+    if resumed_step > 0:
+        out["train_loss_since_resume"] = out["train_loss"]
+        total, previous = 0.0, 0
+        for entry in log_history:
+            step = int(entry.get("step", 0))
+            if "loss" in entry and previous < step <= resumed_step:
+                total += float(entry["loss"]) * (step - previous)
+                previous = step
+        if previous == resumed_step:
+            trained = global_step - resumed_step
+            out["train_loss"] = (total + out["train_loss"] * trained) / max(global_step, 1)
+            first = 1
+    out["train_loss_first_step"] = float(first)
+    out["train_loss_last_step"] = float(global_step)
+    return out
+
+
 def _save_final(trainer: VLPeftTrainer, assembled: _Assembled, config: TrainConfig, output_dir: Path) -> None:
     """Write the trained model (PEFT adapter or full weights), processor and resolved config atomically:
     everything goes to a temporary folder first, then each file is moved into place with ``os.replace``.
@@ -317,11 +363,15 @@ def run_training(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ())
         callbacks=all_callbacks,
         task=task,
     )
+    resumed_step = _announce_resume(resume, trainer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not support `output_attentions`.*")
         train_output = trainer.train(resume_from_checkpoint=resume)
 
-    metrics: dict[str, dict[str, float]] = {"train": dict(train_output.metrics)}
+    metrics: dict[str, dict[str, float]] = {
+        "train": _whole_run_train_metrics(dict(train_output.metrics), trainer.state.log_history, resumed_step,
+                                          trainer.state.global_step)
+    }
     predictions: dict[str, list[dict[str, Any]]] = {}
     for split, dataset in (("eval", task.eval_dataset), ("test", task.test_dataset)):
         if dataset is None:
