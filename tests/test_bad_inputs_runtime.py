@@ -12,8 +12,9 @@ from _training_data import tiny_caption_config, write_caption_data, write_config
 from transformers import TrainerCallback
 
 from vlpeft.cli import main as cli_main
-from vlpeft.training import TrainingDivergedError, load_config, run_training
+from vlpeft.training import ConfigError, TrainingDivergedError, evaluate, load_config, run_training
 from vlpeft.training.checkpoints import checkpoint_problem, list_checkpoints
+from vlpeft.training.run import _load_trained
 
 
 def _config(tmp_path: Path, name: str, data: dict[str, str], **optim: object) -> Path:
@@ -94,3 +95,31 @@ def test_train_loss_names_its_window_when_the_log_does_not_reach_the_resumed_ste
     # resumed at step 4, last logged step 3: step 4's loss is unknown, so train_loss covers steps 5-6 and says so
     part = _whole_run_train_metrics({"train_loss": 1.0}, history, resumed_step=4, global_step=6)
     assert (part["train_loss"], part["train_loss_first_step"], part["train_loss_last_step"]) == (1.0, 5, 6)
+
+
+# ------------------------------------------------------------------------------ 7: truncated adapter weights
+def test_truncated_adapter_is_refused_by_eval_naming_the_file(tmp_path, capsys):
+    data = write_caption_data(tmp_path / "data")
+    config_path = write_config(tmp_path / "short.yaml", tiny_caption_config(
+        data, tmp_path / "short", optim={"max_steps": 2, "batch_size": 2}, eval={"steps": 2, "load_best_at_end": False}))
+    run_training(load_config(config_path))
+    run_dir = tmp_path / "short"
+    assert cli_main(["eval", str(config_path), "--checkpoint", str(run_dir)]) == 0
+    capsys.readouterr()
+
+    for folder in (run_dir, run_dir / "checkpoint-2"):
+        weights = folder / "adapter_model.safetensors"
+        intact = weights.read_bytes()
+        weights.write_bytes(intact[: len(intact) // 2])
+        others = {k: v for k, v in _digests(folder).items() if k != weights.name}
+        assert cli_main(["eval", str(config_path), "--checkpoint", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vlpeft eval: error: --checkpoint:") and "adapter_model.safetensors" in err, err
+        assert "truncated" in err or "bytes" in err
+        with pytest.raises(ConfigError, match="adapter_model.safetensors"):
+            evaluate(load_config(config_path), folder)
+        # the Python API's loader (used by eval and predict) names the file as well
+        with pytest.raises(ConfigError, match=r"adapter_model\.safetensors"):
+            _load_trained(None, load_config(config_path), folder)
+        assert {k: v for k, v in _digests(folder).items() if k != weights.name} == others  # nothing else touched
+        weights.write_bytes(intact)

@@ -28,6 +28,8 @@ __all__ = [
     "checkpoint_problem",
     "find_resume_checkpoint",
     "list_checkpoints",
+    "safetensors_problem",
+    "weights_problem",
     "write_completion_marker",
 ]
 
@@ -105,16 +107,40 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
         json.loads((folder / "trainer_state.json").read_text())
     except json.JSONDecodeError as error:
         return f"trainer_state.json is not valid JSON ({error})"
+    for name in files:
+        if name.endswith(".safetensors") and (problem := safetensors_problem(folder / name)) is not None:
+            return f"{name} {problem}"
+    return None
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why the safetensors file ``path`` cannot be read (truncated, corrupt header), or ``None`` if every tensor's
+    header and data range are in the file. Reads the header only, not the tensors."""
     from safetensors import safe_open
 
-    for name in files:
-        if name.endswith(".safetensors"):
-            try:
-                with safe_open(folder / name, framework="pt") as handle:
-                    for key in handle.keys():  # noqa: SIM118  (safe_open handles are not iterable)
-                        handle.get_slice(key)
-            except Exception as error:  # safetensors raises several error types for corrupt files
-                return f"{name} cannot be read ({error})"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118  (safe_open handles are not iterable)
+                handle.get_slice(key)
+    except Exception as error:  # safetensors raises several error types for corrupt files
+        size = Path(path).stat().st_size if Path(path).is_file() else 0
+        return f"cannot be read ({size} bytes; truncated or corrupt: {error})"
+    return None
+
+
+def weights_problem(folder: str | os.PathLike) -> str | None:
+    """Why trained weights cannot be loaded from ``folder`` (a run folder or a checkpoint), or ``None``.
+
+    A folder with a completion marker (a ``checkpoint-<step>``) is validated as resuming does
+    (:func:`checkpoint_problem`); every ``*.safetensors`` file is opened and its header checked against its size.
+    The problem names the file.
+    """
+    folder = Path(folder)
+    if (folder / COMPLETION_MARKER).is_file() and (problem := checkpoint_problem(folder)) is not None:
+        return problem
+    for path in sorted(folder.glob("*.safetensors")):
+        if (problem := safetensors_problem(path)) is not None:
+            return f"{path} {problem}"
     return None
 
 

@@ -27,6 +27,7 @@ from vlpeft.training.checkpoints import (
     checkpoint_problem,
     find_resume_checkpoint,
     list_checkpoints,
+    weights_problem,
 )
 from vlpeft.training.config import ConfigError, TrainConfig, config_to_dict, save_config
 from vlpeft.training.methods import apply_method, count_parameters
@@ -213,7 +214,12 @@ def _assemble(config: TrainConfig, plan: ValidatedPlan, checkpoint: str | os.Pat
 
 
 def _load_trained(model: Any, config: TrainConfig, folder: Path) -> Any:
-    """Load trained weights from a run folder or checkpoint (PEFT adapter or full model weights)."""
+    """Load trained weights from a run folder or checkpoint (PEFT adapter or full model weights); the folder is
+    validated first (:func:`~vlpeft.training.checkpoints.weights_problem`: a truncated or corrupt weights file is a
+    :class:`ConfigError` naming it)."""
+    problem = weights_problem(folder)
+    if problem is not None:
+        raise ConfigError(f"--checkpoint: {folder} cannot be loaded: {problem}")
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -415,6 +421,9 @@ def _eval_trainer(config: TrainConfig, checkpoint: str | os.PathLike) -> tuple[V
     folder = Path(checkpoint)
     if not folder.is_dir():
         raise ConfigError(f"--checkpoint: folder {str(folder)!r} does not exist")
+    problem = weights_problem(folder)  # before any model is loaded
+    if problem is not None:
+        raise ConfigError(f"--checkpoint: {folder} cannot be loaded: {problem}")
     assembled = _assemble(config, plan, checkpoint=folder)
     args = _training_arguments(config, plan, has_eval=False)
     trainer = VLPeftTrainer(model=assembled.model, args=args, data_collator=assembled.task.collate,
