@@ -8,6 +8,11 @@ maximum length where it cannot be cut (e.g. inside its image placeholders). The
 - ``on_error="raise"`` (default): raise :class:`BadInputError` whose message names the file and the record.
 - ``on_error="skip"``: leave the item out, count it under its reason, and keep the first few messages so that
   :meth:`BadInputPolicy.report` can say exactly what was skipped. Nothing is dropped without being counted.
+- ``on_error="warn"``: skip and count as ``"skip"`` does, and also log one warning (naming the item) the first time
+  each reason occurs, so a run's log shows each kind of bad input as soon as it is met.
+
+The config key ``task.bad_input`` (``raise``, ``skip`` or ``warn``) selects the policy of a ``vlpeft`` run; the
+error raised under ``"raise"`` names that key as the way to skip such items.
 
 One policy object may be shared by several datasets; its counts then cover all of them.
 """
@@ -17,6 +22,12 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from typing import Literal
+
+BadInputMode = Literal["raise", "skip", "warn"]
+#: The allowed ``on_error`` values (the values of the config key ``task.bad_input``).
+BAD_INPUT_MODES: tuple[str, ...] = ("raise", "skip", "warn")
+#: Appended to every error raised under ``on_error="raise"``: how to skip such items instead.
+SKIP_HINT = "set task.bad_input: skip (or warn) in the config to skip and count such items"
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +55,14 @@ class BadInputPolicy:
     """Raise on bad input, or (opt-in) skip it while counting every skip per reason.
 
     Args:
-        on_error: ``"raise"`` or ``"skip"``.
+        on_error: ``"raise"``, ``"skip"`` or ``"warn"`` (skip, count, and log a warning at the first item of each
+            reason).
         keep_examples: how many messages to keep per reason for :meth:`report`.
     """
 
-    def __init__(self, on_error: Literal["raise", "skip"] = "raise", keep_examples: int = 3) -> None:
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    def __init__(self, on_error: BadInputMode = "raise", keep_examples: int = 3) -> None:
+        if on_error not in BAD_INPUT_MODES:
+            raise ValueError(f"on_error must be one of {list(BAD_INPUT_MODES)}, got {on_error!r}")
         if keep_examples < 0:
             raise ValueError(f"keep_examples must be >= 0, got {keep_examples}")
         self.on_error = on_error
@@ -60,7 +72,8 @@ class BadInputPolicy:
 
     @property
     def skipping(self) -> bool:
-        return self.on_error == "skip"
+        """Whether bad items are left out (``"skip"`` and ``"warn"``) rather than raised."""
+        return self.on_error != "raise"
 
     @property
     def total(self) -> int:
@@ -72,8 +85,9 @@ class BadInputPolicy:
         if reason not in BAD_INPUT_REASONS:
             raise ValueError(f"unknown bad-input reason {reason!r}; expected one of {BAD_INPUT_REASONS}")
         if self.on_error == "raise":
-            raise BadInputError(f"{message} (pass a BadInputPolicy(on_error='skip') to skip and count such items)",
-                                reason)
+            raise BadInputError(f"{message} ({SKIP_HINT})", reason)
+        if self.on_error == "warn" and not self.counts.get(reason):
+            logger.warning("bad input (%s), skipped and counted (task.bad_input: warn): %s", reason, message)
         self.counts[reason] += 1
         kept = self.examples.setdefault(reason, [])
         if len(kept) < self.keep_examples:

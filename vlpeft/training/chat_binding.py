@@ -23,8 +23,10 @@ __all__ = ["SHORT_ANSWER_WORDS", "bind_chat_template", "load_chat_datasets"]
 SHORT_ANSWER_WORDS = 5
 
 
-def load_chat_datasets(config: TrainConfig, policy: Any) -> list[Any]:
-    """(train, eval, test) conversation records of ``task.type: chat`` (``None`` for files not given)."""
+def load_chat_datasets(config: TrainConfig, policy: Any, image_check: str = "decode") -> list[Any]:
+    """(train, eval, test) conversation records of ``task.type: chat`` (``None`` for files not given); with
+    ``image_check="decode"`` every image is decoded here, before any model is loaded (see
+    :func:`~vlpeft.training.task_binding.load_datasets`)."""
     from vlpeft.tasks.bad_input import BadInputError
     from vlpeft.tasks.chat_data import read_chat_records
 
@@ -38,7 +40,8 @@ def load_chat_datasets(config: TrainConfig, policy: Any) -> list[Any]:
             continue
         try:
             with _quiet_datasets():
-                out.append(read_chat_records(path, images_root=root, policy=policy))
+                out.append(read_chat_records(path, images_root=root, policy=policy,
+                                              image_check=image_check))
         except BadInputError:
             raise
         except (ValueError, OSError) as error:  # the whole file: unknown format, unreadable
@@ -136,7 +139,7 @@ def bind_chat_template(config: TrainConfig, processor: Any, datasets: tuple[Any,
     )
 
     task = config.task
-    policy = BadInputPolicy("skip" if task.bad_input == "skip" else "raise")
+    policy = BadInputPolicy(task.bad_input)
     chat = ChatCollator(processor, task.max_length, policy=policy)
     if task.type == "chat":
         return _bind_conversations(config, chat, datasets)

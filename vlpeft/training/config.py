@@ -144,7 +144,9 @@ class TaskConfig:
         max_length: maximum text length in tokens.
         image_size: resize edge for images (default: the processor's).
         max_train_samples / max_eval_samples: truncate the datasets (0: use all).
-        bad_input: what to do with malformed records: ``raise``, ``skip`` or ``warn``.
+        bad_input: what to do with malformed records: ``raise`` (stop before training, naming the file and record),
+            ``skip`` (leave them out and count them per reason) or ``warn`` (as ``skip``, plus a warning the first
+            time each reason occurs); see :class:`vlpeft.tasks.bad_input.BadInputPolicy`.
     """
 
     type: str = "caption"
@@ -460,6 +462,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     Keys are checked when the result goes through :func:`config_from_dict`; ``method.<option>`` and nested
     dict keys such as ``model.tiny_overrides.hidden_size`` are allowed.
     """
+    if not isinstance(data, dict):
+        raise ConfigError(f"--set needs a config mapping of sections {list(_SECTIONS)}, got {type(data).__name__}")
     result = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for item in overrides:
         parts, value = _parse_override(item)
@@ -490,9 +494,15 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from error
+    if data is None:  # an empty file: every default
+        data = {}
+    if not isinstance(data, dict):
+        kind = "a list" if isinstance(data, list) else f"a {type(data).__name__} ({data!r:.40})"
+        raise ConfigError(f"{path}: a config file must be a YAML mapping of sections {list(_SECTIONS)} "
+                          f"(e.g. 'optim: {{learning_rate: 1.0e-4}}'), got {kind}")
     if overrides:
         data = apply_overrides(data, overrides)
     return config_from_dict(data, base_dir=os.getcwd())

@@ -129,23 +129,25 @@ def _policy(mode: str):
     return BadInputPolicy(mode)
 
 
-def _load_vqa(path: Path, annotations: Path | None, images: Path, policy) -> Any:
+def _load_vqa(path: Path, annotations: Path | None, images: Path, policy, image_check: str = "decode") -> Any:
     from vlpeft.tasks.vqa import VQADataset
 
     with open(path) as handle:
         head = handle.read(64).lstrip()
     if head.startswith("["):
-        return VQADataset.from_karpathy(path, images, annotations_json=annotations, policy=policy)
-    return VQADataset.from_official(path, annotations, images, policy=policy)
+        return VQADataset.from_karpathy(path, images, annotations_json=annotations, policy=policy,
+                                        image_check=image_check)
+    return VQADataset.from_official(path, annotations, images, policy=policy, image_check=image_check)
 
 
-def _load_captions(path: Path, images: Path, split: str, view: str, policy) -> Any:
+def _load_captions(path: Path, images: Path, split: str, view: str, policy, image_check: str = "decode") -> Any:
+    from vlpeft.tasks._io import read_json
     from vlpeft.tasks.captions import CaptionDataset
 
-    data = json.loads(path.read_text())
+    data = read_json(path)  # a truncated file raises BadInputError naming it
     if isinstance(data, dict) and "annotations" in data:
-        return CaptionDataset.from_coco(path, images, view=view, policy=policy)
-    return CaptionDataset.from_karpathy(path, images, split, view=view, policy=policy)
+        return CaptionDataset.from_coco(path, images, view=view, policy=policy, image_check=image_check)
+    return CaptionDataset.from_karpathy(path, images, split, view=view, policy=policy, image_check=image_check)
 
 
 def _truncate(dataset: Any, limit: int) -> Any:
@@ -154,14 +156,21 @@ def _truncate(dataset: Any, limit: int) -> Any:
     return torch.utils.data.Subset(dataset, range(limit))
 
 
-def load_datasets(config: TrainConfig) -> tuple[Any, Any, Any]:
-    """(train, eval, test) datasets of the task (``None`` for files not given)."""
+def load_datasets(config: TrainConfig, image_check: str = "decode") -> tuple[Any, Any, Any]:
+    """(train, eval, test) datasets of the task (``None`` for files not given).
+
+    With ``image_check="decode"`` (the default) every image is decoded while the datasets are built, before any
+    model is loaded: under ``task.bad_input: raise`` a corrupt image stops the run there with a
+    :class:`~vlpeft.tasks.bad_input.BadInputError` naming the file and the record; under ``skip``/``warn`` the
+    record is left out and counted, so the DataLoader never meets it mid-training. ``"exists"`` only checks that
+    the files are there (faster; a corrupt image then fails when the DataLoader decodes it).
+    """
     task = config.task
     policy = _policy(task.bad_input)
     if task.type == "chat":
         from vlpeft.training.chat_binding import load_chat_datasets
 
-        train, evaluation, test = load_chat_datasets(config, policy)
+        train, evaluation, test = load_chat_datasets(config, policy, image_check=image_check)
         return (_truncate(train, task.max_train_samples), _truncate(evaluation, task.max_eval_samples),
                 _truncate(test, task.max_eval_samples))
     images = config.resolve_path(task.images)
@@ -173,15 +182,15 @@ def load_datasets(config: TrainConfig) -> tuple[Any, Any, Any]:
             continue
         if task.type == "vqa":
             ann = config.resolve_path(getattr(task, f"{split}_annotations"))
-            out.append(_load_vqa(path, ann, images, policy))
+            out.append(_load_vqa(path, ann, images, policy, image_check))
         elif task.type == "snli_ve":
             from vlpeft.tasks.snli_ve import SNLIVEDataset
 
-            out.append(SNLIVEDataset.from_jsonl(path, images, policy=policy))
+            out.append(SNLIVEDataset.from_jsonl(path, images, policy=policy, image_check=image_check))
         else:
             karpathy_split = {"train": "train", "eval": "val", "test": "test"}[split]
             view = "pairs" if split == "train" else "images"
-            out.append(_load_captions(path, images, karpathy_split, view, policy))
+            out.append(_load_captions(path, images, karpathy_split, view, policy, image_check))
     train, evaluation, test = out
     return (_truncate(train, task.max_train_samples), _truncate(evaluation, task.max_eval_samples),
             _truncate(test, task.max_eval_samples))
@@ -216,7 +225,11 @@ def answer_list(config: TrainConfig, train: Any) -> list[str] | None:
     else built from the training records (most frequent first), else ``None``."""
     path = config.resolve_path(config.task.answer_list)
     if path is not None:
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"task.answer_list: {str(path)!r} is not valid JSON ({error}); expected a JSON list of "
+                              "answer strings or an ans2label mapping") from error
         if isinstance(data, dict):
             data = sorted(data, key=data.get) if all(isinstance(v, int) for v in data.values()) else list(data)
         if not isinstance(data, list) or not all(isinstance(a, str) for a in data) or not data:

@@ -1,0 +1,154 @@
+"""Bad inputs get a clear, early error through the CLI (issue #18, items 2-6): ``task.bad_input: warn``, data errors
+under ``raise`` (``vlpeft train: error: ...``, exit status 2, naming the file and the record and the config key
+``task.bad_input``), config files that are not a mapping, an ``output_dir`` that cannot be written, and an
+``answer_list`` that misses training or evaluation answers. Every refusal happens before any model is loaded and
+leaves what a previous run wrote untouched."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _training_data import tiny_caption_config, write_config, write_vqa_data
+
+from vlpeft.cli import main
+from vlpeft.tasks.bad_input import BadInputError, BadInputPolicy
+from vlpeft.training import run as run_module
+from vlpeft.training.config import ConfigError, load_config
+
+PREVIOUS = "previous run's metrics"
+
+
+def _vqa_config(data: dict[str, str], output_dir: Path, **task: Any) -> dict[str, Any]:
+    """A 2-step ViT + RoBERTa classifier run (LoRA) on ``write_vqa_data`` files, no evaluation during training."""
+    config = tiny_caption_config(data, output_dir)
+    config["model"] = {"tiny": "vit_roberta"}
+    config["method"] = {"type": "lora", "r": 4, "lora_alpha": 4}
+    config["task"] = {"type": "vqa", "train": data["train"], "train_annotations": data["train_annotations"],
+                      "eval": data["val"], "eval_annotations": data["val_annotations"], "images": data["images"],
+                      "answer_list": data["answer_list"], "max_length": 12, **task}
+    config["optim"].update({"max_steps": 2, "batch_size": 2})
+    config["eval"].update({"strategy": "no", "load_best_at_end": False})
+    return config
+
+
+@pytest.fixture()
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a model is loaded (the error must come before)."""
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+def _previous_run(output_dir: Path) -> Path:
+    """An output folder holding what an earlier run wrote; returns the file to check afterwards."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    marker = output_dir / "metrics.json"
+    marker.write_text(PREVIOUS)
+    return marker
+
+
+# ------------------------------------------------------------------------------------------ item 6: not a mapping
+@pytest.mark.parametrize("text, kind", [("- model\n- task\n", "got a list"), ("just a string\n", "got a str"),
+                                        ("42\n", "got a int")])
+@pytest.mark.parametrize("overrides", [[], ["--set", "optim.batch_size=2"]])
+def test_config_that_is_not_a_mapping_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        text: str, kind: str, overrides: list[str]) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text(text)
+    for command in (["train", str(path), "--check"], ["train", str(path)]):
+        assert main([*command, *overrides]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vlpeft train: error: ") and "Traceback" not in err
+        assert str(path) in err and "must be a YAML mapping of sections" in err and kind in err
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_config(path, ["optim.batch_size=2"])
+
+
+# ----------------------------------------------------------------------------------------------- item 4: warn
+def test_warn_policy_skips_counts_and_warns_once_per_reason(caplog: pytest.LogCaptureFixture) -> None:
+    policy = BadInputPolicy("warn")
+    assert policy.skipping
+    with caplog.at_level(logging.WARNING, logger="vlpeft.tasks.bad_input"):
+        policy.handle("missing_image", "file a.json record 1: no image")
+        policy.handle("missing_image", "file a.json record 2: no image")
+        policy.handle("malformed_record", "file a.json record 3: missing field 'question'")
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2, warned
+    assert "missing_image" in warned[0] and "record 1" in warned[0] and "task.bad_input: warn" in warned[0]
+    assert "malformed_record" in warned[1] and "record 3" in warned[1]
+    assert policy.counts == {"missing_image": 2, "malformed_record": 1} and policy.total == 3
+    with pytest.raises(ValueError, match=r"on_error must be one of \['raise', 'skip', 'warn'\]"):
+        BadInputPolicy("ignore")  # type: ignore[arg-type]
+
+
+def test_warn_trains_without_the_bad_records(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    torch.set_num_threads(1)
+    data = write_vqa_data(tmp_path / "vqa", 4, 2)
+    os.remove(next(iter(sorted((tmp_path / "vqa" / "images" / "train2014").iterdir()))))
+    path = write_config(tmp_path / "c.yaml", _vqa_config(data, tmp_path / "run", bad_input="warn"))
+    assert main(["train", str(path), "--check"]) == 0
+    with caplog.at_level(logging.WARNING, logger="vlpeft.tasks.bad_input"):
+        assert main(["train", str(path)]) == 0
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "bad input (missing_image), skipped and counted (task.bad_input: warn)" in messages
+    assert "question_id 10" in messages and "missing_image: 1" in messages  # the warning, then the count
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------------- item 5: data errors under raise
+def _break(case: str, data: dict[str, str], root: Path) -> tuple[str, str]:
+    """Damage the data as ``case`` says; returns (file the error must name, record it must name)."""
+    questions = Path(data["train"])
+    if case == "missing_image":
+        os.remove(root / "images" / "train2014" / "COCO_train2014_000000000002.png")
+        return data["train"], "question_id 20"
+    if case == "truncated_json":
+        questions.write_text(questions.read_text()[:50])
+        return data["train"], "not valid JSON"
+    if case == "missing_field":
+        content = json.loads(questions.read_text())
+        del content["questions"][1]["question"]
+        questions.write_text(json.dumps(content))
+        return data["train"], "question_id 20: missing field 'question'"
+    if case == "empty_questions":
+        questions.write_text(json.dumps({"questions": []}))
+        return data["train"], "holds no questions"
+    if case == "question_without_annotation":
+        annotations = Path(data["train_annotations"])
+        content = json.loads(annotations.read_text())
+        content["annotations"].pop(0)
+        annotations.write_text(json.dumps(content))
+        return data["train"], f"question_id 10: no annotation in {data['train_annotations']!r}"
+    assert case == "truncated_answer_list"
+    answers = Path(data["answer_list"])
+    answers.write_text(answers.read_text()[:10])
+    return data["answer_list"], "task.answer_list"
+
+
+@pytest.mark.parametrize("case", ["missing_image", "truncated_json", "missing_field", "empty_questions",
+                                  "question_without_annotation", "truncated_answer_list"])
+def test_data_errors_under_raise_are_clean_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  no_model: None, case: str) -> None:
+    data = write_vqa_data(tmp_path / "vqa", 4, 2)
+    marker = _previous_run(tmp_path / "run")
+    file, record = _break(case, data, tmp_path / "vqa")
+    path = write_config(tmp_path / "c.yaml", _vqa_config(data, tmp_path / "run"))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlpeft train: error: ") and "Traceback" not in err, err
+    assert file in err and record in err, err
+    if case not in ("truncated_json", "truncated_answer_list"):  # whole-file errors cannot be skipped
+        assert "set task.bad_input: skip (or warn) in the config" in err, err
+    assert "BadInputPolicy(" not in err
+    assert marker.read_text() == PREVIOUS and sorted(p.name for p in marker.parent.iterdir()) == ["metrics.json"]
+
+
+def test_bad_input_error_names_the_config_key() -> None:
+    with pytest.raises(BadInputError, match=r"record 7: no image \(set task.bad_input: skip \(or warn\)") as info:
+        BadInputPolicy().handle("missing_image", "record 7: no image")
+    assert info.value.reason == "missing_image"
