@@ -12,6 +12,7 @@ from _training_data import tiny_caption_config, write_caption_data, write_config
 from transformers import TrainerCallback
 
 from vlpeft.cli import main as cli_main
+from vlpeft.tasks.bad_input import BadInputError
 from vlpeft.training import ConfigError, TrainingDivergedError, evaluate, load_config, run_training
 from vlpeft.training.checkpoints import checkpoint_problem, list_checkpoints
 from vlpeft.training.run import _load_trained
@@ -123,3 +124,42 @@ def test_truncated_adapter_is_refused_by_eval_naming_the_file(tmp_path, capsys):
             _load_trained(None, load_config(config_path), folder)
         assert {k: v for k, v in _digests(folder).items() if k != weights.name} == others  # nothing else touched
         weights.write_bytes(intact)
+
+
+# ----------------------------------------------------------------------------------------- 1: corrupt image
+def _corrupt_first_train_image(data: dict[str, str]) -> Path:
+    image = sorted((Path(data["images"]) / "train2014").iterdir())[0]
+    image.write_bytes(image.read_bytes()[:60])  # a truncated PNG: the header opens, the pixels do not decode
+    return image
+
+
+def test_corrupt_image_is_skipped_and_counted_under_skip(tmp_path, caplog):
+    data = write_caption_data(tmp_path / "data")
+    image = _corrupt_first_train_image(data)
+    config = tiny_caption_config(data, tmp_path / "skip", optim={"max_steps": 3, "batch_size": 2},
+                                 eval={"steps": 3, "load_best_at_end": False})
+    config["task"]["bad_input"] = "skip"
+    with caplog.at_level("WARNING", logger="vlpeft.tasks.bad_input"):
+        result = run_training(load_config(write_config(tmp_path / "skip.yaml", config)))
+    assert result.global_step == 3 and (tmp_path / "skip" / "metrics.json").is_file()
+    report = "\n".join(r.getMessage() for r in caplog.records)
+    assert "corrupt_image: 1" in report and image.name in report
+
+
+def test_corrupt_image_under_raise_fails_before_the_model_is_loaded(tmp_path, monkeypatch, capsys):
+    import vlpeft.training.run as run_module
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(run_module, "load_model", no_model)
+    data = write_caption_data(tmp_path / "data")
+    image = _corrupt_first_train_image(data)
+    config_path = write_config(tmp_path / "raise.yaml", tiny_caption_config(data, tmp_path / "raise"))
+    with pytest.raises(BadInputError, match="corrupt image file") as info:
+        run_training(load_config(config_path))
+    assert info.value.reason == "corrupt_image" and image.name in str(info.value)
+    assert cli_main(["train", str(config_path)]) == 2
+    err = capsys.readouterr().err
+    assert "vlpeft train: error: corrupt image file" in err and image.name in err
+    assert not list_checkpoints(tmp_path / "raise")
