@@ -152,3 +152,74 @@ def test_bad_input_error_names_the_config_key() -> None:
     with pytest.raises(BadInputError, match=r"record 7: no image \(set task.bad_input: skip \(or warn\)") as info:
         BadInputPolicy().handle("missing_image", "record 7: no image")
     assert info.value.reason == "missing_image"
+
+
+# ------------------------------------------------------------------------------ item 2: unwritable run.output_dir
+def _check_and_train(path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """stderr of ``train --check`` and of ``train`` (both must refuse with status 2 and no traceback)."""
+    errors = []
+    for command in (["train", str(path), "--check"], ["train", str(path)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vlpeft train: error: run.output_dir: ") and "Traceback" not in err, err
+        errors.append(err)
+    return errors
+
+
+def test_output_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None) -> None:
+    data = write_vqa_data(tmp_path / "vqa", 4, 2)
+    taken = tmp_path / "taken"
+    taken.write_text(PREVIOUS)
+    path = write_config(tmp_path / "c.yaml", _vqa_config(data, taken))
+    for err in _check_and_train(path, capsys):
+        assert f"{str(taken)!r} is a file, not a folder" in err
+    path = write_config(tmp_path / "c.yaml", _vqa_config(data, taken / "run"))
+    for err in _check_and_train(path, capsys):
+        assert f"{str(taken / 'run')!r} cannot be created: {str(taken)!r} is a file" in err
+    assert taken.read_text() == PREVIOUS
+
+
+def test_output_dir_that_cannot_be_written(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe write fails (simulated, so the test also holds as root, who may write anywhere)."""
+    data = write_vqa_data(tmp_path / "vqa", 4, 2)
+    marker = _previous_run(tmp_path / "run")
+    path = write_config(tmp_path / "c.yaml", _vqa_config(data, tmp_path / "run"))
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("vlpeft.training.validation.tempfile.mkstemp", refuse)
+    for err in _check_and_train(path, capsys):
+        assert f"{str(tmp_path / 'run')!r} is not writable (Permission denied)" in err
+    path = write_config(tmp_path / "c.yaml", _vqa_config(data, tmp_path / "run" / "sub"))
+    for err in _check_and_train(path, capsys):
+        assert f"cannot be created in {str(tmp_path / 'run')!r} (Permission denied)" in err
+    assert marker.read_text() == PREVIOUS and sorted(p.name for p in marker.parent.iterdir()) == ["metrics.json"]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="root writes to a chmod 0500 folder anyway (the simulated test above covers root)")
+def test_output_dir_without_write_permission(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             no_model: None) -> None:
+    data = write_vqa_data(tmp_path / "vqa", 4, 2)
+    marker = _previous_run(tmp_path / "run")
+    path = write_config(tmp_path / "c.yaml", _vqa_config(data, tmp_path / "run"))
+    (tmp_path / "run").chmod(0o500)
+    try:
+        for err in _check_and_train(path, capsys):
+            assert "is not writable" in err
+    finally:
+        (tmp_path / "run").chmod(0o700)
+    assert marker.read_text() == PREVIOUS
+
+
+def test_writable_output_dir_is_left_as_it_was(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_vqa_data(tmp_path / "vqa", 4, 2)
+    path = write_config(tmp_path / "c.yaml", _vqa_config(data, tmp_path / "new" / "run"))
+    assert main(["train", str(path), "--check"]) == 0
+    assert not (tmp_path / "new").exists()  # --check creates nothing
+    marker = _previous_run(tmp_path / "old")
+    path = write_config(tmp_path / "c.yaml", _vqa_config(data, tmp_path / "old"))
+    assert main(["train", str(path), "--check"]) == 0
+    assert sorted(p.name for p in marker.parent.iterdir()) == ["metrics.json"]  # the probe file is gone

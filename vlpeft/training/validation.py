@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +22,7 @@ from vlpeft.training.task_binding import (
     default_framing,
 )
 
-__all__ = ["ValidatedPlan", "validate_config"]
+__all__ = ["ValidatedPlan", "check_output_dir", "validate_config"]
 
 
 @dataclass
@@ -39,6 +42,36 @@ def _check_file(config: TrainConfig, key: str, value: str | None, *, folder: boo
     if not ok:
         kind = "folder" if folder else "file"
         raise ConfigError(f"{key}: {kind} {str(path)!r} does not exist")
+
+
+def check_output_dir(config: TrainConfig) -> Path:
+    """``run.output_dir`` resolved, after checking that a run can write there: the folder (or, when it does not exist
+    yet, its nearest existing parent, where it will be created) is a folder and a probe file can be created and
+    removed in it. Permissions are tested by writing, not by mode bits, so ACLs, read-only mounts and root are
+    judged as the run would meet them.
+
+    Raises:
+        ConfigError: naming ``run.output_dir``, the path and why it cannot be written.
+    """
+    path = config.resolve_path(config.run.output_dir)
+    existing = path
+    while not existing.exists() and not existing.is_symlink() and existing.parent != existing:
+        existing = existing.parent
+    if existing.is_symlink() and not existing.exists():
+        raise ConfigError(f"run.output_dir: {str(path)!r} cannot be created: {str(existing)!r} is a broken symbolic "
+                          "link")
+    if not existing.is_dir():
+        where = "is a file, not a folder" if existing == path else f"cannot be created: {str(existing)!r} is a file"
+        raise ConfigError(f"run.output_dir: {str(path)!r} {where}; choose another run.output_dir")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".vlpeft-write-probe-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        what = "is not writable" if existing == path else f"cannot be created in {str(existing)!r}"
+        raise ConfigError(f"run.output_dir: {str(path)!r} {what} ({error.strerror or error}); fix its permissions "
+                          "or choose another run.output_dir") from error
+    return path
 
 
 def validate_config(config: TrainConfig, *, for_training: bool = True) -> ValidatedPlan:
@@ -134,6 +167,8 @@ def validate_config(config: TrainConfig, *, for_training: bool = True) -> Valida
         )
     if run.resume not in ("auto", "never"):
         _check_file(config, "run.resume", run.resume, folder=True)
+    if for_training:
+        check_output_dir(config)
 
     # --- precision
     if run.precision == "fp16" and not torch.cuda.is_available():
