@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from _training_data import tiny_caption_config, write_caption_data, write_config
 from transformers import TrainerCallback
 
@@ -163,3 +164,48 @@ def test_corrupt_image_under_raise_fails_before_the_model_is_loaded(tmp_path, mo
     err = capsys.readouterr().err
     assert "vlpeft train: error: corrupt image file" in err and image.name in err
     assert not list_checkpoints(tmp_path / "raise")
+
+
+# ------------------------------------------------------------------------- 10: autocast with chunked p-adapter
+def _autocast_loss_and_grads(chunk_size: int | None) -> tuple[torch.Tensor, dict]:
+    import peft
+
+    from vlpeft.testing import build_tiny_model
+    from vlpeft.tuners.p_adapter import PAdapterConfig
+
+    torch.manual_seed(0)
+    tiny = build_tiny_model("llava", seed=0)
+    model = peft.get_peft_model(tiny.model, PAdapterConfig(variant="release", p_init=1.25, key_pool_size=3,
+                                                           chunk_size=chunk_size))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**tiny.inputs).loss
+    loss.backward()  # outside autocast, as the Trainer does
+    return loss.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_bf16_autocast_with_chunked_release_recomputes_rows_in_the_forward_dtype(monkeypatch, torch_block_path):
+    import vlpeft.glue.attention as attention_module
+
+    dtypes: list[torch.dtype] = []
+    original = attention_module.recompute_attention_rows
+
+    def spying(*args: object, **kwargs: object):
+        rows_of = original(*args, **kwargs)
+
+        def counted(rows: slice) -> torch.Tensor:
+            block = rows_of(rows)
+            dtypes.append(block.dtype)
+            return block
+
+        return counted
+
+    monkeypatch.setattr(attention_module, "recompute_attention_rows", spying)
+    chunked_loss, chunked = _autocast_loss_and_grads(2)
+    assert dtypes, "the chunked backward did not recompute attention rows"
+    loss, grads = _autocast_loss_and_grads(None)
+    torch.testing.assert_close(chunked_loss, loss)
+    assert chunked.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert torch.isfinite(chunked[name]).all(), name
+        torch.testing.assert_close(chunked[name].float(), grad.float(), rtol=5e-2, atol=5e-3, msg=name)

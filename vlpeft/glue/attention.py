@@ -341,8 +341,16 @@ def recompute_attention_rows(
     An additive mask holding only 0 and the dtype's minimum (causal and padding masks) is kept as a boolean
     (1/4 of its size) and rebuilt exactly per block (s + min rounds to min for any finite score s); other masks
     are kept as they are.
+
+    The rows are recomputed under the autocast state of this (forward) call, whatever autocast state the caller
+    has (the p-Laplacian backward runs with autocast off): under bf16/fp16 autocast the eager function's matmuls
+    then see the dtypes they saw in the forward pass (issue #18 item 10).
     """
     options = {k: v for k, v in kwargs.items() if k != "dropout"}
+    autocast_states = [
+        (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        for kind in dict.fromkeys((query.device.type, "cpu")) if torch.amp.is_autocast_available(kind)
+    ]
     mask = attention_mask
     allowed = None
     if mask is not None and mask.dtype != torch.bool and mask.is_floating_point():
@@ -361,7 +369,10 @@ def recompute_attention_rows(
             mask_rows = mask[..., rows, :] if mask.shape[-2] != 1 else mask
         else:
             mask_rows = None
-        return eager(module, query[..., rows, :], key, value, mask_rows, dropout=0.0, **options)[1]
+        with contextlib.ExitStack() as stack:
+            for kind, enabled, dtype in autocast_states:
+                stack.enter_context(torch.autocast(device_type=kind, dtype=dtype, enabled=enabled))
+            return eager(module, query[..., rows, :], key, value, mask_rows, dropout=0.0, **options)[1]
 
     attention_dtype = attention_mask.dtype if attention_mask is not None else query.dtype
     return rows_of
