@@ -209,3 +209,42 @@ def test_bf16_autocast_with_chunked_release_recomputes_rows_in_the_forward_dtype
     for name, grad in grads.items():
         assert torch.isfinite(chunked[name]).all(), name
         torch.testing.assert_close(chunked[name].float(), grad.float(), rtol=5e-2, atol=5e-3, msg=name)
+
+
+# ------------------------------------------------------------------- 8: adapter of a deeper model, shallow base
+def test_adapter_with_weights_the_base_has_no_place_for_is_refused(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    data = write_caption_data(tmp_path / "data")
+    config_path = write_config(tmp_path / "deep.yaml", tiny_caption_config(
+        data, tmp_path / "deep", optim={"max_steps": 1, "batch_size": 2}, eval={"strategy": "no"}))
+    run_training(load_config(config_path))
+    run_dir = tmp_path / "deep"
+    assert cli_main(["eval", str(config_path), "--checkpoint", str(run_dir)]) == 0
+    capsys.readouterr()
+
+    # what an adapter trained on a model with more layers holds: the same weights for a layer this base lacks
+    weights_file = run_dir / "adapter_model.safetensors"
+    weights = load_file(str(weights_file))
+    layer_keys = [k for k in weights if ".layers.0." in k or ".layer.0." in k]
+    assert layer_keys
+    extra = {k.replace(".layers.0.", ".layers.97.").replace(".layer.0.", ".layer.97."): v.clone()
+             for k, v in weights.items() if k in layer_keys}
+    save_file({**weights, **extra}, str(weights_file))
+    before = _digests(run_dir)
+
+    with pytest.raises(ConfigError, match=r"has no place for") as info:
+        _load_trained_on_tiny_base(config_path, run_dir)
+    assert sorted(extra)[0] in str(info.value) and f"{len(extra)} weight(s)" in str(info.value)
+    assert cli_main(["eval", str(config_path), "--checkpoint", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "vlpeft eval: error: --checkpoint:" in err and ".97." in err
+    assert _digests(run_dir) == before  # nothing was rewritten
+
+
+def _load_trained_on_tiny_base(config_path: Path, folder: Path) -> object:
+    from vlpeft.training.run import _assemble
+    from vlpeft.training.validation import validate_config
+
+    config = load_config(config_path)
+    return _assemble(config, validate_config(config, for_training=False), checkpoint=folder)

@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from vlpeft.training.task_binding import (
     TaskBinding,
     answer_list,
     build_task,
+    check_answer_coverage,
     load_datasets,
     num_labels_for,
     tokenizer_texts,
@@ -201,6 +203,9 @@ def _assemble(config: TrainConfig, plan: ValidatedPlan, checkpoint: str | os.Pat
     """Datasets, processor, model (+ method or a saved adapter), task binding."""
     datasets = load_datasets(config)
     answers = answer_list(config, datasets[0]) if config.task.type == "vqa" else None
+    coverage = check_answer_coverage(config, datasets, answers, training=checkpoint is None)
+    if coverage is not None and _is_main_process():
+        print(f"vlpeft: {coverage.line()}", file=sys.stderr)
     processor = load_processor(config, plan.family, tokenizer_texts(datasets) + list(answers or ()))
     set_seed(config.run.seed)
     model = load_model(config, plan.family, num_labels_for(config, answers))
@@ -225,7 +230,14 @@ def _load_trained(model: Any, config: TrainConfig, folder: Path) -> Any:
 
         import vlpeft  # noqa: F401  (registers vlpeft methods with PEFT)
 
-        return PeftModel.from_pretrained(model, str(folder))
+        peft_model = PeftModel.from_pretrained(model, str(folder))
+        unused = unused_adapter_keys(peft_model, folder)
+        if unused:
+            raise ConfigError(
+                f"--checkpoint: {folder / 'adapter_model.safetensors'} holds {len(unused)} weight(s) this model has no "
+                f"place for, e.g. {unused[:5]} (was the adapter trained on another model, e.g. one with more "
+                "layers? check model.name / model.tiny)")
+        return peft_model
     weights = folder / "model.safetensors"
     if weights.is_file():
         from safetensors.torch import load_file
@@ -235,6 +247,21 @@ def _load_trained(model: Any, config: TrainConfig, folder: Path) -> Any:
             raise ValueError(f"{weights}: unexpected keys {unexpected[:5]} (is this checkpoint for this model?)")
         return model
     raise ConfigError(f"--checkpoint: {folder} holds neither adapter_config.json nor model.safetensors")
+
+
+def unused_adapter_keys(peft_model: Any, folder: str | os.PathLike) -> list[str]:
+    """Tensor names of ``folder``'s ``adapter_model.safetensors`` that ``peft_model`` (just loaded from it) did not
+    take: PEFT drops them silently, e.g. the extra layers' weights of an adapter trained on a deeper model."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    weights = Path(folder) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return []
+    with safe_open(str(weights), framework="pt") as handle:
+        saved = list(handle.keys())
+    expected = set(get_peft_model_state_dict(peft_model))
+    return sorted(key for key in saved if key not in expected)
 
 
 def _prepare_resume(config: TrainConfig, output_dir: Path) -> str | None:
