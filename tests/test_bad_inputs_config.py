@@ -223,3 +223,64 @@ def test_writable_output_dir_is_left_as_it_was(tmp_path: Path, capsys: pytest.Ca
     path = write_config(tmp_path / "c.yaml", _vqa_config(data, tmp_path / "old"))
     assert main(["train", str(path), "--check"]) == 0
     assert sorted(p.name for p in marker.parent.iterdir()) == ["metrics.json"]  # the probe file is gone
+
+
+# ------------------------------------------------------------------------ item 3: answer_list misses some answers
+def _answer_purple(annotations_file: str, count: int) -> None:
+    """Give the first ``count`` questions of an annotation file the answer 'purple' (in no answer list)."""
+    path = Path(annotations_file)
+    content = json.loads(path.read_text())
+    for ann in content["annotations"][:count]:
+        ann["multiple_choice_answer"] = "purple"
+        for answer in ann["answers"]:
+            answer["answer"] = "purple"
+    path.write_text(json.dumps(content))
+
+
+def test_classifier_refuses_an_answer_list_missing_most_training_answers(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None) -> None:
+    data = write_vqa_data(tmp_path / "vqa", 8, 2)
+    Path(data["answer_list"]).write_text(json.dumps(["red", "green"]))  # blue and yellow questions: all-zero targets
+    marker = _previous_run(tmp_path / "run")
+    path = write_config(tmp_path / "c.yaml", _vqa_config(data, tmp_path / "run"))
+    for command in (["train", str(path), "--check"], ["train", str(path)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vlpeft train: error: task.answer_list: 4 of 8 training questions (50.0%) have none "
+                              "of their answers among the 2 answers of task.answer_list"), err
+        assert "all-zero targets; at most 10% is allowed (MAX_UNANSWERABLE_TRAIN_SHARE" in err
+        assert "Traceback" not in err
+    assert marker.read_text() == PREVIOUS and sorted(p.name for p in marker.parent.iterdir()) == ["metrics.json"]
+
+
+def test_classifier_reports_unanswerable_questions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.set_num_threads(1)
+    data = write_vqa_data(tmp_path / "vqa", 12, 4)
+    _answer_purple(data["train_annotations"], 1)  # 1 of 12 = 8.3%: below the 10% refusal threshold
+    _answer_purple(data["val_annotations"], 3)
+    path = write_config(tmp_path / "c.yaml", _vqa_config(data, tmp_path / "run"))
+    line = (f"answer list (4 answers, task.answer_list {data['answer_list']!r}): questions with none of their "
+            "answers in it: train 1 of 12 (8.3%), eval 3 of 4 (75.0%)")
+    assert main(["train", str(path), "--check"]) == 0
+    assert line in capsys.readouterr().out
+    assert main(["train", str(path)]) == 0
+    assert line in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert metrics["eval"]["unanswerable"] == 3
+    assert main(["eval", str(path), "--checkpoint", str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out[out.rindex("{\n"):])["unanswerable"] == 3 and "eval 3 of 4 (75.0%)" in err and "train 1 of 12" not in err
+
+
+def test_ranking_evaluation_counts_unanswerable_questions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.set_num_threads(1)
+    data = write_vqa_data(tmp_path / "vqa", 4, 4)
+    _answer_purple(data["val_annotations"], 2)
+    config = _vqa_config(data, tmp_path / "run", framing="generative", inference="rank", max_length=16)
+    config["model"] = {"tiny": "blip_caption"}
+    path = write_config(tmp_path / "c.yaml", config)
+    assert main(["train", str(path)]) == 0  # ranking trains on the answers themselves: no refusal
+    assert "train 0 of 4 (0.0%), eval 2 of 4 (50.0%)" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert metrics["eval"]["unanswerable"] == 2
+    assert metrics["eval"]["vqa_accuracy"] <= 50.0  # the two unanswerable questions score 0

@@ -185,7 +185,10 @@ def bind_chat_template(config: TrainConfig, processor: Any, datasets: tuple[Any,
                 return out
             return run(model, go)
 
-        return TaskBinding(train, evaluation, test, collate, objective, predict, _vqa_score, "vqa_accuracy", None,
+        def score(records, dataset):
+            return _vqa_score(records, dataset, answers if mode == "rank" else None)
+
+        return TaskBinding(train, evaluation, test, collate, objective, predict, score, "vqa_accuracy", None,
                            {"answer_list": answers})
     if task.type == "snli_ve":
         template = task.prompt or DEFAULT_ENTAILMENT_PROMPT

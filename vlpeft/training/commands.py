@@ -36,6 +36,17 @@ def _load(args: argparse.Namespace):
     return use_tiny_twin(config) if args.tiny_twin else config
 
 
+def _check_answer_coverage(config) -> None:
+    """``train --check`` on VQA: read the data files (image files checked to exist, not decoded) and the answer
+    list, print how many questions it cannot answer, and refuse as training would (no model is loaded)."""
+    from vlpeft.training.task_binding import answer_list, check_answer_coverage, load_datasets
+
+    datasets = load_datasets(config, image_check="exists")
+    coverage = check_answer_coverage(config, datasets, answer_list(config, datasets[0]))
+    if coverage is not None:
+        print(coverage.line())
+
+
 def _train(args: argparse.Namespace) -> int:
     from vlpeft.training.run import run_training
     from vlpeft.training.validation import validate_config
@@ -43,6 +54,8 @@ def _train(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.check:
         plan = validate_config(config)
+        if config.task.type == "vqa":
+            _check_answer_coverage(config)
         print(f"config OK: family={plan.family} method={config.method.type} metric={plan.metric}")
         return 0
     result = run_training(config)

@@ -33,8 +33,12 @@ from vlpeft.tasks.layouts import LAYOUTS, families_where
 from vlpeft.training.config import ConfigError, TrainConfig
 
 __all__ = [
+    "AnswerCoverage",
+    "MAX_UNANSWERABLE_TRAIN_SHARE",
     "TaskBinding",
+    "answer_coverage",
     "build_task",
+    "check_answer_coverage",
     "default_metric",
     "DEFAULT_METRICS",
     "CLASSIFIER_FAMILIES",
@@ -242,7 +246,111 @@ def answer_list(config: TrainConfig, train: Any) -> list[str] | None:
     return list(AnswerVocab.build(_items(train).records).label2ans)
 
 
-def _vqa_score(records: list[dict[str, Any]], dataset: Any) -> dict[str, float]:
+#: Largest share of training questions the VQA classifier (discriminative framing) may train on all-zero targets,
+#: i.e. questions none of whose answers is in ``task.answer_list``; more is refused with a ConfigError.
+MAX_UNANSWERABLE_TRAIN_SHARE = 0.10
+
+
+def _gold_answers(record: Any) -> set[str]:
+    """A VQA record's answers as scored (the soft-score keys, else the raw answers); empty for test questions."""
+    return set(getattr(record, "answer_scores", None) or ()) or set(getattr(record, "answers", None) or ())
+
+
+def _unanswerable_count(records: Sequence[Any], candidates: set[str]) -> tuple[int, int]:
+    """(questions with answers none of which is a candidate, questions with answers)."""
+    golds = [gold for gold in map(_gold_answers, records) if gold]
+    return sum(1 for gold in golds if not gold & candidates), len(golds)
+
+
+def _records_of(dataset: Any) -> list[Any]:
+    """A dataset's records, only the kept ones for a truncated (``Subset``) dataset."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        records = dataset.dataset.records
+        return [records[i] for i in dataset.indices]
+    return list(getattr(dataset, "records", []))
+
+
+@dataclass
+class AnswerCoverage:
+    """How many questions of each split have none of their answers among the candidate answers.
+
+    Attributes:
+        num_answers: size of the candidate list / classifier vocabulary.
+        splits: ``{split: (unanswerable, questions with answers)}`` for the splits that were counted.
+        source: where the list came from (``task.answer_list`` path, or the training answers).
+    """
+
+    num_answers: int
+    splits: dict[str, tuple[int, int]]
+    source: str
+
+    def share(self, split: str) -> float:
+        missing, total = self.splits.get(split, (0, 0))
+        return missing / total if total else 0.0
+
+    def line(self) -> str:
+        """One line with the counts per split."""
+        parts = [f"{split} {missing} of {total} ({100.0 * self.share(split):.1f}%)"
+                 for split, (missing, total) in self.splits.items()]
+        return (f"answer list ({self.num_answers} answers, {self.source}): questions with none of their answers in "
+                f"it: {', '.join(parts) if parts else 'none counted'}")
+
+
+def answer_coverage(config: TrainConfig, datasets: Sequence[Any], answers: Sequence[str],
+                    splits: Sequence[str] = ("train", "eval", "test")) -> AnswerCoverage:
+    """Count, per split in ``splits``, the questions with answers none of which is in ``answers``."""
+    candidates = set(answers)
+    counted = {}
+    for split, dataset in zip(("train", "eval", "test"), datasets, strict=True):
+        if dataset is None or split not in splits:
+            continue
+        missing, total = _unanswerable_count(_records_of(dataset), candidates)
+        if total:
+            counted[split] = (missing, total)
+    path = config.resolve_path(config.task.answer_list)
+    return AnswerCoverage(len(candidates), counted, f"task.answer_list {str(path)!r}" if path is not None
+                          else "built from the training answers")
+
+
+def check_answer_coverage(config: TrainConfig, datasets: Sequence[Any], answers: Sequence[str] | None, *,
+                          training: bool = True) -> AnswerCoverage | None:
+    """Count the VQA questions that the candidate list cannot answer (``None`` for other tasks).
+
+    For the classifier (discriminative framing) such a training question trains on an all-zero target; when
+    ``training`` and more than :data:`MAX_UNANSWERABLE_TRAIN_SHARE` of the training questions are such, this
+    raises :class:`ConfigError` naming ``task.answer_list``. Ranking and classification cannot answer them either:
+    evaluation reports them as ``unanswerable``.
+    """
+    if config.task.type != "vqa" or not answers:
+        return None
+    splits = ("train", "eval", "test") if training else ("eval", "test")
+    coverage = answer_coverage(config, datasets, answers, splits)
+    if training and config.task.framing == "discriminative":
+        missing, total = coverage.splits.get("train", (0, 0))
+        if total and missing / total > MAX_UNANSWERABLE_TRAIN_SHARE:
+            raise ConfigError(
+                f"task.answer_list: {missing} of {total} training questions ({100.0 * missing / total:.1f}%) have "
+                f"none of their answers among the {coverage.num_answers} answers of {coverage.source}, so the VQA "
+                f"classifier would train them on all-zero targets; at most {100 * MAX_UNANSWERABLE_TRAIN_SHARE:.0f}% "
+                "is allowed (MAX_UNANSWERABLE_TRAIN_SHARE in vlpeft.training.task_binding). Add the missing answers "
+                "to the list, or leave task.answer_list unset to build the vocabulary from the training answers"
+            )
+    return coverage
+
+
+def _vqa_score(records: list[dict[str, Any]], dataset: Any,
+               candidates: Sequence[str] | None = None) -> dict[str, float]:
+    """VQA accuracy of ``records``; with ``candidates`` (the answers ranking / the classifier can pick from), also
+    ``unanswerable``: how many of the scored questions have none of their answers among them."""
+    scores = _vqa_accuracy(records, dataset)
+    if candidates is not None:
+        by_id = {r.question_id: r for r in _items(dataset).records}
+        scored = [by_id[p["question_id"]] for p in records]
+        scores["unanswerable"] = float(_unanswerable_count(scored, set(candidates))[0])
+    return scores
+
+
+def _vqa_accuracy(records: list[dict[str, Any]], dataset: Any) -> dict[str, float]:
     from vlpeft.metrics import vqa_accuracy, vqa_label_accuracy
 
     by_id = {r.question_id: r for r in _items(dataset).records}
@@ -319,7 +427,12 @@ def _bind_generative(config: TrainConfig, processor: Any, family: str, model_con
                                          answer_list=answers, indices=indices, batch_size=batch_size,
                                          top_k=config.eval.rank_top_k, **_generation_kwargs(config))
 
-        return TaskBinding(train, evaluation, test, collate, objective, predict, _vqa_score, "vqa_accuracy", encoder,
+        candidates = answers if mode == "rank" else None
+
+        def score(records, dataset):
+            return _vqa_score(records, dataset, candidates)
+
+        return TaskBinding(train, evaluation, test, collate, objective, predict, score, "vqa_accuracy", encoder,
                            {"answer_list": answers})
     if task.type == "snli_ve":
         template = task.prompt or DEFAULT_ENTAILMENT_PROMPT
@@ -372,8 +485,11 @@ def _bind_discriminative(config: TrainConfig, processor: Any, datasets: tuple[An
             return inference.predict_vqa(model, dataset, mode="classify", answer_list=vocab.label2ans,
                                          classify_inputs=classify_inputs, indices=indices, batch_size=batch_size)
 
+        def score(records, dataset):
+            return _vqa_score(records, dataset, vocab.label2ans)
+
         return TaskBinding(train, evaluation, test, collate, ClassificationObjective("multi_label"), predict,
-                           _vqa_score, "vqa_accuracy", None, {"answer_list": vocab.label2ans})
+                           score, "vqa_accuracy", None, {"answer_list": vocab.label2ans})
 
     def predict_entailment(model, dataset, indices=None):
         return inference.predict_entailment(model, dataset, mode="classify",
