@@ -248,3 +248,37 @@ def _load_trained_on_tiny_base(config_path: Path, folder: Path) -> object:
 
     config = load_config(config_path)
     return _assemble(config, validate_config(config, for_training=False), checkpoint=folder)
+
+
+# --------------------------------------------------------------------------------------- 11: NaN pixel values
+def test_nan_pixel_values_name_the_batch(tmp_path, monkeypatch):
+    import dataclasses
+
+    import vlpeft.training.run as run_module
+
+    original_build_task = run_module.build_task
+    calls = {"n": 0}
+
+    def poisoning_build_task(*args: object, **kwargs: object):
+        task = original_build_task(*args, **kwargs)
+
+        def collate(items):
+            batch = task.collate(items)
+            calls["n"] += 1
+            if calls["n"] == 3:  # the batch of optimiser step 3
+                batch["pixel_values"][1, 0, :2, :2] = float("nan")
+            return batch
+
+        return dataclasses.replace(task, collate=collate)
+
+    monkeypatch.setattr(run_module, "build_task", poisoning_build_task)
+    data = write_caption_data(tmp_path / "data")
+    config = load_config(_config(tmp_path, "nan", data))
+    run_dir = tmp_path / "nan"
+    with pytest.raises(TrainingDivergedError, match=r"non-finite input values in the batch of step 3 ") as info:
+        run_training(config)
+    message = str(info.value)
+    assert "pixel_values holds NaN in 4 of" in message and "(rows [1])" in message and "micro-batch 1 of 1" in message
+    assert info.value.step == 3
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-2"]
+    assert checkpoint_problem(run_dir / "checkpoint-2") is None

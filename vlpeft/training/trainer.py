@@ -37,6 +37,7 @@ __all__ = [
     "decay_parameter_names",
     "enable_fsdp_on_cpu",
     "gather_predictions",
+    "non_finite_inputs",
 ]
 
 def decay_parameter_names(model: nn.Module) -> list[str]:
@@ -104,6 +105,8 @@ class TrainingDivergedError(ConfigError):
     Raised before that step's optimiser update is applied (loss, gradient norm) or before its checkpoint is written
     (weights), so every checkpoint already on disk stays as it was. A subclass of :class:`ConfigError` (the usual
     cause is a setting: learning rate, precision, clipping), so ``vlpeft train`` prints ``error: ...`` and exits 2.
+    When the batch itself holds NaN/inf (e.g. in ``pixel_values``), the message says so instead, naming the step, the
+    micro-batch, the tensor and its rows (:func:`non_finite_inputs`, run only once a loss is not finite).
 
     Attributes:
         step: the optimiser step (1-based, as logged) that diverged.
@@ -116,6 +119,22 @@ class TrainingDivergedError(ConfigError):
 
 _DIVERGENCE_HINT = ("lower optim.learning_rate, keep optim.max_grad_norm > 0, or use run.precision fp32/bf16; "
                     "checkpoints already written were kept")
+
+
+def non_finite_inputs(inputs: dict[str, Any]) -> str:
+    """Which floating-point tensors of a batch hold NaN/inf, with the rows (batch items) that do; ``""`` if none.
+
+    Called only once a loss is not finite, so a healthy run pays nothing for it."""
+    found = []
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            bad = ~torch.isfinite(value.detach())
+            if bool(bad.any()):
+                rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten().tolist() if bad.dim() else []
+                kinds = "/".join(k for k, hit in (("NaN", torch.isnan(value).any()), ("inf", torch.isinf(value).any()))
+                                 if bool(hit))
+                found.append(f"{name} holds {kinds} in {int(bad.sum())} of {value.numel()} values (rows {rows})")
+    return "; ".join(found)
 
 
 class VLPeftTrainer(Trainer):
@@ -132,9 +151,12 @@ class VLPeftTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------- divergence
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        self._micro_batch = getattr(self, "_micro_batch", 0) + 1
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._non_finite_loss is None and not bool(torch.isfinite(loss).all()):
             self._non_finite_loss = float(loss.float().reshape(-1)[0])
+            self._non_finite_inputs = non_finite_inputs(inputs)
+            self._non_finite_micro_batch = self._micro_batch
         return loss
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
@@ -147,8 +169,17 @@ class VLPeftTrainer(Trainer):
         if self.args.world_size > 1:
             bad_loss = self.accelerator.gather(bad_loss).max().reshape(1)
         self._non_finite_loss, local_loss = None, self._non_finite_loss
+        micro_batches, self._micro_batch = getattr(self, "_micro_batch", 0), 0
         if bool(bad_loss.item()):
             value = "non-finite on another process" if local_loss is None else local_loss
+            bad_inputs = getattr(self, "_non_finite_inputs", None) if local_loss is not None else None
+            if bad_inputs:
+                where = (f"the batch of step {step} (micro-batch {self._non_finite_micro_batch} of {micro_batches}, "
+                         f"process {self.args.process_index})")
+                raise TrainingDivergedError(
+                    f"non-finite input values in {where}: {bad_inputs}; the loss is {value}. Stopped before "
+                    "updating the weights: check the images/preprocessing of this batch (checkpoints already "
+                    "written were kept)", step)
             raise TrainingDivergedError(
                 f"training diverged at step {step}: the loss is {value}; stopped before updating the weights "
                 f"({_DIVERGENCE_HINT})", step)
