@@ -138,8 +138,11 @@ def test_data_errors_under_raise_are_clean_errors(tmp_path: Path, capsys: pytest
     marker = _previous_run(tmp_path / "run")
     file, record = _break(case, data, tmp_path / "vqa")
     path = write_config(tmp_path / "c.yaml", _vqa_config(data, tmp_path / "run"))
+    assert main(["train", str(path), "--check"]) == 2  # --check reads VQA data files (answer-list coverage)
+    check = capsys.readouterr().err
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
+    assert err == check
     assert err.startswith("vlpeft train: error: ") and "Traceback" not in err, err
     assert file in err and record in err, err
     if case not in ("truncated_json", "truncated_answer_list"):  # whole-file errors cannot be skipped
