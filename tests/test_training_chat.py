@@ -104,3 +104,29 @@ def test_vqa_rendering_is_shared_by_training_generation_and_ranking(tmp_path):
     for item, prompt, pick in zip(items, prompts, picks, strict=True):
         nll, _ = conversation_losses(model, chat, [single_turn_record([item["image"]], prompt, c) for c in candidates])
         assert pick == int(torch.argmin(nll))
+
+
+def test_check_deep_decodes_every_image_before_any_model_loads(chat_files, tmp_path, capsys):
+    records = json.loads(Path(chat_files["llava_train"]).read_text())
+    corrupt = tmp_path / "images"
+    corrupt.mkdir()
+    (corrupt / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    records[0]["image"] = str(corrupt / "broken.png")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records))
+    base = ["train", str(ROOT / "configs" / "smolvlm_256m_padapter_chat.yaml"), "--tiny-twin",
+            "--set", f"task.eval={chat_files['llava_val']}", "--set", "task.test=null",
+            "--set", f"task.images={chat_files['images']}", "--set", f"run.output_dir={tmp_path / 'run'}"]
+    good = [*base, "--set", f"task.train={chat_files['llava_train']}"]
+    assert main([*good, "--check", "--deep"]) == 0
+    assert "data OK: train 4 records, eval 3 records (every image decoded)" in capsys.readouterr().out
+    broken = [*base, "--set", f"task.train={bad}"]
+    assert main([*broken, "--check"]) == 0  # the shallow check sees the file exists
+    capsys.readouterr()
+    assert main([*broken, "--check", "--deep"]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert main([*broken, "--check", "--deep", "--set", "task.bad_input=skip"]) == 0
+    out = capsys.readouterr().out
+    assert "train 3 records" in out and "corrupt_image" in out
+    assert main([*good, "--deep"]) == 2
+    assert not (tmp_path / "run").exists()

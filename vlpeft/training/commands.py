@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from vlpeft.training.config import load_config
+from vlpeft.training.config import ConfigError, load_config
 
 __all__ = ["add_parser"]
 
@@ -47,14 +47,37 @@ def _check_answer_coverage(config) -> None:
         print(coverage.line())
 
 
+def _check_data(config) -> None:
+    """``train --check --deep``: read every data file and decode every image as training would (no model is
+    loaded), then report the answer-list coverage (VQA) and what ``task.bad_input: skip``/``warn`` would leave out.
+    Under ``raise`` the first bad record stops the check with its file and record named."""
+    from vlpeft.tasks.bad_input import BadInputPolicy
+    from vlpeft.training.task_binding import answer_list, check_answer_coverage, load_datasets
+
+    policy = BadInputPolicy(config.task.bad_input)
+    datasets = load_datasets(config, image_check="decode", policy=policy)
+    sizes = {split: len(d) for split, d in zip(("train", "eval", "test"), datasets, strict=True) if d is not None}
+    print("data OK: " + ", ".join(f"{split} {n} records" for split, n in sizes.items()) + " (every image decoded)")
+    if config.task.type == "vqa":
+        coverage = check_answer_coverage(config, datasets, answer_list(config, datasets[0]))
+        if coverage is not None:
+            print(coverage.line())
+    if policy.counts:
+        print(policy.report())
+
+
 def _train(args: argparse.Namespace) -> int:
     from vlpeft.training.run import run_training
     from vlpeft.training.validation import validate_config
 
     config = _load(args)
+    if args.deep and not args.check:
+        raise ConfigError("--deep goes with --check (train always reads and decodes its data before loading a model)")
     if args.check:
         plan = validate_config(config)
-        if config.task.type == "vqa":
+        if args.deep:
+            _check_data(config)
+        elif config.task.type == "vqa":
             _check_answer_coverage(config)
         print(f"config OK: family={plan.family} method={config.method.type} metric={plan.metric}")
         return 0
@@ -85,6 +108,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="train (and evaluate) a config; resumes from the last checkpoint")
     _common(train)
     train.add_argument("--check", action="store_true", help="validate the config and exit (no model is loaded)")
+    train.add_argument("--deep", action="store_true",
+                       help="with --check: also read every data file and decode every image (no model is loaded)")
     train.set_defaults(handler=_train)
 
     evaluation = subparsers.add_parser("eval", help="evaluate a trained run or checkpoint with the task metric")

@@ -160,17 +160,18 @@ def _truncate(dataset: Any, limit: int) -> Any:
     return torch.utils.data.Subset(dataset, range(limit))
 
 
-def load_datasets(config: TrainConfig, image_check: str = "decode") -> tuple[Any, Any, Any]:
+def load_datasets(config: TrainConfig, image_check: str = "decode", policy: Any = None) -> tuple[Any, Any, Any]:
     """(train, eval, test) datasets of the task (``None`` for files not given).
 
     With ``image_check="decode"`` (the default) every image is decoded while the datasets are built, before any
     model is loaded: under ``task.bad_input: raise`` a corrupt image stops the run there with a
     :class:`~vlpeft.tasks.bad_input.BadInputError` naming the file and the record; under ``skip``/``warn`` the
     record is left out and counted, so the DataLoader never meets it mid-training. ``"exists"`` only checks that
-    the files are there (faster; a corrupt image then fails when the DataLoader decodes it).
+    the files are there (faster; a corrupt image then fails when the DataLoader decodes it). ``policy``: a
+    :class:`~vlpeft.tasks.bad_input.BadInputPolicy` to count bad records in (default: one for ``task.bad_input``).
     """
     task = config.task
-    policy = _policy(task.bad_input)
+    policy = _policy(task.bad_input) if policy is None else policy
     if task.type == "chat":
         from vlpeft.training.chat_binding import load_chat_datasets
 
