@@ -31,6 +31,7 @@ __all__ = [
     "chat_generate",
     "chat_rank",
     "conversation_losses",
+    "item_images",
     "prompt_records",
 ]
 
@@ -53,7 +54,7 @@ class ChatTaskCollator:
         if not items:
             raise ValueError("cannot collate an empty batch")
         examples = self.examples(items)
-        records = [single_turn_record([items[e.item_index]["image"]], e.prompt, e.target, record_id=str(i))
+        records = [single_turn_record(item_images(items[e.item_index]), e.prompt, e.target, record_id=str(i))
                    for i, e in enumerate(examples)]
         batch = dict(self.chat(records))
         if self.weighted:
@@ -64,9 +65,16 @@ class ChatTaskCollator:
         return batch
 
 
+def item_images(item: Mapping[str, Any]) -> list[Any]:
+    """A task item's images for its user turn: ``item["images"]`` when it has several (NLVR2's image pair, in
+    order), else ``[item["image"]]``."""
+    images = item.get("images")
+    return list(images) if images is not None else [item["image"]]
+
+
 def prompt_records(items: Sequence[Mapping[str, Any]], prompts: Sequence[str]) -> list[ChatRecord]:
     """Inference records: each item's image and its task prompt, no assistant turn."""
-    return [single_turn_record([item["image"]], prompt, record_id=str(i))
+    return [single_turn_record(item_images(item), prompt, record_id=str(i))
             for i, (item, prompt) in enumerate(zip(items, prompts, strict=True))]
 
 
@@ -122,7 +130,7 @@ def chat_rank(model: nn.Module, chat: ChatCollator, items: Sequence[Mapping[str,
     shortlist = _first_token_shortlist(model, chat, items, prompts, candidates, top_k)
     picks = []
     for item, prompt, short in zip(items, prompts, shortlist, strict=True):
-        records = [single_turn_record([item["image"]], prompt, candidates[c], record_id=str(c)) for c in short]
+        records = [single_turn_record(item_images(item), prompt, candidates[c], record_id=str(c)) for c in short]
         nll, _ = conversation_losses(model, chat, records)
         picks.append(short[int(torch.argmin(nll))])
     return picks

@@ -130,10 +130,13 @@ def bind_chat_template(config: TrainConfig, processor: Any, datasets: tuple[Any,
     )
     from vlpeft.tasks.losses import TokenObjective, WeightedSequenceObjective
     from vlpeft.training.task_binding import (
+        DEFAULT_METRICS,
+        VQA_LIKE_TASKS,
         TaskBinding,
         _caption_score,
         _entailment_score,
         _generation_kwargs,
+        _gqa_score,
         _vqa_score,
         allowed_inference,
     )
@@ -167,7 +170,7 @@ def bind_chat_template(config: TrainConfig, processor: Any, datasets: tuple[Any,
         finally:
             model.train(training)
 
-    if task.type == "vqa":
+    if task.type in VQA_LIKE_TASKS:
         template = task.prompt or DEFAULT_VQA_PROMPT
         weighted = task.answer_weighting != "most_common"
         collate = ChatTaskCollator(chat, lambda items: vqa_examples(items, template, task.answer_weighting),
@@ -186,10 +189,14 @@ def bind_chat_template(config: TrainConfig, processor: Any, datasets: tuple[Any,
             return run(model, go)
 
         def score(records, dataset):
+            if task.type == "gqa":
+                return _gqa_score(records, dataset)
             return _vqa_score(records, dataset, answers if mode == "rank" else None)
 
-        return TaskBinding(train, evaluation, test, collate, objective, predict, score, "vqa_accuracy", None,
-                           {"answer_list": answers})
+        return TaskBinding(train, evaluation, test, collate, objective, predict, score, DEFAULT_METRICS[task.type],
+                           None, {"answer_list": answers})
+    if task.type == "nlvr2":
+        return _bind_nlvr2(config, chat, datasets, batches, run, objective)
     if task.type == "snli_ve":
         template = task.prompt or DEFAULT_ENTAILMENT_PROMPT
         labels = list(DEFAULT_LABEL_WORDS)
@@ -222,3 +229,32 @@ def bind_chat_template(config: TrainConfig, processor: Any, datasets: tuple[Any,
     use_java = {"auto": None, "yes": True, "no": False}[config.eval.java]
     collate = ChatTaskCollator(chat, lambda items: caption_examples(items, prompt))
     return TaskBinding(train, evaluation, test, collate, objective, predict_captions, lambda records, dataset: _caption_score(records, dataset, use_java), "CIDEr")
+
+
+def _bind_nlvr2(config: TrainConfig, chat: Any, datasets: tuple[Any, Any, Any], batches: Any, run: Any,
+                objective: Any) -> Any:
+    """NLVR2 on a chat model: both images of the pair in one user turn (left, then right), the sentence in
+    ``task.prompt`` (``{sentence}``), target ``True`` / ``False``; inference ranks the two words as the assistant
+    turn. Metrics: ``accuracy`` and ``consistency`` (official NLVR2 script)."""
+    from vlpeft.tasks.chat_tasks import ChatTaskCollator, chat_rank
+    from vlpeft.tasks.framing import format_prompt
+    from vlpeft.tasks.nlvr2 import DEFAULT_NLVR2_PROMPT, DEFAULT_NLVR2_WORDS, nlvr2_examples
+    from vlpeft.training.task_binding import TaskBinding, _nlvr2_score
+
+    template = config.task.prompt or DEFAULT_NLVR2_PROMPT
+    labels = list(DEFAULT_NLVR2_WORDS)
+    words = [DEFAULT_NLVR2_WORDS[label] for label in labels]
+
+    def predict(model, dataset, indices=None):
+        def go():
+            out = []
+            for items in batches(dataset, indices):
+                prompts = [format_prompt(template, sentence=it["sentence"].strip()) for it in items]
+                picks = chat_rank(model, chat, items, prompts, words, len(words))
+                out.extend({"identifier": it["identifier"], "label": labels[c]} for it, c in zip(items, picks))
+            return out
+        return run(model, go)
+
+    train, evaluation, test = datasets
+    collate = ChatTaskCollator(chat, lambda items: nlvr2_examples(items, template, DEFAULT_NLVR2_WORDS))
+    return TaskBinding(train, evaluation, test, collate, objective, predict, _nlvr2_score, "accuracy")

@@ -44,7 +44,7 @@ __all__ = [
     "PRECISIONS",
 ]
 
-TASK_TYPES = ("vqa", "snli_ve", "caption", "chat")
+TASK_TYPES = ("vqa", "snli_ve", "caption", "chat", "gqa", "nlvr2")
 FRAMINGS = ("generative", "discriminative")
 INFERENCE_MODES = ("generate", "rank", "classify")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -124,8 +124,10 @@ class TaskConfig:
     """Task and data.
 
     Attributes:
-        type: ``vqa``, ``snli_ve``, ``caption`` or ``chat`` (conversation data: LLaVA JSON, or JSON / JSONL /
-            Parquet / a ``datasets.save_to_disk`` folder with ``messages`` and ``images``; chat-template models).
+        type: ``vqa``, ``snli_ve``, ``caption``, ``chat`` (conversation data: LLaVA JSON, or JSON / JSONL /
+            Parquet / a ``datasets.save_to_disk`` folder with ``messages`` and ``images``; chat-template models),
+            ``gqa`` (balanced question JSON; VQA-like, exact match) or ``nlvr2`` (official JSONL, two images per
+            sample; chat-template models only).
         train / eval / test: annotation files (VQAv2 official question file or Karpathy JSON; SNLI-VE jsonl;
             COCO/Karpathy caption JSON).
         train_annotations / eval_annotations / test_annotations: VQAv2 official annotation files that go with

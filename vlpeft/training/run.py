@@ -202,7 +202,7 @@ class _Assembled:
 def _assemble(config: TrainConfig, plan: ValidatedPlan, checkpoint: str | os.PathLike | None = None) -> _Assembled:
     """Datasets, processor, model (+ method or a saved adapter), task binding."""
     datasets = load_datasets(config)
-    answers = answer_list(config, datasets[0]) if config.task.type == "vqa" else None
+    answers = answer_list(config, datasets[0]) if config.task.type in ("vqa", "gqa") else None
     coverage = check_answer_coverage(config, datasets, answers, training=checkpoint is None)
     if coverage is not None and _is_main_process():
         print(f"vlpeft: {coverage.line()}", file=sys.stderr)

@@ -41,6 +41,7 @@ __all__ = [
     "check_answer_coverage",
     "default_metric",
     "DEFAULT_METRICS",
+    "VQA_LIKE_TASKS",
     "CLASSIFIER_FAMILIES",
     "RANKING_FAMILIES",
     "GENERATIVE_TRAINING_FAMILIES",
@@ -51,7 +52,10 @@ __all__ = [
 ]
 
 # Main metric per task (higher is better for all).
-DEFAULT_METRICS = {"vqa": "vqa_accuracy", "snli_ve": "accuracy", "caption": "CIDEr", "chat": "loss"}
+DEFAULT_METRICS = {"vqa": "vqa_accuracy", "snli_ve": "accuracy", "caption": "CIDEr", "chat": "loss", "gqa": "accuracy",
+                   "nlvr2": "accuracy"}
+#: Tasks whose items are VQA-like (question, answers): they share the VQA collators, prompts and inference.
+VQA_LIKE_TASKS = ("vqa", "gqa")
 #: Selection metrics where lower is better (all others: higher is better).
 LOWER_IS_BETTER = frozenset({"loss"})
 CAPTION_EVAL_METRICS = ("Bleu", "ROUGE_L", "CIDEr")
@@ -80,13 +84,17 @@ def default_framing(family: str) -> str:
 def allowed_inference(task_type: str, framing: str, family: str) -> tuple[str, ...]:
     """Inference modes for (task, framing, family), the default first."""
     if framing == "discriminative":
-        return ("classify",) if task_type in ("vqa", "snli_ve") else ()
+        return ("classify",) if task_type in (*VQA_LIKE_TASKS, "snli_ve") else ()
     if task_type in ("caption", "chat"):
         return ("generate",)
     layout = LAYOUTS.get(family)
     ranking = layout is not None and layout.ranks_candidates
     if task_type == "vqa":
         return ("rank", "generate") if ranking else ("generate",)
+    if task_type == "gqa":  # VL-T5 / VL-Adapter generate GQA answers
+        return ("generate", "rank") if ranking else ("generate",)
+    if task_type == "nlvr2":  # two images per sample: chat-template models only (True/False ranked)
+        return ("rank",) if layout is not None and layout.sequence == "chat_template" else ()
     return ("rank",) if ranking else ()
 
 
@@ -139,6 +147,11 @@ def _load_vqa(path: Path, annotations: Path | None, images: Path, policy, image_
     with open(path) as handle:
         head = handle.read(64).lstrip()
     if head.startswith("["):
+        from vlpeft.tasks._io import read_json
+        from vlpeft.tasks.vizwiz import VizWizVQADataset, is_vizwiz_vqa
+
+        if is_vizwiz_vqa(read_json(path)):  # VizWiz-VQA: records keyed by "image", scored by the VizWiz evaluation
+            return VizWizVQADataset.from_vizwiz(path, images, policy=policy, image_check=image_check)
         return VQADataset.from_karpathy(path, images, annotations_json=annotations, policy=policy,
                                         image_check=image_check)
     return VQADataset.from_official(path, annotations, images, policy=policy, image_check=image_check)
@@ -147,8 +160,14 @@ def _load_vqa(path: Path, annotations: Path | None, images: Path, policy, image_
 def _load_captions(path: Path, images: Path, split: str, view: str, policy, image_check: str = "decode") -> Any:
     from vlpeft.tasks._io import read_json
     from vlpeft.tasks.captions import CaptionDataset
+    from vlpeft.tasks.textcaps import is_textcaps, load_textcaps
+    from vlpeft.tasks.vizwiz import is_vizwiz_captions, load_vizwiz_captions
 
     data = read_json(path)  # a truncated file raises BadInputError naming it
+    if is_vizwiz_captions(data):
+        return load_vizwiz_captions(path, images, view=view, policy=policy, image_check=image_check)
+    if is_textcaps(data):
+        return load_textcaps(path, images, view=view, policy=policy, image_check=image_check)
     if isinstance(data, dict) and "annotations" in data:
         return CaptionDataset.from_coco(path, images, view=view, policy=policy, image_check=image_check)
     return CaptionDataset.from_karpathy(path, images, split, view=view, policy=policy, image_check=image_check)
@@ -192,6 +211,14 @@ def load_datasets(config: TrainConfig, image_check: str = "decode", policy: Any 
             from vlpeft.tasks.snli_ve import SNLIVEDataset
 
             out.append(SNLIVEDataset.from_jsonl(path, images, policy=policy, image_check=image_check))
+        elif task.type == "gqa":
+            from vlpeft.tasks.gqa import GQADataset
+
+            out.append(GQADataset.from_balanced(path, images, policy=policy, image_check=image_check))
+        elif task.type == "nlvr2":
+            from vlpeft.tasks.nlvr2 import NLVR2Dataset
+
+            out.append(NLVR2Dataset.from_jsonl(path, images, policy=policy, image_check=image_check))
         else:
             karpathy_split = {"train": "train", "eval": "val", "test": "test"}[split]
             view = "pairs" if split == "train" else "images"
@@ -214,7 +241,7 @@ def tokenizer_texts(datasets: Sequence[Any], limit: int = 2000) -> list[str]:
             continue
         base = _items(dataset)
         for record in getattr(base, "records", [])[:limit]:
-            for name in ("question", "hypothesis", "premise"):
+            for name in ("question", "hypothesis", "premise", "sentence"):
                 value = getattr(record, name, None)
                 if value:
                     texts.append(value)
@@ -356,6 +383,8 @@ def _vqa_accuracy(records: list[dict[str, Any]], dataset: Any) -> dict[str, floa
 
     by_id = {r.question_id: r for r in _items(dataset).records}
     predicted = {p["question_id"]: p["answer"] for p in records}
+    if getattr(_items(dataset), "official_metric", None) == "vizwiz":
+        return _vizwiz_accuracy(predicted, [by_id[q] for q in predicted])
     with_answers = [by_id[q] for q in predicted if by_id[q].answers]
     if len(with_answers) == len(predicted):
         annotations = [{"question_id": r.question_id, "answers": list(r.answers),
@@ -363,6 +392,46 @@ def _vqa_accuracy(records: list[dict[str, Any]], dataset: Any) -> dict[str, floa
         return {"vqa_accuracy": vqa_accuracy(predicted, annotations).overall}
     labels = {q: by_id[q].answer_scores for q in predicted}
     return {"vqa_accuracy": vqa_label_accuracy(predicted, labels)}
+
+
+def _gqa_score(records: list[dict[str, Any]], dataset: Any) -> dict[str, float]:
+    """GQA exact-match accuracy: ``accuracy`` after the VQA answer normalisation of both sides, ``accuracy_strict``
+    as the official ``eval.py`` (raw strings), and per structural type (:mod:`vlpeft.metrics.exact_match`)."""
+    from vlpeft.metrics.exact_match import gqa_accuracy
+
+    by_id = {r.question_id: r for r in _items(dataset).records}
+    predicted = {p["question_id"]: p["answer"] for p in records if by_id[p["question_id"]].answer is not None}
+    if not predicted:
+        return {}
+    gold = {q: by_id[q].answer for q in predicted}
+    types = {q: by_id[q].structural_type for q in predicted if by_id[q].structural_type}
+    score = gqa_accuracy(predicted, gold, groups=types)
+    out = {"accuracy": score.overall, "accuracy_strict": gqa_accuracy(predicted, gold, normalize=False).overall}
+    out.update({f"accuracy_{group}": value for group, value in score.per_group.items()})
+    return out
+
+
+def _nlvr2_score(records: list[dict[str, Any]], dataset: Any) -> dict[str, float]:
+    """NLVR2 ``accuracy`` and ``consistency`` (:mod:`vlpeft.metrics.nlvr2`, as the official eval script)."""
+    from vlpeft.metrics.nlvr2 import nlvr2_scores
+
+    gold = {r.identifier: r.label for r in _items(dataset).records}
+    predicted = {p["identifier"]: p["label"] for p in records}
+    score = nlvr2_scores(predicted, {k: gold[k] for k in predicted})
+    return {"accuracy": score.accuracy, "consistency": score.consistency}
+
+
+def _vizwiz_accuracy(predicted: dict[Any, str], records: list[Any]) -> dict[str, float]:
+    """VizWiz-VQA data: the official VizWiz evaluation (:mod:`vlpeft.metrics.vizwiz`) under the VQA metric name
+    ``vqa_accuracy`` (the selection metric of ``task.type: vqa``) and as ``vizwiz_accuracy``, plus
+    ``vizwiz_accuracy_<answer type>``."""
+    from vlpeft.metrics.vizwiz import vizwiz_accuracy
+
+    score = vizwiz_accuracy(predicted, [{"image": r.question_id, "answers": list(r.answers),
+                                         "answer_type": r.answer_type} for r in records])
+    out = {"vqa_accuracy": score.overall, "vizwiz_accuracy": score.overall}
+    out.update({f"vizwiz_accuracy_{k.replace('/', '_')}": v for k, v in score.per_answer_type.items()})
+    return out
 
 
 def _entailment_score(records: list[dict[str, Any]], dataset: Any) -> dict[str, float]:
@@ -413,7 +482,7 @@ def _bind_generative(config: TrainConfig, processor: Any, family: str, model_con
     batch_size = config.optim.eval_batch_size or config.optim.batch_size
     common = {"max_length": task.max_length, "model_config": model_config}
     train, evaluation, test = datasets
-    if task.type == "vqa":
+    if task.type in VQA_LIKE_TASKS:
         template = task.prompt or DEFAULT_VQA_PROMPT
         collate = collators.VQAGenerativeCollator(processor, family, answer_weighting=task.answer_weighting,
                                                   prompt_template=template, **common)
@@ -431,10 +500,10 @@ def _bind_generative(config: TrainConfig, processor: Any, family: str, model_con
         candidates = answers if mode == "rank" else None
 
         def score(records, dataset):
-            return _vqa_score(records, dataset, candidates)
+            return _gqa_score(records, dataset) if task.type == "gqa" else _vqa_score(records, dataset, candidates)
 
-        return TaskBinding(train, evaluation, test, collate, objective, predict, score, "vqa_accuracy", encoder,
-                           {"answer_list": answers})
+        return TaskBinding(train, evaluation, test, collate, objective, predict, score, DEFAULT_METRICS[task.type],
+                           encoder, {"answer_list": answers})
     if task.type == "snli_ve":
         template = task.prompt or DEFAULT_ENTAILMENT_PROMPT
         collate = collators.EntailmentGenerativeCollator(processor, family, prompt_template=template, **common)
@@ -471,7 +540,7 @@ def _bind_discriminative(config: TrainConfig, processor: Any, datasets: tuple[An
     task = config.task
     batch_size = config.optim.eval_batch_size or config.optim.batch_size
     train, evaluation, test = datasets
-    if task.type == "vqa":
+    if task.type in VQA_LIKE_TASKS:
         vocab = AnswerVocab(answers or [])
         collate = collators.VQAClassificationCollator(processor, vocab, max_length=task.max_length,
                                                       prompt_template=task.prompt or DEFAULT_VQA_PROMPT)
@@ -481,16 +550,18 @@ def _bind_discriminative(config: TrainConfig, processor: Any, datasets: tuple[An
     def classify_inputs(items):
         return {k: v for k, v in collate(items).items() if k != "labels"}
 
-    if task.type == "vqa":
+    if task.type in VQA_LIKE_TASKS:
         def predict(model, dataset, indices=None):
             return inference.predict_vqa(model, dataset, mode="classify", answer_list=vocab.label2ans,
                                          classify_inputs=classify_inputs, indices=indices, batch_size=batch_size)
 
         def score(records, dataset):
+            if task.type == "gqa":
+                return _gqa_score(records, dataset)
             return _vqa_score(records, dataset, vocab.label2ans)
 
         return TaskBinding(train, evaluation, test, collate, ClassificationObjective("multi_label"), predict,
-                           score, "vqa_accuracy", None, {"answer_list": vocab.label2ans})
+                           score, DEFAULT_METRICS[task.type], None, {"answer_list": vocab.label2ans})
 
     def predict_entailment(model, dataset, indices=None):
         return inference.predict_entailment(model, dataset, mode="classify",

@@ -103,6 +103,11 @@ def validate_config(config: TrainConfig, *, for_training: bool = True) -> Valida
         raise ConfigError(f"task.type: 'chat' (conversation data) needs a model driven by its chat template, got "
                           f"model family {family!r}; use an image-text-to-text chat model (model.name) or a chat "
                           "twin (model.tiny)")
+    if task.type == "nlvr2" and not chat_model:
+        raise ConfigError(f"task.type: 'nlvr2' has two images per sample, which only models driven by their chat "
+                          f"template take (both images in one user turn); model family {family!r} takes one image "
+                          "per sequence in vlpeft's collators. Use an image-text-to-text chat model (model.name) or "
+                          "a chat twin (model.tiny)")
     if task.framing is None:
         task.framing = default_framing(family)
     layout = LAYOUTS.get(family)
