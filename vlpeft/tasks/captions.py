@@ -39,7 +39,7 @@ class CaptionImage:
 
     Attributes:
         image_id: COCO image id (``cocoid`` / ``id``); for Karpathy files without ``cocoid`` (Flickr) the
-            ``imgid`` field.
+            ``imgid`` field; TextCaps' hexadecimal string id.
         file_name: the file name given by the annotation.
         references: every reference caption, in file order.
         caption_ids: ``sentid`` / annotation ``id`` of each reference (same order).
@@ -48,7 +48,7 @@ class CaptionImage:
         source: "file, record" description used in error messages.
     """
 
-    image_id: int
+    image_id: int | str
     file_name: str
     references: tuple[str, ...]
     caption_ids: tuple[int | str, ...]
@@ -96,7 +96,7 @@ class CaptionDataset(Dataset):
             item["caption_id"] = im.caption_ids[j]
         return item
 
-    def references(self) -> dict[int, list[str]]:
+    def references(self) -> dict[int | str, list[str]]:
         """``{image_id: [every reference caption]}``."""
         return {im.image_id: list(im.references) for im in self.images}
 
@@ -186,6 +186,8 @@ class CaptionDataset(Dataset):
         policy: BadInputPolicy | None = None,
         image_check: str = "exists",
         image_transform: Callable[[Any], Any] | None = None,
+        keep: Callable[[dict], bool] | None = None,
+        label: str = "COCO caption file",
     ) -> CaptionDataset:
         """Load a COCO captions annotation file (``captions_val2014.json``, ``captions_test_karpathy.json``, ...).
 
@@ -196,21 +198,25 @@ class CaptionDataset(Dataset):
         Bad input: an annotation with missing fields or an ``image_id`` absent from ``images``, an image with no
         caption, a duplicate image id -> ``malformed_record``; no image file -> ``missing_image``; no images ->
         ``empty_split``.
+
+        ``keep``: a filter over annotation objects (``False`` drops the caption silently; it may raise
+        :class:`~vlpeft.tasks._io.RecordError` for a malformed record); ``label`` names the file kind in messages
+        (COCO-like layouts such as VizWiz-Captions, :mod:`vlpeft.tasks.vizwiz`).
         """
         policy = policy or BadInputPolicy()
         decode = validate_image_check(image_check)
         index = as_image_index(image_dir)
         file = str(annotations_json)
         data = read_json(annotations_json)
-        image_entries = require_key(data, "images", f"COCO caption file {file!r}")
-        annotations = require_key(data, "annotations", f"COCO caption file {file!r}")
+        image_entries = require_key(data, "images", f"{label} {file!r}")
+        annotations = require_key(data, "annotations", f"{label} {file!r}")
         if not isinstance(image_entries, list) or not isinstance(annotations, list):
-            raise BadInputError(f"COCO caption file {file!r}: 'images' and 'annotations' must be lists",
+            raise BadInputError(f"{label} {file!r}: 'images' and 'annotations' must be lists",
                                 "malformed_record")
         skipped_before = policy.total
         by_id: dict[int, tuple[int, str]] = {}
         for i, e in enumerate(image_entries):
-            where = f"COCO caption file {file!r}, images[{i}]"
+            where = f"{label} {file!r}, images[{i}]"
             try:
                 if not isinstance(e, dict):
                     raise RecordError(f"expected an object, got {type(e).__name__}")
@@ -224,7 +230,7 @@ class CaptionDataset(Dataset):
             by_id[image_id] = (i, file_name)
         refs: dict[int, list[tuple[int | str, str]]] = {image_id: [] for image_id in by_id}
         for k, a in enumerate(annotations):
-            where = f"COCO caption file {file!r}, annotations[{k}]"
+            where = f"{label} {file!r}, annotations[{k}]"
             try:
                 if not isinstance(a, dict):
                     raise RecordError(f"expected an object, got {type(a).__name__}")
@@ -232,13 +238,15 @@ class CaptionDataset(Dataset):
                 caption = get_field(a, "caption", str).strip()
                 if image_id not in refs:
                     raise RecordError(f"image_id {image_id} is not listed in 'images'")
+                if keep is not None and not keep(a):
+                    continue
             except RecordError as err:
                 policy.handle("malformed_record", f"{where}: {err}")
                 continue
             refs[image_id].append((a.get("id", k), caption))
         images: list[CaptionImage] = []
         for image_id, (_entry, file_name) in by_id.items():
-            where = f"COCO caption file {file!r}, image {image_id} ({file_name})"
+            where = f"{label} {file!r}, image {image_id} ({file_name})"
             if not refs[image_id]:
                 policy.handle("malformed_record", f"{where}: no caption annotations")
                 continue
@@ -247,7 +255,7 @@ class CaptionDataset(Dataset):
                 continue
             ids, captions = zip(*refs[image_id], strict=True)
             images.append(CaptionImage(image_id, file_name, tuple(captions), tuple(ids), None, path, where))
-        _check_nonempty(images, policy, skipped_before, f"COCO caption file {file!r}")
+        _check_nonempty(images, policy, skipped_before, f"{label} {file!r}")
         return cls(images, policy, view, image_transform)
 
 
