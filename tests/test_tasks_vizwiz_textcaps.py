@@ -301,11 +301,12 @@ def _tiny_run(tmp_path: Path, task: dict[str, Any]) -> Any:
 def test_run_training_vizwiz_vqa(tmp_path):
     files = write_vizwiz_vqa(tmp_path / "data", n_train=4, n_eval=2)
     result = _tiny_run(tmp_path, {"type": "vqa", "train": files["train"], "eval": files["val"],
-                                  "test": files["val"], "images": files["images"], "prompt": "{question}"})
+                                  "test": files["test"], "images": files["images"], "prompt": "{question}"})
     assert result.global_step == 2 and result.metric == "vqa_accuracy"
-    assert "vizwiz_accuracy" in result.metrics["eval"] and "vizwiz_accuracy" in result.metrics["test"]
+    assert {"vqa_accuracy", "vizwiz_accuracy", "vizwiz_accuracy_other"} <= set(result.metrics["eval"])
+    assert "vizwiz_accuracy" not in result.metrics["test"]  # the test split has no answers: predicted, not scored
     predictions = json.loads((tmp_path / "run" / "predictions_test.json").read_text())
-    assert [p["question_id"] for p in predictions] == ["VizWiz_val_00000000.jpg", "VizWiz_val_00000001.jpg"]
+    assert [p["question_id"] for p in predictions] == ["VizWiz_test_00000000.jpg", "VizWiz_test_00000001.jpg"]
 
 
 @pytest.mark.parametrize("layout", ["vizwiz_captions", "textcaps"])

@@ -424,11 +424,15 @@ def _nlvr2_score(records: list[dict[str, Any]], dataset: Any) -> dict[str, float
 def _vizwiz_accuracy(predicted: dict[Any, str], records: list[Any]) -> dict[str, float]:
     """VizWiz-VQA data: the official VizWiz evaluation (:mod:`vlpeft.metrics.vizwiz`) under the VQA metric name
     ``vqa_accuracy`` (the selection metric of ``task.type: vqa``) and as ``vizwiz_accuracy``, plus
-    ``vizwiz_accuracy_<answer type>``."""
+    ``vizwiz_accuracy_<answer type>``. Questions without answers (the test split) are not scored."""
     from vlpeft.metrics.vizwiz import vizwiz_accuracy
 
-    score = vizwiz_accuracy(predicted, [{"image": r.question_id, "answers": list(r.answers),
-                                         "answer_type": r.answer_type} for r in records])
+    records = [r for r in records if r.answers]
+    if not records:
+        return {}
+    score = vizwiz_accuracy({r.question_id: predicted[r.question_id] for r in records},
+                            [{"image": r.question_id, "answers": list(r.answers), "answer_type": r.answer_type}
+                             for r in records])
     out = {"vqa_accuracy": score.overall, "vizwiz_accuracy": score.overall}
     out.update({f"vizwiz_accuracy_{k.replace('/', '_')}": v for k, v in score.per_answer_type.items()})
     return out
