@@ -13,14 +13,16 @@ import pytest
 from _training_data import write_config
 from PIL import Image
 
+from vlpeft.cli import main
 from vlpeft.metrics import vqa_soft_score
 from vlpeft.metrics.vizwiz import normalize_vizwiz_prediction, vizwiz_accuracy, vizwiz_soft_score
 from vlpeft.metrics.vqa_normalize import normalize_answer
 from vlpeft.tasks.bad_input import BadInputError, BadInputPolicy
 from vlpeft.tasks.textcaps import load_textcaps
 from vlpeft.tasks.vizwiz import VizWizVQADataset, load_vizwiz_captions
+from vlpeft.tasks.vqa import VQADataset
 from vlpeft.training import load_config, run_training
-from vlpeft.training.task_binding import _caption_score, _vqa_score
+from vlpeft.training.task_binding import _caption_score, _load_vqa, _vqa_score
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
 
@@ -319,3 +321,32 @@ def test_run_training_captions(tmp_path, layout):
     assert "CIDEr" in result.metrics["eval"] and "Bleu_4" in result.metrics["test"]
     predictions = json.loads((tmp_path / "run" / "predictions_test.json").read_text())
     assert len(predictions) == 2
+
+
+def test_vqa_format_detection_keeps_karpathy_files(tmp_path):
+    files = write_vizwiz_vqa(tmp_path, n_train=2, n_eval=1)
+    assert isinstance(_load_vqa(Path(files["val"]), None, Path(files["images"]), BadInputPolicy()), VizWizVQADataset)
+    karpathy = tmp_path / "karpathy_val.json"
+    karpathy.write_text(json.dumps([{"img_id": "VizWiz_val_00000000", "sent": "what colour is this?",
+                                     "question_id": 5, "label": {"red": 1.0}}]))
+    dataset = _load_vqa(karpathy, None, Path(files["images"]), BadInputPolicy())
+    assert type(dataset) is VQADataset and dataset.question_ids() == [5]
+
+
+def test_train_check_deep_on_vizwiz_vqa(tmp_path, capsys):
+    files = write_vizwiz_vqa(tmp_path / "data", n_train=4, n_eval=2)
+    config = tmp_path / "config.yaml"
+    write_config(config, {"model": {"tiny": "blip_caption"}, "method": {"type": "lora", "r": 4},
+                          "task": {"type": "vqa", "train": files["train"], "eval": files["val"],
+                                   "images": files["images"]},
+                          "run": {"output_dir": str(tmp_path / "run")}})
+    assert main(["train", str(config), "--check", "--deep"]) == 0
+    out = capsys.readouterr().out
+    assert "data OK: train 4 records, eval 2 records (every image decoded)" in out
+    assert "answer list (5 answers, built from the training answers)" in out  # 4 colours + "unanswerable"
+    (Path(files["images"]) / "val" / "VizWiz_val_00000001.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    assert main(["train", str(config), "--check", "--deep"]) == 2
+    assert "VizWiz_val_00000001.jpg" in capsys.readouterr().err
+    assert main(["train", str(config), "--check", "--deep", "--set", "task.bad_input=skip"]) == 0
+    out = capsys.readouterr().out
+    assert "eval 1 records" in out and "corrupt_image" in out

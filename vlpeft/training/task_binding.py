@@ -145,12 +145,15 @@ def _load_vqa(path: Path, annotations: Path | None, images: Path, policy, image_
     from vlpeft.tasks.vqa import VQADataset
 
     with open(path) as handle:
-        head = handle.read(64).lstrip()
+        start = handle.read(4096)
+    head = start.lstrip()[:64]
     if head.startswith("["):
         from vlpeft.tasks._io import read_json
         from vlpeft.tasks.vizwiz import VizWizVQADataset, is_vizwiz_vqa
 
-        if is_vizwiz_vqa(read_json(path)):  # VizWiz-VQA: records keyed by "image", scored by the VizWiz evaluation
+        # VizWiz-VQA: records keyed by "image", scored by the VizWiz evaluation; the whole file is parsed to
+        # decide only when its start could be VizWiz (a Karpathy file names "img_id" in its first record)
+        if '"image"' in start and '"img_id"' not in start and is_vizwiz_vqa(read_json(path)):
             return VizWizVQADataset.from_vizwiz(path, images, policy=policy, image_check=image_check)
         return VQADataset.from_karpathy(path, images, annotations_json=annotations, policy=policy,
                                         image_check=image_check)
