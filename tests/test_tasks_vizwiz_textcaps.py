@@ -287,9 +287,9 @@ def test_caption_bad_records_raise_and_skip(tmp_path):
 
 # --- 2-step training runs -------------------------------------------------------------------------------------------
 
-def _tiny_run(tmp_path: Path, task: dict[str, Any]) -> Any:
+def _tiny_run(tmp_path: Path, task: dict[str, Any], tiny: str = "blip_caption") -> Any:
     config = {
-        "model": {"tiny": "blip_caption"},
+        "model": {"tiny": tiny},
         "method": {"type": "lora", "r": 4, "lora_alpha": 8},
         "task": {"max_length": 16, **task},
         "optim": {"learning_rate": 1e-3, "max_steps": 2, "batch_size": 2, "eval_batch_size": 4},
@@ -300,10 +300,16 @@ def _tiny_run(tmp_path: Path, task: dict[str, Any]) -> Any:
     return run_training(load_config(write_config(tmp_path / "config.yaml", config)))
 
 
-def test_run_training_vizwiz_vqa(tmp_path):
+@pytest.mark.parametrize("tiny", ["blip_caption", "qwen2_vl"])
+def test_run_training_vizwiz_vqa(tmp_path, tiny):
     files = write_vizwiz_vqa(tmp_path / "data", n_train=4, n_eval=2)
-    result = _tiny_run(tmp_path, {"type": "vqa", "train": files["train"], "eval": files["val"],
-                                  "test": files["test"], "images": files["images"], "prompt": "{question}"})
+    task = {"type": "vqa", "train": files["train"], "eval": files["val"], "test": files["test"],
+            "images": files["images"]}
+    if tiny == "qwen2_vl":  # the chat twin: prompt through its chat template, room for the image tokens
+        task["max_length"] = 256
+    else:
+        task["prompt"] = "{question}"
+    result = _tiny_run(tmp_path, task, tiny)
     assert result.global_step == 2 and result.metric == "vqa_accuracy"
     assert {"vqa_accuracy", "vizwiz_accuracy", "vizwiz_accuracy_other"} <= set(result.metrics["eval"])
     assert "vizwiz_accuracy" not in result.metrics["test"]  # the test split has no answers: predicted, not scored
