@@ -205,10 +205,12 @@ def test_gqa_trains_two_steps(model, inference, tmp_path):
     assert "accuracy_query" in evaluation
 
 
-def test_nlvr2_trains_two_steps_on_a_chat_twin_with_both_images_and_routing(tmp_path):
+@pytest.mark.parametrize("twin", ["qwen2_vl", "smolvlm", "gemma3"])
+def test_nlvr2_trains_two_steps_on_a_chat_twin_with_both_images_and_routing(twin, tmp_path):
     files = write_nlvr2(tmp_path / "data")
     config = _config({"type": "nlvr2", "train": files["train"], "eval": files["dev"], "images": files["images"]},
-                     tmp_path / "run", method={"type": "routed_lora", "r": 4, "lora_alpha": 8, "routing": "matmul"})
+                     tmp_path / "run", method={"type": "routed_lora", "r": 4, "lora_alpha": 8, "routing": "matmul"},
+                     model={"tiny": twin})
     result = run_training(config)
     assert result.global_step == 2 and result.metric == "accuracy"
     evaluation = result.metrics["eval"]
@@ -234,6 +236,25 @@ def test_nlvr2_puts_both_images_in_one_user_turn(tmp_path):
     per_row = (batch["input_ids"] == image_token).sum(dim=1)
     assert torch.equal(per_row, per_row[:1].expand(2)) and int(per_row[0]) == int(
         batch["image_grid_thw"][:2].prod(dim=1).sum()) // 4  # both images' placeholders in each row
+
+    # routing's x_R: each sample's placeholder rows, i.e. both images' visual tokens (mean pooling pools both)
+    import peft
+
+    import vlpeft
+    from vlpeft.glue.families import detect_family
+    from vlpeft.glue.visual_features import find_visual_contexts
+
+    model = twin.model.eval()
+    family = detect_family(model)
+    wrapped = peft.get_peft_model(model, vlpeft.RoutedLoraConfig(routing="matmul", pooling="mean"))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        wrapped.get_base_model()(**inputs)
+    context = find_visual_contexts(wrapped)[0]
+    x_r, mask = context.visual_input(family.visual_feature_module, "none", 2, requester="test",
+                                     width=model.config.get_text_config().hidden_size)
+    rows = mask.sum(dim=1).tolist() if mask is not None else [x_r.shape[1]] * x_r.shape[0]  # no mask: none padded
+    assert rows == per_row.tolist()
 
 
 def test_nlvr2_is_refused_for_single_image_families(tmp_path):
