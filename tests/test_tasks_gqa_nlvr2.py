@@ -263,3 +263,24 @@ def test_nlvr2_is_refused_for_single_image_families(tmp_path):
                      tmp_path / "run", model={"tiny": "blip_caption"})
     with pytest.raises(ConfigError, match="nlvr2.*two images.*chat template"):
         validate_config(config)
+
+
+def test_train_check_deep_names_a_corrupt_nlvr2_image_or_counts_it(tmp_path, capsys):
+    import yaml
+
+    from vlpeft.cli import main
+
+    files = write_nlvr2(tmp_path / "data")
+    broken = Path(files["images"]) / "dev" / "dev-851-0-img1.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    config = {"model": {"tiny": "qwen2_vl"}, "method": {"type": "lora", "r": 4},
+              "task": {"type": "nlvr2", "train": files["train"], "eval": files["dev"], "images": files["images"]},
+              "run": {"output_dir": str(tmp_path / "run")}}
+    path = tmp_path / "nlvr2.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path), "--check", "--deep"]) == 2
+    error = capsys.readouterr().err
+    assert "dev-851-0-img1.png" in error and "dev-851-0-0" in error and "dev.json" in error
+    assert main(["train", str(path), "--check", "--deep", "--set", "task.bad_input=skip"]) == 0
+    out = capsys.readouterr().out
+    assert "eval 2 records" in out and "corrupt_image: 1" in out
