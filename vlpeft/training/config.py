@@ -44,7 +44,7 @@ __all__ = [
     "PRECISIONS",
 ]
 
-TASK_TYPES = ("vqa", "snli_ve", "caption", "chat", "gqa", "nlvr2")
+TASK_TYPES = ("vqa", "snli_ve", "caption", "chat", "gqa", "nlvr2", "multitask")
 FRAMINGS = ("generative", "discriminative")
 INFERENCE_MODES = ("generate", "rank", "classify")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -127,7 +127,10 @@ class TaskConfig:
         type: ``vqa``, ``snli_ve``, ``caption``, ``chat`` (conversation data: LLaVA JSON, or JSON / JSONL /
             Parquet / a ``datasets.save_to_disk`` folder with ``messages`` and ``images``; chat-template models),
             ``gqa`` (balanced question JSON; VQA-like, exact match) or ``nlvr2`` (official JSONL, two images per
-            sample; chat-template models only).
+            sample; chat-template models only) or ``multitask`` (the tasks of ``tasks`` in one run with one shared
+            PEFT module, mixed by VL-Adapter's rule; :mod:`vlpeft.training.multitask`).
+        tasks: ``multitask`` only: the sub-tasks, a list of mappings with the keys of this section (plus an optional
+            ``name``), e.g. ``[{type: vqa, train: ..., eval: ..., prompt: "vqa: {question}"}, {type: caption, ...}]``.
         train / eval / test: annotation files (VQAv2 official question file or Karpathy JSON; SNLI-VE jsonl;
             COCO/Karpathy caption JSON).
         train_annotations / eval_annotations / test_annotations: VQAv2 official annotation files that go with
@@ -169,6 +172,7 @@ class TaskConfig:
     max_train_samples: int = 0
     max_eval_samples: int = 0
     bad_input: str = "raise"
+    tasks: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -517,4 +521,9 @@ def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
                 "images", "answer_list"):
         if data["task"][key] is not None:
             data["task"][key] = str(config.resolve_path(data["task"][key]).resolve())
+    for entry in data["task"].get("tasks") or []:
+        for key in ("train", "eval", "test", "train_annotations", "eval_annotations", "test_annotations",
+                    "images", "answer_list"):
+            if isinstance(entry, dict) and isinstance(entry.get(key), str):
+                entry[key] = str(config.resolve_path(entry[key]).resolve())
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

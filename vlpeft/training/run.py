@@ -387,7 +387,8 @@ def run_training(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ())
         all_callbacks.append(CsvLoggerCallback(output_dir / "logs.csv"))
     if config.eval.early_stopping_patience:
         all_callbacks.append(EarlyStoppingCallback(config.eval.early_stopping_patience))
-    trainer = VLPeftTrainer(
+    trainer_class = task.extras.get("trainer_class", VLPeftTrainer)  # multi-task: VL-Adapter batch order
+    trainer = trainer_class(
         model=assembled.model,
         args=args,
         train_dataset=task.train_dataset,
@@ -453,7 +454,8 @@ def _eval_trainer(config: TrainConfig, checkpoint: str | os.PathLike) -> tuple[V
         raise ConfigError(f"--checkpoint: {folder} cannot be loaded: {problem}")
     assembled = _assemble(config, plan, checkpoint=folder)
     args = _training_arguments(config, plan, has_eval=False)
-    trainer = VLPeftTrainer(model=assembled.model, args=args, data_collator=assembled.task.collate,
+    trainer_class = assembled.task.extras.get("trainer_class", VLPeftTrainer)
+    trainer = trainer_class(model=assembled.model, args=args, data_collator=assembled.task.collate,
                             task=assembled.task)
     return trainer, assembled
 

@@ -53,7 +53,7 @@ __all__ = [
 
 # Main metric per task (higher is better for all).
 DEFAULT_METRICS = {"vqa": "vqa_accuracy", "snli_ve": "accuracy", "caption": "CIDEr", "chat": "loss", "gqa": "accuracy",
-                   "nlvr2": "accuracy"}
+                   "nlvr2": "accuracy", "multitask": "multitask_average"}
 #: Tasks whose items are VQA-like (question, answers): they share the VQA collators, prompts and inference.
 VQA_LIKE_TASKS = ("vqa", "gqa")
 #: Selection metrics where lower is better (all others: higher is better).
@@ -194,6 +194,10 @@ def load_datasets(config: TrainConfig, image_check: str = "decode", policy: Any 
     """
     task = config.task
     policy = _policy(task.bad_input) if policy is None else policy
+    if task.type == "multitask":
+        from vlpeft.training.multitask import load_multitask_datasets
+
+        return load_multitask_datasets(config, image_check, policy)
     if task.type == "chat":
         from vlpeft.training.chat_binding import load_chat_datasets
 
@@ -241,6 +245,9 @@ def tokenizer_texts(datasets: Sequence[Any], limit: int = 2000) -> list[str]:
     texts: list[str] = []
     for dataset in datasets:
         if dataset is None:
+            continue
+        if hasattr(dataset, "parts"):  # a multi-task split: the sub-tasks' datasets
+            texts.extend(tokenizer_texts(dataset.parts, limit))
             continue
         base = _items(dataset)
         for record in getattr(base, "records", [])[:limit]:
@@ -583,8 +590,13 @@ def build_task(config: TrainConfig, processor: Any, family: str, model_config: A
                datasets: tuple[Any, Any, Any], answers: list[str] | None = None) -> TaskBinding:
     """Wire datasets, collation, the training objective, inference and scoring for ``config.task``.
 
-    ``answers``: the VQA candidate list / classifier vocabulary (:func:`answer_list`).
+    ``answers``: the VQA candidate list / classifier vocabulary (:func:`answer_list`). ``task.type: multitask``
+    binds each sub-task with this function (:func:`vlpeft.training.multitask.build_multitask`).
     """
+    if config.task.type == "multitask":
+        from vlpeft.training.multitask import build_multitask
+
+        return build_multitask(config, processor, family, model_config, datasets)
     if config.task.framing == "discriminative":
         return _bind_discriminative(config, processor, datasets, answers)
     if LAYOUTS[family].sequence == "chat_template":

@@ -74,16 +74,9 @@ def check_output_dir(config: TrainConfig) -> Path:
     return path
 
 
-def validate_config(config: TrainConfig, *, for_training: bool = True) -> ValidatedPlan:
-    """Check everything that can be checked without loading a model; fills in ``task.framing`` when unset.
-
-    Raises:
-        ConfigError: naming the offending key and the allowed values.
-    """
-    task, optim, ev, run = config.task, config.optim, config.eval, config.run
-    family = resolve_family(config)
-
-    # --- task and data
+def _validate_task(config: TrainConfig, family: str, for_training: bool) -> None:
+    """The checks of the ``task`` section of a single-task config (also run on each multi-task sub-task)."""
+    task, ev = config.task, config.eval
     if for_training and task.train is None:
         raise ConfigError("task.train: a training file is required for `vlpeft train`")
     if ev.strategy != "no" and task.eval is None:
@@ -137,6 +130,28 @@ def validate_config(config: TrainConfig, *, for_training: bool = True) -> Valida
                           f"with model family {family!r} (or a blip_caption model for 'release')")
     if task.max_length < 2:
         raise ConfigError(f"task.max_length: must be >= 2, got {task.max_length}")
+
+
+def validate_config(config: TrainConfig, *, for_training: bool = True) -> ValidatedPlan:
+    """Check everything that can be checked without loading a model; fills in ``task.framing`` when unset.
+
+    Raises:
+        ConfigError: naming the offending key and the allowed values.
+    """
+    task, optim, ev, run = config.task, config.optim, config.eval, config.run
+    family = resolve_family(config)
+
+    # --- task and data
+    if task.type == "multitask":
+        from vlpeft.training.multitask import validate_multitask
+
+        if task.framing is None:
+            task.framing = "generative"
+        validate_multitask(config, family, for_training, _validate_task)
+    else:
+        if task.tasks:
+            raise ConfigError(f"task.tasks: sub-tasks are only read with task.type 'multitask', got {task.type!r}")
+        _validate_task(config, family, for_training)
 
     # --- optimisation
     for key in ("learning_rate", "num_epochs"):
