@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from _training_data import write_caption_data, write_vqa_data
+from _training_data import write_caption_data, write_snli_ve_data, write_vqa_data
 from test_tasks_gqa_nlvr2 import write_gqa, write_nlvr2
 
 from vlpeft.training import run_training
@@ -29,7 +29,8 @@ from vlpeft.training.validation import validate_config
 def data(tmp_path_factory) -> dict[str, dict[str, str]]:
     root = tmp_path_factory.mktemp("multitask-data")
     return {"vqa": write_vqa_data(root / "vqa", 4, 2), "caption": write_caption_data(root / "caption", 4, 2),
-            "gqa": write_gqa(root / "gqa", 4, 2), "nlvr2": write_nlvr2(root / "nlvr2")}
+            "gqa": write_gqa(root / "gqa", 4, 2), "nlvr2": write_nlvr2(root / "nlvr2"),
+            "snli_ve": write_snli_ve_data(root / "snli_ve", 4, 2)}
 
 
 def _vqa(files: dict[str, str]) -> dict[str, Any]:
@@ -46,6 +47,10 @@ def _caption(files: dict[str, str]) -> dict[str, Any]:
 def _gqa(files: dict[str, str]) -> dict[str, Any]:
     return {"type": "gqa", "train": files["train"], "eval": files["testdev"], "images": files["images"],
             "prompt": "gqa: {question}"}
+
+
+def _snli_ve(files: dict[str, str]) -> dict[str, Any]:
+    return {"type": "snli_ve", "train": files["train"], "eval": files["dev"], "images": files["images"]}
 
 
 def _nlvr2(files: dict[str, str]) -> dict[str, Any]:
@@ -146,12 +151,12 @@ def test_collator_refuses_a_mixed_batch():
 
 
 # ----------------------------------------------------------------------------------------------- runs
-@pytest.mark.parametrize(("model", "names"), [("blip_caption", ("vqa", "caption")),
+@pytest.mark.parametrize(("model", "names"), [("blip_caption", ("vqa", "caption", "snli_ve")),
                                               ("qwen2_vl", ("vqa", "gqa", "nlvr2", "caption"))])
 def test_multitask_run_reports_each_tasks_metric_and_the_average(data, tmp_path, model, names, monkeypatch):
     from vlpeft.training import multitask
 
-    makers = {"vqa": _vqa, "caption": _caption, "gqa": _gqa, "nlvr2": _nlvr2}
+    makers = {"vqa": _vqa, "caption": _caption, "gqa": _gqa, "nlvr2": _nlvr2, "snli_ve": _snli_ve}
     tasks = [makers[name](data[name]) for name in names]
     config = _config(tasks, tmp_path / "run", model=model,
                      **({"max_length": 256} if model == "qwen2_vl" else {}))
@@ -166,7 +171,7 @@ def test_multitask_run_reports_each_tasks_metric_and_the_average(data, tmp_path,
     result = run_training(config)
     assert result.global_step == 2 and result.metric == "multitask_average"
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]["eval"]
-    mains = {"vqa": "vqa_accuracy", "caption": "CIDEr", "gqa": "accuracy", "nlvr2": "accuracy"}
+    mains = {"vqa": "vqa_accuracy", "caption": "CIDEr", "gqa": "accuracy", "nlvr2": "accuracy", "snli_ve": "accuracy"}
     for name in names:
         assert f"{name}_{mains[name]}" in saved
     expected = sum(saved[f"{n}_{mains[n]}"] * (100 if n == "caption" else 1) for n in names) / len(names)
