@@ -188,3 +188,27 @@ def _train_parts(config):
     from vlpeft.training.task_binding import load_datasets
 
     return load_datasets(config, image_check="exists")[0].parts
+
+
+def test_a_two_epoch_run_trains_the_batches_in_the_mixing_rules_order(data, tmp_path, monkeypatch):
+    """Every batch the trainer gets, over two epochs: one task per batch, each epoch all ceil(n_k / b) batches of
+    every task in the sampler's shuffled order for that epoch (the order changes with the epoch)."""
+    from vlpeft.training import multitask
+
+    config = _config([_vqa(data["vqa"]), _caption(data["caption"]), _gqa(data["gqa"])], tmp_path / "run")
+    config.optim.max_steps, config.optim.num_epochs, config.eval.strategy = -1, 2, "no"
+    seen: list[int] = []
+    original = multitask.MultiTaskTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        seen.append(int(inputs["task_index"]))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(multitask.MultiTaskTrainer, "compute_loss", spy)
+    result = run_training(config)
+    sizes = [len(part) for part in _train_parts(config)]
+    sampler = TaskBatchSampler(sizes, 2, seed=3)
+    assert sizes == [4, 8, 4]  # captions train on (image, caption) pairs: 4 images x 2 captions
+    assert result.global_step == len(seen) == 2 * len(sampler) == 16
+    assert seen == sampler.task_order(0) + sampler.task_order(1)
+    assert Counter(seen[:8]) == Counter(seen[8:]) == {0: 2, 1: 4, 2: 2}
