@@ -14,7 +14,7 @@ import torch
 from _training_data import write_caption_data, write_snli_ve_data, write_vqa_data
 from test_tasks_gqa_nlvr2 import write_gqa, write_nlvr2
 
-from vlpeft.training import run_training
+from vlpeft.training import evaluate, run_training
 from vlpeft.training.config import ConfigError, config_from_dict
 from vlpeft.training.multitask import (
     MultiTaskCollator,
@@ -182,6 +182,9 @@ def test_multitask_run_reports_each_tasks_metric_and_the_average(data, tmp_path,
     assert seen == TaskBatchSampler(sizes, 2, seed=3).task_order(0)[:2]
     predictions = json.loads((tmp_path / "run" / "predictions_eval.json").read_text())
     assert {p["task"] for p in predictions} == set(names)
+    # `vlpeft evaluate` on the run folder: the same per-task metrics from the saved adapter
+    again = evaluate(config, tmp_path / "run")
+    assert again["multitask_average"] == pytest.approx(saved["multitask_average"])
 
 
 def _train_parts(config):
