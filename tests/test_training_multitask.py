@@ -215,3 +215,46 @@ def test_a_two_epoch_run_trains_the_batches_in_the_mixing_rules_order(data, tmp_
     assert result.global_step == len(seen) == 2 * len(sampler) == 16
     assert seen == sampler.task_order(0) + sampler.task_order(1)
     assert Counter(seen[:8]) == Counter(seen[8:]) == {0: 2, 1: 4, 2: 2}
+
+
+def test_a_resumed_multitask_run_continues_the_mixing_order_mid_epoch(data, tmp_path, monkeypatch):
+    """Stopped after checkpoint-2 of a 6-batch epoch, the resumed run trains exactly the batches (tasks and losses)
+    that an uninterrupted run trains at steps 3..6."""
+    from transformers import TrainerCallback
+
+    from vlpeft.training import multitask
+
+    seen: list[int] = []
+    original = multitask.MultiTaskTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        seen.append(int(inputs["task_index"]))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(multitask.MultiTaskTrainer, "compute_loss", spy)
+
+    def config_for(folder: str):
+        config = _config([_vqa(data["vqa"]), _caption(data["caption"])], tmp_path / folder)
+        config.optim.max_steps, config.eval.strategy, config.run.save_steps = 6, "no", 2
+        return config
+
+    class Crash(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt("simulated preemption after checkpoint-2")
+
+    reference = run_training(config_for("reference"))
+    reference_order, seen[:] = list(seen), []
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config_for("resumed"), callbacks=[Crash()])
+    assert seen == reference_order[:2]
+    seen.clear()
+    resumed = run_training(config_for("resumed"))
+    assert resumed.resumed_from is not None and resumed.resumed_from.endswith("checkpoint-2")
+    assert seen == reference_order[2:] and resumed.global_step == reference.global_step == 6
+
+    def losses(run_dir: Path) -> list[float]:
+        state = json.loads((run_dir / "trainer_state.json").read_text())
+        return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+    assert losses(tmp_path / "resumed")[-4:] == pytest.approx(losses(tmp_path / "reference")[-4:])
