@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,8 @@ class VisualFeatureContext:
         self._checkpoint_modules: list[nn.Module] = []
         self._image_token_id: int | None = None
         self._poolings: dict[str, set[str]] = {}
+        self._model: weakref.ref[nn.Module] | None = None
+        self._hooked_copies: set[int] = set()
 
     # ----------------------------------------------------------------------------------------- copying
     def __deepcopy__(self, memo: dict[int, Any]) -> VisualFeatureContext:
@@ -162,6 +165,7 @@ class VisualFeatureContext:
     def scope(self) -> Iterator[_Frame]:
         """One top-level call (forward or generate): features captured inside are dropped at exit."""
         self.bind_checkpointing()
+        self._hook_wrapped_copies()
         with self.activate(self.current_frame().child()) as frame:
             yield frame
 
@@ -225,6 +229,7 @@ class VisualFeatureContext:
                 f"visual feature module {source.module!r} does not exist in {type(model).__name__}; set "
                 "`visual_feature_module` in the config to the module whose output is x_R"
             ) from error
+        self._model = weakref.ref(model)
         if not self._handles:
             self._handles.append(model.register_forward_pre_hook(self._record_input_ids, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._forget_input_ids))
@@ -249,14 +254,38 @@ class VisualFeatureContext:
             handle.remove()
         self._handles = []
         self._sources = {}
+        self._hooked_copies = set()
         for module in self._checkpoint_modules:
             func = getattr(module, "_gradient_checkpointing_func", None)
             if getattr(func, "_vlpeft_context", None) is self:
                 module._gradient_checkpointing_func = func._vlpeft_inner
         self._checkpoint_modules = []
 
+    def _hook_wrapped_copies(self) -> None:
+        """Hook the copies that PEFT's ``modules_to_save`` runs in place of a visual feature module.
+
+        ``get_peft_model(..., modules_to_save=[<the visual feature module>])`` wraps the module after the tuner
+        attached its hooks, and the wrapper runs a deep copy whose copied hooks feed a copied context; the copies
+        get hooks into this context here (at the start of every top-level call).
+        """
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return
+        for source in self._sources.values():
+            if source.output in INPUT_SOURCES:
+                continue
+            copies = getattr(model.get_submodule(source.module), "modules_to_save", None)
+            if not isinstance(copies, nn.ModuleDict):
+                continue
+            for module in copies.values():
+                if id(module) not in self._hooked_copies:
+                    hook = functools.partial(self._capture_sequence, source)
+                    self._handles.append(module.register_forward_hook(hook))
+                    self._hooked_copies.add(id(module))
+
     # ------------------------------------------------------------------------------------------ hooks
     def _record_input_ids(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._hook_wrapped_copies()
         input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
         frame = self.current_frame()
         frame.input_ids = input_ids if isinstance(input_ids, Tensor) else None
