@@ -48,7 +48,12 @@ from transformers import (
     ViTConfig,
 )
 
-from vlpeft.models import VisionPrefixLMConfig, build_vision_prefix_lm
+from vlpeft.models import (
+    ClipBartConfig,
+    ClipBartForConditionalGeneration,
+    VisionPrefixLMConfig,
+    build_vision_prefix_lm,
+)
 from vlpeft.testing.images import random_pixel_values
 
 __all__ = [
@@ -107,6 +112,10 @@ _DEFAULT_SIZES: dict[str, int] = {
     "max_position_embeddings": 128,
 }
 
+# Family-specific defaults: CLIP-BART's 56 x 56 images give a 7 x 7 patch grid (as CLIP ViT-B/32 at 224), which
+# its pooling downsamples to 6 x 6 = 36 visual tokens.
+_FAMILY_SIZES: dict[str, dict[str, int]] = {"clip_bart": {"image_size": 56}}
+
 _SPECIAL_TOKENS = {"pad_token_id": PAD_TOKEN_ID, "bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID}
 
 
@@ -119,7 +128,8 @@ class TinyModel:
         family: the family name (one of :data:`FAMILIES`).
         layout: how inputs are laid out: ``"blip_vqa"``, ``"bos_caption"`` (BLIP caption, GIT),
             ``"image_tokens"`` (BLIP-2, LLaVA, PaliGemma), ``"encoder_decoder"``,
-            ``"prefix_classifier"`` / ``"prefix_decoder"`` (vlpeft composite).
+            ``"prefix_classifier"`` / ``"prefix_decoder"`` (vlpeft composite), ``"clip_bart"`` (question ids in
+            the encoder with the image, answer ``labels`` for BART's decoder).
         vocab_size: text vocabulary size.
         image_size: edge length of ``pixel_values``.
         image_token_id: id of the image placeholder token, or ``None`` if the family has none.
@@ -186,7 +196,7 @@ class TinyModel:
         Decoder-only language models get a prompt of ``seq_len`` text tokens after the image tokens; with
         ``num_padding > 0`` the last prompt is shortened and **left**-padded, as decoder-only generation needs.
         Families that generate from the image alone (BLIP caption, GIT, encoder-decoder, composite decoder) get
-        only ``pixel_values``; BLIP VQA gets the question.
+        only ``pixel_values``; BLIP VQA and CLIP-BART get the question.
         """
         if not self.is_generative:
             raise ValueError(f"family {self.family!r} is not generative; it has no generation inputs")
@@ -220,6 +230,21 @@ class TinyModel:
             return [length] * (batch_size - 1) + [length - num_padding]
 
         layout = self.layout
+        if layout == "clip_bart":
+            # Question (right-padded, eos-terminated) in the encoder; an answer of 2 tokens + eos as labels.
+            lengths = valid_lengths(seq_len)
+            question = _right_pad(
+                _append_eos(text(seq_len), lengths, self.eos_token_id, self.pad_token_id),
+                [n + 1 for n in lengths],
+                self.pad_token_id,
+            )
+            inputs = {"input_ids": question["input_ids"], "attention_mask": question["attention_mask"]}
+            inputs["pixel_values"] = pixel_values
+            if with_labels and not for_generation:
+                eos = torch.full((batch_size, 1), self.eos_token_id)
+                inputs["labels"] = torch.cat([text(2), eos], dim=1)
+            return inputs
+
         if layout == "blip_vqa":
             question = _right_pad(text(seq_len), valid_lengths(seq_len), self.pad_token_id)
             inputs = {"pixel_values": pixel_values, **question}
@@ -556,6 +581,29 @@ def _build_vit_gpt2(sizes: dict[str, int], extra: dict[str, Any]) -> _Recipe:
     return _composite_recipe(sizes, extra, text)
 
 
+def _build_clip_bart(sizes: dict[str, int], extra: dict[str, Any]) -> _Recipe:
+    """CLIP vision (a 7 x 7 patch grid by default, pooled to 6 x 6 = 36 tokens) + BART (decoder starts at eos)."""
+    vision = {**_vision_dict(sizes), "model_type": "clip_vision_model"}
+    text = {
+        "model_type": "bart",
+        "vocab_size": sizes["vocab_size"],
+        "d_model": sizes["hidden_size"],
+        "encoder_layers": sizes["num_hidden_layers"],
+        "decoder_layers": sizes["num_hidden_layers"],
+        "encoder_attention_heads": sizes["num_attention_heads"],
+        "decoder_attention_heads": sizes["num_attention_heads"],
+        "encoder_ffn_dim": sizes["intermediate_size"],
+        "decoder_ffn_dim": sizes["intermediate_size"],
+        "max_position_embeddings": sizes["max_position_embeddings"],
+        "decoder_start_token_id": EOS_TOKEN_ID,  # as BART: decoding starts from </s>
+        "forced_bos_token_id": None,
+        "forced_eos_token_id": None,
+        **_SPECIAL_TOKENS,
+    }
+    config = ClipBartConfig(vision_config=vision, text_config=text, **extra)
+    return config, ClipBartForConditionalGeneration, {"layout": "clip_bart"}
+
+
 _BUILDERS: dict[str, Callable[[dict[str, int], dict[str, Any]], _Recipe]] = {
     "blip_vqa": _build_blip_vqa,
     "blip_caption": _build_blip_caption,
@@ -567,11 +615,13 @@ _BUILDERS: dict[str, Callable[[dict[str, int], dict[str, Any]], _Recipe]] = {
     "vit_bert": _build_vit_bert,
     "vit_roberta": _build_vit_roberta,
     "vit_gpt2": _build_vit_gpt2,
+    "clip_bart": _build_clip_bart,
 }
 
 # Family-specific override keys (beyond the common ones) accepted by each builder.
 _EXTRA_KEYS: dict[str, tuple[str, ...]] = {name: () for name in _BUILDERS}
 _EXTRA_KEYS.update({name: _COMPOSITE_KEYS for name in ("vit_bert", "vit_roberta", "vit_gpt2")})
+_EXTRA_KEYS["clip_bart"] = ("num_visual_tokens", "downsample_pooling", "visual_layer_norm", "freeze_vision_model")
 
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 #: Families whose models support ``generate()`` (all but the composite classifiers).
@@ -637,7 +687,11 @@ def build_tiny_model(family: str, *, seed: int = 0, **overrides: Any) -> TinyMod
         raise ValueError(
             f"build_tiny_model({family!r}): unknown overrides {unknown}; allowed: {sorted(allowed)}"
         )
-    sizes = {**_DEFAULT_SIZES, **{k: v for k, v in overrides.items() if k in _SIZE_KEYS}}
+    sizes = {
+        **_DEFAULT_SIZES,
+        **_FAMILY_SIZES.get(family, {}),
+        **{k: v for k, v in overrides.items() if k in _SIZE_KEYS},
+    }
     if sizes["vocab_size"] <= FIRST_TEXT_TOKEN_ID + 1:
         raise ValueError(f"vocab_size must exceed {FIRST_TEXT_TOKEN_ID + 1}, got {sizes['vocab_size']}")
     if sizes["hidden_size"] % sizes["num_attention_heads"]:

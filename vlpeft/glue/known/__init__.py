@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vlpeft.glue.description import ModelFamily
-from vlpeft.glue.known import blip, blip2, llava, mllama, vision_prefix
+from vlpeft.glue.known import blip, blip2, clip_bart, llava, mllama, vision_prefix
 
 __all__ = ["FAMILIES", "REFINEMENTS"]
 
-_MODULES = (blip, blip2, llava, mllama, vision_prefix)
+_MODULES = (blip, blip2, clip_bart, llava, mllama, vision_prefix)
 
 FAMILIES: tuple[ModelFamily, ...] = tuple(f for module in _MODULES for f in getattr(module, "FAMILIES", ()))
 REFINEMENTS: dict[str, Callable[[ModelFamily], ModelFamily]] = {

@@ -1,8 +1,8 @@
 """Layer layouts of the architectures whose families are written out in :mod:`vlpeft.glue.known`.
 
 Each :class:`~vlpeft.glue.description.LayerLayout` gives the relative module names of one layer of an
-architecture (BERT-like, BLIP text with inline attention, Q-Former, Llama-like, OPT, GPT-2, CLIP/SigLIP vision, ViT,
-BLIP and BLIP-2 vision). Derived families build their layouts from the model instead.
+architecture (BERT-like, BLIP text with inline attention, Q-Former, Llama-like, OPT, BART, GPT-2, CLIP/SigLIP
+vision, ViT, BLIP and BLIP-2 vision). Derived families build their layouts from the model instead.
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ LAYER_LAYOUTS: dict[str, LayerLayout] = {
     ),
     "opt": LayerLayout(
         layers=r"model\.decoder\.layers\.\d+", self_attn="self_attn", cross_attn=None,
+        query="q_proj", key="k_proj", value="v_proj", attn_output="out_proj",
+        ffn_input="fc1", ffn_output="fc2", ffn_block=None, ffn_block_style=None, attention_style="interface",
+    ),
+    "bart": LayerLayout(  # BART encoder/decoder layers: FFN projections on the layer itself, no FFN block
+        layers=r"layers\.\d+", self_attn="self_attn", cross_attn="encoder_attn",
         query="q_proj", key="k_proj", value="v_proj", attn_output="out_proj",
         ffn_input="fc1", ffn_output="fc2", ffn_block=None, ffn_block_style=None, attention_style="interface",
     ),

@@ -1,0 +1,263 @@
+"""Tests for the CLIP-BART composite (vlpeft.models.ClipBartForConditionalGeneration) and its tiny twin.
+
+The twin: CLIP vision (56 x 56 images, 8 x 8 patches: a 7 x 7 grid like ViT-B/32 at 224) pooled to 36 visual tokens,
+a BART encoder-decoder of width 32.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import _routing_checks as checks
+import peft
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
+
+import vlpeft
+from vlpeft.glue.families import detect_family
+from vlpeft.models import ClipBartConfig, ClipBartForConditionalGeneration
+from vlpeft.testing import TinyModel, build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny() -> TinyModel:
+    return build_tiny_model("clip_bart", seed=5, num_hidden_layers=1)
+
+
+def _fresh(tiny: TinyModel) -> ClipBartForConditionalGeneration:
+    return copy.deepcopy(tiny.model)
+
+
+# ------------------------------------------------------------------------------------------------- the model
+def test_forward_loss_and_shapes(tiny: TinyModel) -> None:
+    model = _fresh(tiny)
+    inputs = tiny.inputs
+    out = model(**inputs)
+    labels = inputs["labels"]
+    assert out.logits.shape == (2, labels.shape[1], tiny.vocab_size)
+    expected = torch.nn.functional.cross_entropy(out.logits.reshape(-1, tiny.vocab_size), labels.reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    assert model.visual_embedding.linear.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.vision_model.parameters())  # frozen by the model
+
+
+def test_decoder_inputs_are_labels_shifted_right(tiny: TinyModel) -> None:
+    model = _fresh(tiny).eval()
+    inputs = tiny.inputs
+    labels = inputs["labels"]
+    start = model.config.decoder_start_token_id
+    shifted = torch.cat([torch.full((2, 1), start), labels[:, :-1]], dim=1)
+    with torch.no_grad():
+        from_labels = model(**inputs).logits
+        explicit = model(**{k: v for k, v in inputs.items() if k != "labels"}, decoder_input_ids=shifted).logits
+    torch.testing.assert_close(from_labels, explicit)
+
+
+def test_visual_tokens_are_appended_after_the_text(tiny: TinyModel) -> None:
+    model = _fresh(tiny).eval()
+    inputs = tiny.inputs
+    text_len = inputs["input_ids"].shape[1]
+    seen: list[tuple[int, ...]] = []
+    handle = model.language_model.model.encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple(kwargs["inputs_embeds"].shape)), with_kwargs=True
+    )
+    with torch.no_grad():
+        out = model(**inputs)
+        visual = model.visual_tokens(inputs["pixel_values"])
+        text = model.get_input_embeddings()(inputs["input_ids"])
+    handle.remove()
+    assert visual.shape == (2, 36, 32)
+    assert seen == [(2, text_len + 36, 32)]
+    assert out.encoder_last_hidden_state.shape == (2, text_len + 36, 32)
+    # The encoder input is exactly [text embeddings ; visual tokens].
+    captured: list[torch.Tensor] = []
+    handle = model.language_model.model.encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.append(kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    torch.testing.assert_close(captured[0], torch.cat([text, visual], dim=1))
+    # The output depends on the image.
+    with torch.no_grad():
+        other = model(**{**inputs, "pixel_values": inputs["pixel_values"].flip(0)})
+    assert (other.logits - out.logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_grid_is_pooled_to_six_by_six(pooling: str) -> None:
+    tiny = build_tiny_model("clip_bart", num_hidden_layers=1, downsample_pooling=pooling)
+    model = tiny.model.eval()
+    pixels = tiny.inputs["pixel_values"]
+    with torch.no_grad():
+        grid = model.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]  # 7 x 7 patches, no CLS
+        pooled = model.grid_features(pixels)
+    assert grid.shape[1] == 49 and pooled.shape == (2, 36, 32)
+    square = grid.transpose(1, 2).reshape(2, 32, 7, 7)
+    pool = torch.nn.AdaptiveMaxPool2d(6) if pooling == "max" else torch.nn.AdaptiveAvgPool2d(6)
+    torch.testing.assert_close(pooled, pool(square).flatten(2).transpose(1, 2))
+
+
+def test_config_checks() -> None:
+    with pytest.raises(ValueError, match="perfect square"):
+        ClipBartConfig(num_visual_tokens=35)
+    with pytest.raises(ValueError, match="downsample_pooling"):
+        ClipBartConfig(downsample_pooling="median")
+    config = ClipBartConfig()
+    assert config.vision_config.model_type == "clip_vision_model" and config.text_config.model_type == "bart"
+    assert config.is_encoder_decoder and config.num_visual_tokens == 36
+
+
+def test_save_and_auto_reload(tiny: TinyModel, tmp_path) -> None:
+    model = _fresh(tiny).eval()
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), ClipBartConfig)
+    for auto in (AutoModelForSeq2SeqLM, AutoModelForImageTextToText):
+        loaded = auto.from_pretrained(tmp_path).eval()
+        assert isinstance(loaded, ClipBartForConditionalGeneration)
+        assert not any(p.requires_grad for p in loaded.vision_model.parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**tiny.inputs).logits, model(**tiny.inputs).logits, rtol=0, atol=0)
+
+
+def test_generate_cached_equals_uncached_and_beams(tiny: TinyModel) -> None:
+    model = _fresh(tiny).eval()
+    inputs = tiny.generation_inputs(batch_size=2)
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values"}
+    settings = {"do_sample": False, "max_new_tokens": 5}
+    with torch.no_grad():
+        cached = model.generate(**inputs, **settings)
+        uncached = model.generate(**inputs, use_cache=False, **settings)
+        beams = model.generate(**inputs, num_beams=3, **settings)
+    torch.testing.assert_close(cached, uncached)
+    assert cached[:, 0].eq(model.config.decoder_start_token_id).all()
+    assert beams.shape[0] == 2
+    padded = tiny.generation_inputs(batch_size=2, num_padding=2)
+    with torch.no_grad():
+        batch = model.generate(**padded, **settings)
+        for row in range(2):
+            alone = model.generate(**{k: v[row : row + 1] for k, v in padded.items()}, **settings)
+            torch.testing.assert_close(batch[row : row + 1, : alone.shape[1]], alone)
+
+
+def test_family_description(tiny: TinyModel) -> None:
+    family = detect_family(tiny.model)
+    assert family.name == "clip_bart" and not family.derived
+    assert family.language_towers == ("text_encoder", "text_decoder")
+    assert family.visual_feature_module == "visual_embedding"
+    names = dict(tiny.model.named_modules())
+    query = family.module_regex(None, ("self_attn", "cross_attn"), "query")
+    import re
+
+    matched = sorted(n for n in names if re.fullmatch(query, n))
+    assert matched == [
+        "language_model.model.decoder.layers.0.encoder_attn.q_proj",
+        "language_model.model.decoder.layers.0.self_attn.q_proj",
+        "language_model.model.encoder.layers.0.self_attn.q_proj",
+    ]
+    ffn = family.module_regex(None, ("ffn",), "ffn_output")
+    assert sorted(n for n in names if re.fullmatch(ffn, n)) == [
+        "language_model.model.decoder.layers.0.fc2",
+        "language_model.model.encoder.layers.0.fc2",
+    ]
+    vision = family.module_regex("vision", ("self_attn",), "query")
+    assert [n for n in names if re.fullmatch(vision, n)] == ["vision_model.encoder.layers.0.self_attn.q_proj"]
+
+
+# ------------------------------------------------------------------------------------------------- methods
+METHODS = {
+    "routed_lora_mul": lambda: vlpeft.RoutedLoraConfig(routing="mul"),
+    "routed_lora_matmul": lambda: vlpeft.RoutedLoraConfig(routing="matmul"),
+    "routed_adapter_mul": lambda: vlpeft.AdapterConfig(routing="mul"),
+    "routed_adapter_matmul": lambda: vlpeft.AdapterConfig(routing="matmul"),
+    "lora": lambda: vlpeft.RoutedLoraConfig(),
+    "adapter": lambda: vlpeft.AdapterConfig(),
+    "p_adapter": lambda: vlpeft.PAdapterConfig(),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_attaches_and_trains_a_step(tiny: TinyModel, method: str) -> None:
+    model = peft.get_peft_model(_fresh(tiny), METHODS[method]())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable
+    assert not any("vision_model" in n or "visual_embedding" in n for n in trainable)  # defaults: adapters only
+    assert any(".encoder.layers." in n for n in trainable) and any(".decoder.layers." in n for n in trainable)
+    model.train()
+    loss = model(**tiny.inputs).loss
+    loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer.step()
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(**tiny.generation_inputs(batch_size=2), max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 2
+
+
+@pytest.mark.parametrize("routing", ["mul", "matmul"])
+def test_routing_reads_the_36_visual_tokens_in_every_layer(tiny: TinyModel, routing: str) -> None:
+    """x_R is the visual embedding's (batch, 36, d) output: pooled (``mul``, mean) or all 36 tokens (``matmul``)
+    in every adapted encoder and decoder layer; the adapted output changes with the image."""
+    config = vlpeft.RoutedLoraConfig(r=4, routing=routing, init_lora_weights=False)
+    model = peft.get_peft_model(_fresh(tiny), config)
+    base = model.get_base_model()
+    seen: list[tuple[int, ...]] = []
+    base.visual_embedding.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
+    model.eval()
+    inputs = tiny.inputs
+    with torch.no_grad():
+        out = model(**inputs)
+        with model.disable_adapter():
+            plain = model(**inputs)
+        flipped = model(**{**inputs, "pixel_values": inputs["pixel_values"].flip(0)})
+        with model.disable_adapter():
+            plain_flipped = model(**{**inputs, "pixel_values": inputs["pixel_values"].flip(0)})
+    assert seen[0] == (2, 36, 32)
+    assert not torch.allclose(out.logits, plain.logits)
+    # Swapping the images changes the routed update itself (not only the base model's output).
+    assert not torch.allclose(out.logits - plain.logits, flipped.logits - plain_flipped.logits, atol=1e-6)
+    routed = [n for n, m in model.named_modules() if hasattr(m, "routed_lora_A") and n.endswith("q_proj")]
+    assert any(".encoder.layers." in n for n in routed)
+    assert any(".decoder.layers.0.self_attn." in n for n in routed)
+    assert any(".decoder.layers.0.encoder_attn." in n for n in routed)
+
+
+@pytest.mark.parametrize(
+    ("method", "config"),
+    [
+        ("routed_lora", vlpeft.RoutedLoraConfig(r=4, routing="matmul", pooling="none", init_lora_weights=False)),
+        ("routed_adapter", vlpeft.AdapterConfig(routing="mul", pooling="mean", up_init="normal", init_std=0.2)),
+    ],
+)
+def test_routed_methods_full_checks(tiny: TinyModel, method: str, config: object, tmp_path) -> None:
+    """Checkpointing gradients, batch == single, beam batch == per image, save/load, disable/unload.
+
+    (An adapter with unnormalised ``matmul`` over all 36 tokens at ``init_std=0.2`` saturates the tiny model's
+    LayerNorms, so that some gradients underflow to 0; ``matmul`` is covered here with LoRA.)
+    """
+    torch.manual_seed(0)  # the adapters' random initialisation
+    plain = (
+        vlpeft.RoutedLoraConfig(r=4, init_lora_weights=False)
+        if method == "routed_lora"
+        else vlpeft.AdapterConfig(up_init="normal", init_std=0.2)
+    )
+    checks.run_all_checks(tiny, config, plain, tmp_path)
+
+
+def test_visual_embedding_trains_with_modules_to_save(tiny: TinyModel) -> None:
+    """VL-Adapter trains the visual embedding: ``modules_to_save=["visual_embedding"]``; routing still reads x_R."""
+    config = vlpeft.AdapterConfig(routing="mul", modules_to_save=["visual_embedding"])
+    model = peft.get_peft_model(_fresh(tiny), config)
+    model.train()
+    model(**tiny.inputs).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert any("visual_embedding" in n for n in grads)
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "visual_embedding" in n)
+    assert not any("vision_model" in n for n in grads)
