@@ -142,6 +142,53 @@ def test_mixing_rule_is_vl_adapters_one_task_per_batch_all_batches_once_per_epoc
         [0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12], [13, 14, 15, 16], [17, 18, 19]]
 
 
+@pytest.mark.parametrize("processes", [2, 3])
+def test_on_several_processes_every_process_trains_the_same_task_at_each_step(processes):
+    """accelerate shards the batch sampler (batch i to process i % n): every step's batches are of one task, full
+    size, and together the processes cover every example of every task in each epoch."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    sizes, batch = [10, 3, 7], 2
+    sampler = TaskBatchSampler(sizes, batch, seed=1, num_replicas=processes)
+    sampler.set_epoch(1)
+    offsets = [0, 10, 13]
+    shards = [list(BatchSamplerShard(sampler, num_processes=processes, process_index=p)) for p in range(processes)]
+    assert len({len(shard) for shard in shards}) == 1 and len(shards[0]) == len(sampler) // processes
+
+    def task_of(indices: list[int]) -> int:
+        (task,) = {max(k for k in range(3) if i >= offsets[k]) for i in indices}
+        return task
+
+    steps = list(zip(*shards, strict=True))
+    assert all(len({task_of(b) for b in step}) == 1 and all(len(b) == batch for b in step) for step in steps)
+    covered = {i for step in steps for b in step for i in b}
+    assert covered == set(range(sum(sizes)))
+    per_task = Counter(task_of(step[0]) for step in steps)
+    assert per_task == {k: math.ceil(math.ceil(n / batch) / processes) for k, n in enumerate(sizes)}
+
+
+def test_a_steps_loss_is_the_mean_of_its_micro_batches_own_task_losses():
+    """Token counts and question counts are not summed together: each micro-batch is normalised by its own task's
+    count, then the step averages over its micro-batches (count 1 each)."""
+    from vlpeft.tasks.losses import TrainingObjective
+    from vlpeft.training.multitask import MultiTaskObjective
+
+    class Sum(TrainingObjective):  # loss = sum of the "logits" / count, count = number of label entries
+        def count(self, batch):
+            return torch.tensor(batch["labels"].numel())
+
+        def __call__(self, outputs, labels, info, num_items):
+            return outputs.sum() / num_items
+
+    objective = MultiTaskObjective([Sum(), Sum()], ["a", "b"])
+    assert int(objective.count({"labels": torch.zeros(5), "task_index": torch.tensor(1)})) == 1
+    objective.active = 0
+    first = objective(torch.tensor([2.0, 4.0]), torch.zeros(2), {}, torch.tensor(2))  # own mean 3, two micro-batches
+    objective.active = 1
+    second = objective(torch.tensor([9.0]), torch.zeros(1), {}, torch.tensor(2))  # own mean 9
+    assert float(first + second) == pytest.approx((3.0 + 9.0) / 2)
+
+
 def test_collator_refuses_a_mixed_batch():
     dataset = MultiTaskDataset(["a", "b"], [[{"x": 1}], [{"x": 2}]])
     collate = MultiTaskCollator([lambda items: {"n": torch.tensor(len(items))}] * 2)

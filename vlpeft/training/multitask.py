@@ -25,7 +25,10 @@ into batches of ``optim.batch_size`` (the last one may be smaller); the epoch is
 i.e. each task contributes ``ceil(n_task / batch_size)`` batches, and the order of the task labels is shuffled
 (seeded by ``run.seed`` and the epoch). Tasks are therefore seen in proportion to their number of batches and every
 training example is used exactly once per epoch (:class:`TaskBatchSampler`). ``optim.batch_size`` is the per-task
-batch (VL-Adapter: 500 over its GPUs).
+batch of one process. On several processes every process trains the same task at each step on its share of that
+task's data (as VL-Adapter's per-process loaders with the same shuffled task order). The loss of a step is the mean,
+over its micro-batches (accumulation and processes), of each micro-batch's own task loss
+(:class:`MultiTaskObjective`).
 
 **Evaluation** runs each task's own inference and metric on its own eval set and reports them as
 ``<name>_<metric>`` (so ``eval_vqa_vqa_accuracy``, ``eval_gqa_accuracy``, ``eval_nlvr2_accuracy``,
@@ -187,25 +190,42 @@ class TaskBatchSampler:
     ``k``) shuffled; each batch drawn from one task. Yields lists of global indices of a :class:`MultiTaskDataset`.
     """
 
-    def __init__(self, sizes: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, sizes: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True,
+                 num_replicas: int = 1) -> None:
+        if any(n < 1 for n in sizes):
+            raise ValueError(f"every task needs at least one training example, got sizes {list(sizes)}")
         self.sizes = list(sizes)
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.num_replicas = num_replicas
         self.epoch = 0
         self.offsets = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _task_batches(self, n: int) -> int:
+        batches = math.ceil(n / self.batch_size)
+        return batches if self.num_replicas == 1 else math.ceil(batches / self.num_replicas) * self.num_replicas
+
     def __len__(self) -> int:
-        return sum(math.ceil(n / self.batch_size) for n in self.sizes)
+        return sum(self._task_batches(n) for n in self.sizes)
 
     def task_order(self, epoch: int | None = None) -> list[int]:
         """The task index of each batch of ``epoch`` (default: the current one), in order."""
         return [k for k, _ in self.batches(self.epoch if epoch is None else epoch)]
 
     def batches(self, epoch: int) -> list[tuple[int, list[int]]]:
+        """``(task index, global indices)`` of every batch of ``epoch``, in order.
+
+        With ``num_replicas`` n > 1 (torchrun / accelerate: the sampler is then sharded by accelerate, batch ``i``
+        to process ``i % n``) the batches come in groups of n batches of one task, so that every process trains
+        the same task at each step as in VL-Adapter (one ``MultitaskLoader`` per process, same shuffled task order,
+        each task's data split over the processes); a task's indices wrap around to fill its last group with full
+        batches, as ``DistributedSampler`` pads.
+        """
+        replicas = self.num_replicas
         per_task: list[list[list[int]]] = []
         for k, n in enumerate(self.sizes):
             if self.shuffle:
@@ -213,16 +233,21 @@ class TaskBatchSampler:
                 order = torch.randperm(n, generator=generator).tolist()
             else:
                 order = list(range(n))
+            if replicas > 1:
+                total = self._task_batches(n) * self.batch_size
+                order = (order * math.ceil(total / n))[:total]
             start = self.offsets[k]
-            per_task.append([[start + i for i in order[j:j + self.batch_size]] for j in range(0, n, self.batch_size)])
-        labels = [k for k, chunks in enumerate(per_task) for _ in chunks]
+            chunks = [[start + i for i in order[j:j + self.batch_size]] for j in range(0, len(order), self.batch_size)]
+            per_task.append(chunks)
+        labels = [k for k, chunks in enumerate(per_task) for _ in range(len(chunks) // replicas)]
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(labels)
         position = [0] * len(per_task)
         out = []
         for k in labels:
-            out.append((k, per_task[k][position[k]]))
-            position[k] += 1
+            for _ in range(replicas):
+                out.append((k, per_task[k][position[k]]))
+                position[k] += 1
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -248,7 +273,14 @@ class MultiTaskCollator:
 
 
 class MultiTaskObjective(TrainingObjective):
-    """Each task's own objective, picked by the batch's ``task_index`` (or :attr:`active` for a batch without one)."""
+    """Each task's own objective, picked by the batch's ``task_index`` (or :attr:`active` for a batch without one).
+
+    The tasks' losses are normalised by different counts (target tokens, questions, examples), so a multi-task
+    step is the **mean over its micro-batches (all processes) of each micro-batch's own task loss**, as VL-Adapter
+    averages per-batch losses over accumulation steps and processes: :meth:`count` is 1 per micro-batch, and a
+    micro-batch's loss is its task objective normalised by the micro-batch's own count, divided by the number
+    of micro-batches of the global batch. With one process and no accumulation this is exactly the task's loss.
+    """
 
     def __init__(self, objectives: Sequence[TrainingObjective], names: Sequence[str]) -> None:
         self.objectives = list(objectives)
@@ -260,12 +292,14 @@ class MultiTaskObjective(TrainingObjective):
         self.active = 0
 
     def count(self, batch: dict[str, Any]) -> torch.Tensor:
-        index = batch.get("task_index")
-        return self.objectives[self.active if index is None else int(index)].count(batch)
+        return torch.tensor(1)
 
     def __call__(self, outputs: Any, labels: torch.Tensor, info: dict[str, torch.Tensor],
                  num_items: torch.Tensor | int) -> torch.Tensor:
-        return self.objectives[self.active](outputs, labels, info, num_items)
+        objective = self.objectives[self.active]
+        own = objective.count({"labels": labels, **info})
+        loss = objective(outputs, labels, info, own)
+        return loss / (num_items.to(loss.device, loss.dtype) if isinstance(num_items, torch.Tensor) else num_items)
 
 
 class MultiTaskTrainer(VLPeftTrainer):
@@ -273,7 +307,8 @@ class MultiTaskTrainer(VLPeftTrainer):
 
     def get_train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset
-        sampler = TaskBatchSampler([len(part) for part in dataset.parts], self._train_batch_size, seed=self.args.seed)
+        sampler = TaskBatchSampler([len(part) for part in dataset.parts], self._train_batch_size, seed=self.args.seed,
+                                   num_replicas=self.args.world_size)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers,
                             pin_memory=self.args.dataloader_pin_memory)
