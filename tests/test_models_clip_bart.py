@@ -7,15 +7,23 @@ a BART encoder-decoder of width 32.
 from __future__ import annotations
 
 import copy
+import re
 
 import _routing_checks as checks
 import peft
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoModelForSeq2SeqLM,
+    BartConfig,
+    CLIPConfig,
+)
 
 import vlpeft
 from vlpeft.glue.families import detect_family
+from vlpeft.glue.visual_features import find_visual_contexts
 from vlpeft.models import ClipBartConfig, ClipBartForConditionalGeneration
 from vlpeft.testing import TinyModel, build_tiny_model
 
@@ -149,8 +157,6 @@ def test_family_description(tiny: TinyModel) -> None:
     assert family.visual_feature_module == "visual_embedding"
     names = dict(tiny.model.named_modules())
     query = family.module_regex(None, ("self_attn", "cross_attn"), "query")
-    import re
-
     matched = sorted(n for n in names if re.fullmatch(query, n))
     assert matched == [
         "language_model.model.decoder.layers.0.encoder_attn.q_proj",
@@ -261,3 +267,79 @@ def test_visual_embedding_trains_with_modules_to_save(tiny: TinyModel) -> None:
     assert any("visual_embedding" in n for n in grads)
     assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "visual_embedding" in n)
     assert not any("vision_model" in n for n in grads)
+
+
+@pytest.mark.parametrize(
+    ("method", "routing", "pooling"),
+    [("lora", "mul", "mean"), ("lora", "matmul", "mean"), ("lora", "matmul", "none"), ("adapter", "mul", "mean")],
+)
+def test_every_adapted_layer_routes_with_the_visual_tokens(
+    tiny: TinyModel, method: str, routing: str, pooling: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each routed encoder and decoder module reads x_R from ``visual_embedding`` at every call, in training and at
+    every generation step: (batch, 1, d), the 36 visual tokens mean-pooled (the default), or all (batch, 36, d)
+    tokens for ``matmul`` with ``pooling="none"``."""
+    config = (
+        vlpeft.RoutedLoraConfig(r=4, routing=routing, pooling=pooling)
+        if method == "lora"
+        else vlpeft.AdapterConfig(routing=routing, pooling=pooling)
+    )
+    model = peft.get_peft_model(_fresh(tiny), config)
+    (context,) = find_visual_contexts(model)
+    calls: list[tuple[str, str, tuple[int, ...]]] = []
+    served: list[torch.Tensor] = []
+    original = context.visual_input
+
+    def record(source: str, pooling: str, text_batch: int, **kwargs):
+        features, mask = original(source, pooling, text_batch, **kwargs)
+        calls.append((kwargs["requester"], source, tuple(features.shape)))
+        served.append(features.detach())
+        return features, mask
+
+    tokens_out: list[torch.Tensor] = []
+    model.get_base_model().visual_embedding.register_forward_hook(lambda m, a, out: tokens_out.append(out.detach()))
+
+    monkeypatch.setattr(context, "visual_input", record)
+    routed = {
+        n.removeprefix("base_model.model.")
+        for n, m in model.named_modules()
+        if hasattr(m, "routed_lora_A") or hasattr(m, "bottleneck_adapter_down")
+    }
+    assert any(".encoder." in n for n in routed) and any(".decoder." in n for n in routed)
+    model.train()
+    model(**tiny.inputs).loss.backward()
+    tokens = 36 if pooling == "none" else 1
+    assert {c[0] for c in calls} == routed
+    assert {(c[1], c[2]) for c in calls} == {("visual_embedding", (2, tokens, 32))}
+    (visual,) = tokens_out
+    expected = visual if pooling == "none" else visual.mean(dim=1, keepdim=True)
+    for features in served:
+        torch.testing.assert_close(features, expected)
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        model.generate(**tiny.generation_inputs(batch_size=2), num_beams=2, max_new_tokens=3, do_sample=False)
+    decoder = {n for n in routed if ".decoder." in n}
+    assert {c[0] for c in calls} == routed
+    for name in decoder:  # every decoding step; cross-attention keys/values only once (then cached)
+        steps = sum(c[0] == name for c in calls)
+        assert steps == 1 if re.search(r"encoder_attn\.[kv]_proj", name) else steps >= 3, (name, steps)
+    assert {c[2] for c in calls if c[0] in decoder} == {(4, tokens, 32)}  # expanded to batch x beams
+
+
+def test_from_pretrained_parts_with_configs() -> None:
+    """The hub code path, with configs instead of names: a full CLIP config gives its vision tower."""
+    clip = CLIPConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=56, patch_size=8),
+        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4),
+    )
+    bart = BartConfig(vocab_size=99, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                      decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64)
+    model = ClipBartForConditionalGeneration.from_pretrained_parts(vision=clip, text=bart, num_visual_tokens=16)
+    assert type(model.vision_model).__name__ == "CLIPVisionModel"
+    assert model.config.num_visual_tokens == 16 and model.config.vision_config.model_type == "clip_vision_model"
+    assert not any(p.requires_grad for p in model.vision_model.parameters())
+    ids = torch.randint(5, 99, (1, 4))
+    out = model(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56), labels=ids)
+    assert out.encoder_last_hidden_state.shape == (1, 4 + 16, 32) and torch.isfinite(out.loss)
