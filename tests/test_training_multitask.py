@@ -305,3 +305,31 @@ def test_a_resumed_multitask_run_continues_the_mixing_order_mid_epoch(data, tmp_
         return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
     assert losses(tmp_path / "resumed")[-4:] == pytest.approx(losses(tmp_path / "reference")[-4:])
+
+
+def test_a_multitask_run_on_two_processes_trains_and_evaluates_every_task(data, tmp_path):
+    """``torchrun --nproc_per_node=2`` (gloo, CPU): training with the sharded task batches, evaluation sharded over
+    the processes and gathered: every eval example of every task is predicted once and scored per task."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from vlpeft.training.config import config_to_dict
+
+    config = _config([_vqa(data["vqa"]), _caption(data["caption"])], tmp_path / "run")
+    config.optim.max_steps, config.optim.batch_size = 3, 1
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vlpeft.cli",
+           "train", str(path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["global_step"] == 3
+    assert {"vqa_vqa_accuracy", "caption_CIDEr", "multitask_average"} <= set(saved["metrics"]["eval"])
+    predictions = json.loads((tmp_path / "run" / "predictions_eval.json").read_text())
+    assert Counter(p["task"] for p in predictions) == {"vqa": 2, "caption": 2}
