@@ -343,3 +343,40 @@ def test_from_pretrained_parts_with_configs() -> None:
     ids = torch.randint(5, 99, (1, 4))
     out = model(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56), labels=ids)
     assert out.encoder_last_hidden_state.shape == (1, 4 + 16, 32) and torch.isfinite(out.loss)
+
+
+def test_two_images_per_sample_concatenate_their_tokens(tiny: TinyModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NLVR2: pixel_values (batch, 2, 3, H, W) give 2 x 36 visual tokens after the text, in image order; routing
+    pools over both images' tokens; generation works."""
+    model = _fresh(tiny).eval()
+    inputs = tiny.inputs
+    first, second = inputs["pixel_values"], inputs["pixel_values"].flip(0)
+    pair = {**inputs, "pixel_values": torch.stack([first, second], dim=1)}
+    with torch.no_grad():
+        out = model(**pair)
+        tokens = model.visual_tokens(pair["pixel_values"])
+        expected = torch.cat([model.visual_tokens(first), model.visual_tokens(second)], dim=1)
+        swapped = model(**{**inputs, "pixel_values": torch.stack([second, first], dim=1)})
+    assert out.encoder_last_hidden_state.shape[1] == inputs["input_ids"].shape[1] + 72
+    torch.testing.assert_close(tokens, expected)
+    assert (swapped.logits - out.logits).abs().max() > 1e-4  # the image order matters
+    peft_model = peft.get_peft_model(_fresh(tiny), vlpeft.RoutedLoraConfig(r=4, routing="mul"))
+    (context,) = find_visual_contexts(peft_model)
+    served: list[torch.Tensor] = []
+    original = context.visual_input
+
+    def record(source: str, pooling: str, text_batch: int, **kwargs):
+        features, mask = original(source, pooling, text_batch, **kwargs)
+        served.append(features)
+        return features, mask
+
+    monkeypatch.setattr(context, "visual_input", record)
+    peft_model.eval()
+    with torch.no_grad():
+        peft_model(**pair)
+        generated = peft_model.generate(
+            input_ids=pair["input_ids"], attention_mask=pair["attention_mask"], pixel_values=pair["pixel_values"],
+            max_new_tokens=3, num_beams=2, do_sample=False,
+        )
+    torch.testing.assert_close(served[0], expected.mean(dim=1, keepdim=True))
+    assert generated.shape[0] == 2

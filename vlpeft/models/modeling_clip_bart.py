@@ -1,14 +1,17 @@
 """The CLIP-BART composite of the routing paper's third setting (VL-Adapter's CLIP + BART-base, ``routing.md`` §6.3).
 
 Module layout (``named_modules()``): ``vision_model`` (the HF vision model, ``CLIPVisionModel`` by default, frozen),
-``visual_embedding.{linear,layer_norm}`` (trainable, its output is the (batch, s*s, d_model) visual tokens and the
-x_R source of routing), ``language_model`` (``BartForConditionalGeneration``: ``model.encoder``, ``model.decoder``,
+``visual_embedding.{linear,layer_norm}`` (trainable, its output is the (batch, n_images * s*s, d_model) visual tokens
+and the x_R source of routing), ``language_model`` (``BartForConditionalGeneration``: ``model.encoder``, ``model.decoder``,
 ``lm_head``).
 
 Encoder input: ``[text embeddings ; visual tokens]``, the attention mask extended by ones for the visual tokens.
 Deviation from VL-T5/VL-Adapter, which concatenates the visual tokens *after* BART's position embedding and
 ``layernorm_embedding`` of the text: here the whole sequence enters ``BartEncoder`` as ``inputs_embeds``, so the
-visual tokens also get BART's learned positions len(text)..len(text)+s*s-1 and ``layernorm_embedding``.
+visual tokens also get BART's learned positions (after the text's) and ``layernorm_embedding``. Several images per
+sample (NLVR2's pair, ``pixel_values`` (batch, 2, 3, H, W)) give their tokens one after the other (2 x 36), as
+VL-Adapter concatenates them; their different BART positions tell the images apart (VL-Adapter: image order
+embeddings).
 """
 
 from __future__ import annotations
@@ -109,15 +112,25 @@ class ClipBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ vision
     def grid_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The vision encoder's pooled patch grid.
+        """The vision encoder's pooled patch grid, the images of a sample one after the other.
 
         Args:
-            pixel_values: (batch, 3, H, W).
+            pixel_values: (batch, 3, H, W), or (batch, n_images, 3, H, W) for several images per sample (NLVR2's
+                pair: their tokens are concatenated in order, as VL-Adapter does).
 
         Returns:
-            (batch, s*s, d_vision): ``last_hidden_state`` without the class token, a g x g grid pooled to s x s.
-            With ``freeze_vision_model`` the encoder runs without autograd (as VL-Adapter's precomputed features).
+            (batch, n_images * s*s, d_vision): ``last_hidden_state`` without the class token, each image's g x g
+            grid pooled to s x s. With ``freeze_vision_model`` the encoder runs without autograd (as VL-Adapter's
+            precomputed features).
         """
+        if pixel_values.dim() == 5:
+            batch, images = pixel_values.shape[:2]
+            pooled = self.grid_features(pixel_values.flatten(0, 1))
+            return pooled.reshape(batch, images * pooled.shape[1], pooled.shape[2])
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must be (batch, 3, H, W) or (batch, n_images, 3, H, W), got {tuple(pixel_values.shape)}"
+            )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision_model):
             hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state
         side = int(self.config.vision_config.image_size) // int(self.config.vision_config.patch_size)
@@ -134,8 +147,9 @@ class ClipBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def visual_tokens(
         self, pixel_values: torch.Tensor | None = None, grid_features: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """(batch, s*s, d_model) visual tokens from ``pixel_values`` (batch, 3, H, W) or pooled ``grid_features``
-        (batch, s*s, d_vision); ``visual_embedding`` runs here on every call (routing reads its output)."""
+        """(batch, n_images * s*s, d_model) visual tokens from ``pixel_values`` (batch, [n_images,] 3, H, W) or
+        pooled ``grid_features`` (batch, n_images * s*s, d_vision); ``visual_embedding`` runs here on every call
+        (routing reads its output, so it pools over all images of a sample)."""
         if grid_features is None:
             if pixel_values is None:
                 raise ValueError(
@@ -153,7 +167,7 @@ class ClipBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None,
         grid_features: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, T + s*s, d_model) encoder inputs [text ; visual] and their (batch, T + s*s) mask."""
+        """(batch, T + V, d_model) encoder inputs [text ; visual] and their (batch, T + V) mask (V = n_images*s*s)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (batch, T) and inputs_embeds (batch, T, d_model)")
         if inputs_embeds is None:
@@ -185,10 +199,11 @@ class ClipBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         Args:
             input_ids: (batch, T) text ids (question / task prompt), or ``inputs_embeds`` (batch, T, d_model).
             attention_mask: (batch, T) over the text (the visual tokens are added here); with ``encoder_outputs``
-                it may also cover the whole encoder sequence (batch, T + s*s), as :meth:`generate` passes it.
-            pixel_values: (batch, 3, H, W), or ``grid_features`` (batch, s*s, d_vision) already pooled.
+                it may also cover the whole encoder sequence (batch, T + V), as :meth:`generate` passes it.
+            pixel_values: (batch, 3, H, W) or (batch, n_images, 3, H, W) (NLVR2: 2), or ``grid_features``
+                (batch, n_images * s*s, d_vision) already pooled.
             labels: (batch, L) target ids, -100 ignored; ``decoder_input_ids`` default to them shifted right.
-            encoder_outputs: precomputed encoder states (batch, T + s*s, d_model) (generation).
+            encoder_outputs: precomputed encoder states (batch, T + V, d_model), V = n_images * s*s (generation).
             **kwargs: passed to BART (the cache under ``cache``/``past_key_values``, ``output_attentions``, ...).
 
         Returns:
@@ -200,8 +215,9 @@ class ClipBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
             embeds = None
             encoder_length = encoder_outputs[0].shape[1]
             mask = attention_mask
-            if mask is not None and mask.shape[1] + self.num_visual_tokens == encoder_length:
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], self.num_visual_tokens)], dim=1)
+            visual_length = encoder_length - (mask.shape[1] if mask is not None else 0)
+            if mask is not None and visual_length > 0 and visual_length % self.num_visual_tokens == 0:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], visual_length)], dim=1)
         kwargs.pop("return_dict", None)
         for name in CACHE_ARGUMENTS:  # forward the cache under the name BART takes
             if name in kwargs:
@@ -233,13 +249,13 @@ class ClipBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """Generate answers/captions for (text, image) pairs.
 
         The encoder runs once here on [text ; visual tokens] (so ``visual_embedding`` runs once per call); its
-        states and the (batch, T + s*s) mask travel as ``encoder_outputs``/``attention_mask``, which ``generate``
+        states and the (batch, T + V) mask travel as ``encoder_outputs``/``attention_mask``, which ``generate``
         expands per beam. Returns the decoder ids (batch * num_return_sequences, new_len), starting with the
         decoder start token as for BART, or the usual output object with ``return_dict_in_generate=True``.
 
         Args:
             input_ids: (batch, T) text ids (or ``inputs_embeds``), right-padded with ``attention_mask``.
-            pixel_values: (batch, 3, H, W), or ``grid_features`` (batch, s*s, d_vision).
+            pixel_values: (batch, [n_images,] 3, H, W), or ``grid_features`` (batch, n_images * s*s, d_vision).
             **generate_kwargs: ``num_beams``, ``max_new_tokens``, ... as for ``GenerationMixin.generate``.
         """
         if "encoder_outputs" in generate_kwargs:
