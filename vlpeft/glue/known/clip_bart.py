@@ -1,8 +1,9 @@
 """The CLIP-BART composite (:class:`~vlpeft.models.ClipBartForConditionalGeneration`), written out.
 
-Derivation (:mod:`vlpeft.glue.derive`) gets it wrong: BART's cross-attention is named ``encoder_attn`` (no
-cross-attention word), so derived layouts miss it, and ``get_decoder()`` names only the BART decoder, which would
-leave the encoder off the language side.
+Derivation (:mod:`vlpeft.glue.derive`) gets it wrong (checked): BART's cross-attention is named ``encoder_attn`` (no
+cross-attention word), so derived layouts miss it; ``get_decoder()`` names only the BART decoder, so the encoder
+lands in an ``other`` tower, off the language side; and with no image token and no projector-like name, x_R would be
+read as placeholder rows that do not exist.
 
 - towers: the CLIP vision encoder (frozen; not adapted by default), the BART encoder and the BART decoder; the
   language towers (default targets) are the encoder and the decoder;
