@@ -42,8 +42,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import re
+import sys
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -350,7 +352,7 @@ def _scaled(metric: str, value: float) -> float:
 def build_multitask(config: TrainConfig, processor: Any, family: str, model_config: Any,
                     datasets: tuple[Any, Any, Any]) -> Any:
     """One :class:`~vlpeft.training.task_binding.TaskBinding` over the sub-tasks' own bindings."""
-    from vlpeft.training.task_binding import TaskBinding, answer_list, build_task
+    from vlpeft.training.task_binding import TaskBinding, answer_list, build_task, check_answer_coverage
 
     train, evaluation, test = datasets
     subs = subtasks(config)
@@ -361,6 +363,9 @@ def build_multitask(config: TrainConfig, processor: Any, family: str, model_conf
             if split is not None and name in split.names:
                 parts[j] = split.parts[split.names.index(name)]
         answers = answer_list(sub, parts[0]) if sub.task.type in ("vqa", "gqa") else None
+        coverage = check_answer_coverage(sub, tuple(parts), answers, training=False)
+        if coverage is not None and int(os.environ.get("RANK", "0")) == 0:
+            print(f"vlpeft: {name}: {coverage.line()}", file=sys.stderr)
         try:
             bindings[name] = build_task(sub, processor, family, model_config, tuple(parts), answers)
         except ConfigError as error:
