@@ -380,3 +380,16 @@ def test_two_images_per_sample_concatenate_their_tokens(tiny: TinyModel, monkeyp
         )
     torch.testing.assert_close(served[0], expected.mean(dim=1, keepdim=True))
     assert generated.shape[0] == 2
+
+
+def test_image_only_inputs(tiny: TinyModel) -> None:
+    """Without text the encoder sees the 36 visual tokens alone (captioning without a prompt)."""
+    model = _fresh(tiny).eval()
+    pixels = tiny.inputs["pixel_values"]
+    with torch.no_grad():
+        out = model(pixel_values=pixels, labels=tiny.inputs["labels"])
+        generated = model.generate(pixel_values=pixels, max_new_tokens=3, do_sample=False)
+    assert out.encoder_last_hidden_state.shape == (2, 36, 32) and torch.isfinite(out.loss)
+    assert generated.shape[0] == 2
+    with pytest.raises(ValueError, match="at most one"):
+        model(input_ids=tiny.inputs["input_ids"], inputs_embeds=torch.zeros(2, 7, 32), pixel_values=pixels)

@@ -167,13 +167,19 @@ class ClipBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None,
         grid_features: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, T + V, d_model) encoder inputs [text ; visual] and their (batch, T + V) mask (V = n_images*s*s)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids (batch, T) and inputs_embeds (batch, T, d_model)")
+        """(batch, T + V, d_model) encoder inputs [text ; visual] and their (batch, T + V) mask (V = n_images*s*s).
+
+        Without ``input_ids`` and ``inputs_embeds`` the encoder sees the visual tokens alone (T = 0).
+        """
+        if input_ids is not None and inputs_embeds is not None:
+            raise ValueError("pass at most one of input_ids (batch, T) and inputs_embeds (batch, T, d_model)")
+        visual = self.visual_tokens(pixel_values, grid_features)
         if inputs_embeds is None:
+            if input_ids is None:
+                input_ids = torch.zeros(visual.shape[0], 0, dtype=torch.long, device=visual.device)
             inputs_embeds = self.get_input_embeddings()(input_ids)  # BART's scaled embedding
+        visual = visual.to(inputs_embeds.dtype)
         batch, length = inputs_embeds.shape[:2]
-        visual = self.visual_tokens(pixel_values, grid_features).to(inputs_embeds.dtype)
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=inputs_embeds.device)
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch, visual.shape[1])], dim=1)
