@@ -18,7 +18,10 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoModelForSeq2SeqLM,
     BartConfig,
+    BartForConditionalGeneration,
     CLIPConfig,
+    CLIPVisionConfig,
+    CLIPVisionModel,
 )
 
 import vlpeft
@@ -393,3 +396,21 @@ def test_image_only_inputs(tiny: TinyModel) -> None:
     assert generated.shape[0] == 2
     with pytest.raises(ValueError, match="at most one"):
         model(input_ids=tiny.inputs["input_ids"], inputs_embeds=torch.zeros(2, 7, 32), pixel_values=pixels)
+
+
+def test_from_pretrained_parts_loads_saved_parts_unchanged(tmp_path) -> None:
+    """Loading parts by path (the hub-name code path) keeps their weights: only the visual embedding is new."""
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                              num_attention_heads=4, image_size=56, patch_size=8))
+    text = BartForConditionalGeneration(
+        BartConfig(vocab_size=99, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                   decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64)
+    )
+    vision.save_pretrained(tmp_path / "vision")
+    text.save_pretrained(tmp_path / "text")
+    model = ClipBartForConditionalGeneration.from_pretrained_parts(
+        vision=str(tmp_path / "vision"), text=str(tmp_path / "text")
+    )
+    for part, reference in ((model.vision_model, vision), (model.language_model, text)):
+        expected = reference.state_dict()
+        assert all(torch.equal(tensor, expected[key]) for key, tensor in part.state_dict().items())
