@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
-
 from vlpeft.tasks._io import RecordError, read_json
 from vlpeft.tasks._io import field as get_field
 from vlpeft.tasks.bad_input import BadInputError, BadInputPolicy
@@ -25,6 +23,7 @@ from vlpeft.tasks.images import (
     load_record_image,
     validate_image_check,
 )
+from vlpeft.tasks.record_dataset import RecordDataset
 from vlpeft.tasks.vqa import basic_answer_normalizer
 
 #: Image file suffixes tried for an ``imageId`` (the release ships ``images/<imageId>.jpg``).
@@ -63,22 +62,13 @@ class GQARecord:
         return {a: 1.0 for a in self.answers}
 
 
-class GQADataset(Dataset):
+class GQADataset(RecordDataset[GQARecord]):
     """GQA questions with lazily loaded images.
 
     ``dataset[i]`` is a VQA-compatible dict: ``image``, ``image_id``, ``question_id``, ``question``, ``answer``,
     ``answers`` (``[answer]``, lower-cased; empty without an answer), ``answer_scores``, ``multiple_choice_answer``,
     ``full_answer``, ``structural_type``.
     """
-
-    def __init__(self, records: Sequence[GQARecord], policy: BadInputPolicy,
-                 image_transform: Callable[[Any], Any] | None = None) -> None:
-        self.records: list[GQARecord] = list(records)
-        self.policy = policy
-        self.image_transform = image_transform
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         r = self.records[index]

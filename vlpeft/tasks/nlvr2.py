@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
-
 from vlpeft.tasks._io import RecordError, iter_jsonl
 from vlpeft.tasks._io import field as get_field
 from vlpeft.tasks.bad_input import BadInputPolicy
 from vlpeft.tasks.framing import TextExample, format_prompt
 from vlpeft.tasks.images import load_image, validate_image_check
+from vlpeft.tasks.record_dataset import RecordDataset
 
 #: Labels as written in the files (compared case-insensitively), in label-id order.
 NLVR2_LABELS: tuple[str, ...] = ("False", "True")
@@ -68,21 +67,12 @@ def image_names(identifier: str) -> tuple[str, str]:
     return f"{stem}-img0.png", f"{stem}-img1.png"
 
 
-class NLVR2Dataset(Dataset):
+class NLVR2Dataset(RecordDataset[NLVR2Record]):
     """NLVR2 examples with lazily loaded image pairs.
 
     ``dataset[i]``: ``images`` ([left, right] PIL RGB, or ``image_transform`` outputs), ``image`` (the left one),
     ``identifier``, ``sentence``, ``label`` (``"True"``/``"False"``) and ``label_id`` (0 False, 1 True).
     """
-
-    def __init__(self, records: Sequence[NLVR2Record], policy: BadInputPolicy,
-                 image_transform: Callable[[Any], Any] | None = None) -> None:
-        self.records: list[NLVR2Record] = list(records)
-        self.policy = policy
-        self.image_transform = image_transform
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         r = self.records[index]

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
-
 from vlpeft.tasks._io import RecordError, iter_jsonl
 from vlpeft.tasks._io import field as get_field
 from vlpeft.tasks.bad_input import BadInputPolicy
@@ -20,6 +18,7 @@ from vlpeft.tasks.images import (
     load_record_image,
     validate_image_check,
 )
+from vlpeft.tasks.record_dataset import RecordDataset
 
 #: Label set in label-id order.
 SNLI_VE_LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")
@@ -50,22 +49,13 @@ class SNLIVERecord:
     source: str
 
 
-class SNLIVEDataset(Dataset):
+class SNLIVEDataset(RecordDataset[SNLIVERecord]):
     """SNLI-VE pairs with lazily loaded images.
 
     ``dataset[i]`` is a dict: ``image`` (PIL RGB, or the output of ``image_transform``), ``image_id``,
     ``pair_id``, ``hypothesis``, ``premise``, ``label`` (str) and ``label_id`` (int, index in
     :data:`SNLI_VE_LABELS`).
     """
-
-    def __init__(self, records: Sequence[SNLIVERecord], policy: BadInputPolicy,
-                 image_transform: Callable[[Any], Any] | None = None) -> None:
-        self.records: list[SNLIVERecord] = list(records)
-        self.policy = policy
-        self.image_transform = image_transform
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         r = self.records[index]
