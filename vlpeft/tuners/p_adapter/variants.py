@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 from torch.nn import functional as F
 
@@ -20,9 +21,10 @@ from vlpeft.tuners.p_adapter.layer import AdapterSettings
 
 
 def _projection_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W (out, in), b (out,) or None) of a Linear-like projection (Conv1D weights are transposed)."""
+    """(W (out, in), b (out,) or None) of a Linear-like projection (Conv1D weights are transposed; a quantized
+    weight, e.g. bitsandbytes' packed 4-bit ``Params4bit``, is dequantized)."""
     base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-    weight = base.weight
+    weight = dequantize_module_weight(base)
     if type(base).__name__ == "Conv1D":
         weight = weight.t()
     return weight, getattr(base, "bias", None)
