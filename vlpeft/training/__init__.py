@@ -26,7 +26,7 @@ from vlpeft.training.config import (
     load_config,
     save_config,
 )
-from vlpeft.training.methods import METHODS, MethodEntry, register_method
+from vlpeft.training.methods import METHODS, MethodEntry, register_training_method
 from vlpeft.training.run import RunResult, evaluate, format_summary, predict, run_training
 from vlpeft.training.trainer import TrainingDivergedError
 from vlpeft.training.validation import validate_config
@@ -53,7 +53,7 @@ __all__ = [
     "format_summary",
     "load_config",
     "predict",
-    "register_method",
+    "register_training_method",
     "run_training",
     "save_config",
     "validate_config",

@@ -2,7 +2,7 @@
 
 An entry knows the method's PEFT config class (for option checking before any model is loaded), the defaults it
 derives from the task and model family (e.g. LoRA targets, p-adapter per-task constants), whether it needs
-visual features, and how to wrap a loaded model. Adding a method is one :func:`register_method` call.
+visual features, and how to wrap a loaded model. Adding a method is one :func:`register_training_method` call.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from vlpeft.training.config import ConfigError
 __all__ = [
     "MethodEntry",
     "METHODS",
-    "register_method",
+    "register_training_method",
     "get_method",
     "resolve_method_options",
     "apply_method",
@@ -87,7 +87,7 @@ class MethodEntry:
 METHODS: dict[str, MethodEntry] = {}
 
 
-def register_method(entry: MethodEntry) -> None:
+def register_training_method(entry: MethodEntry) -> None:
     """Add (or replace) a method of the factory."""
     METHODS[entry.name] = entry
 
@@ -140,7 +140,7 @@ def _p_adapter_defaults(task: str, family_name: str | None) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------- entries
-register_method(
+register_training_method(
     MethodEntry(
         name="full",
         summary="full fine-tuning of every parameter (optionally freezing towers)",
@@ -148,7 +148,7 @@ register_method(
         option_fields=("freeze",),
     )
 )
-register_method(
+register_training_method(
     MethodEntry(
         name="lora",
         summary="PEFT LoRA (default targets: query/value of the language towers)",
@@ -156,14 +156,14 @@ register_method(
         defaults=_lora_targets,
     )
 )
-register_method(
+register_training_method(
     MethodEntry(
         name="adapter",
         summary="bottleneck adapter (Houlsby/Pfeiffer/parallel), vlpeft.AdapterConfig",
         config_path="vlpeft:AdapterConfig",
     )
 )
-register_method(
+register_training_method(
     MethodEntry(
         name="p_adapter",
         summary="p-adapter (p-Laplacian adapter) on attention blocks plus an FFN adapter, vlpeft.PAdapterConfig",
@@ -171,7 +171,7 @@ register_method(
         defaults=_p_adapter_defaults,
     )
 )
-register_method(
+register_training_method(
     MethodEntry(
         name="routed_lora",
         summary="LoRA with a routing function over visual features, vlpeft.RoutedLoraConfig",
@@ -180,7 +180,7 @@ register_method(
         needs_visual_features=True,
     )
 )
-register_method(
+register_training_method(
     MethodEntry(
         name="routed_adapter",
         summary="bottleneck adapter with a routing function, vlpeft.AdapterConfig(routing=...)",
