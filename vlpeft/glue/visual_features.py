@@ -42,14 +42,16 @@ from vlpeft.glue.visual_rows import (
     pool,
 )
 
-POOLINGS: tuple[str, ...] = ("pooler", "cls", "mean", "none")
+#: How a visual feature source is pooled to x_R (not :data:`vlpeft.functional.POOLINGS`, the routing
+#: function's pooling of the visual bottleneck x_v).
+VISUAL_FEATURE_POOLINGS: tuple[str, ...] = ("pooler", "cls", "mean", "none")
 FEATURE_OUTPUTS: tuple[str, ...] = VISUAL_FEATURE_OUTPUTS
 #: Sources read from the language model's inputs (a forward pre-hook) rather than from a module's output.
 INPUT_SOURCES: tuple[str, ...] = ("placeholder_embeds", "cross_attention_states")
 
 __all__ = [
     "FEATURE_OUTPUTS",
-    "POOLINGS",
+    "VISUAL_FEATURE_POOLINGS",
     "MissingVisualFeaturesError",
     "VisualFeatureContext",
     "VisualSource",
@@ -423,7 +425,7 @@ class VisualFeatureContext:
 
         Args:
             source: the source module name.
-            pooling: one of :data:`POOLINGS`.
+            pooling: one of :data:`VISUAL_FEATURE_POOLINGS`.
             text_batch: leading dimension of the layer input (batch, or batch x beams).
             requester: the routed module's name (for error messages).
             width: the routed module's input width d.
@@ -432,8 +434,8 @@ class VisualFeatureContext:
             ``(x_R, mask)``: x_R is (text_batch, k, d) (k = 1 for pooled features); ``mask`` is (text_batch, k)
             bool, marking real tokens when samples have different numbers of images, else None.
         """
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+        if pooling not in VISUAL_FEATURE_POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of {VISUAL_FEATURE_POOLINGS}")
         frame = self.current_frame()
         captured = frame.features.get(source)
         if captured is None or (captured.sequence is None and captured.pooled is None):

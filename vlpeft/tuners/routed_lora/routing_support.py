@@ -21,7 +21,12 @@ from torch import nn
 from vlpeft.functional import ROUTING_KINDS
 from vlpeft.glue.derive import image_token_id
 from vlpeft.glue.families import ModelFamily, detect_family
-from vlpeft.glue.visual_features import FEATURE_OUTPUTS, POOLINGS, VisualFeatureContext, VisualSource
+from vlpeft.glue.visual_features import (
+    FEATURE_OUTPUTS,
+    VISUAL_FEATURE_POOLINGS,
+    VisualFeatureContext,
+    VisualSource,
+)
 
 SINGLE_VECTOR_KINDS = ("mul", "add", "matmul_expand")
 
@@ -44,7 +49,7 @@ class RoutingOptions:
     """
 
     routing: str | None = field(default=None, metadata={"help": f"Routing function: one of {ROUTING_KINDS} or None."})
-    pooling: str = field(default="mean", metadata={"help": f"Visual-token pooling: one of {POOLINGS}."})
+    pooling: str = field(default="mean", metadata={"help": f"Visual-token pooling: one of {VISUAL_FEATURE_POOLINGS}."})
     towers: list[str] | None = field(default=None, metadata={"help": "Towers for the preset targets (None: language)."})
     visual_feature_module: str | None = field(default=None, metadata={"help": "Module whose output is x_R."})
     visual_feature_output: str | None = field(
@@ -56,8 +61,8 @@ class RoutingOptions:
     def _validate_routing(self) -> None:
         if self.routing is not None and self.routing not in ROUTING_KINDS:
             raise ValueError(f"routing={self.routing!r} is not one of {ROUTING_KINDS} (or None for no routing)")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
+        if self.pooling not in VISUAL_FEATURE_POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} is not one of {VISUAL_FEATURE_POOLINGS}")
         if self.pooling == "none" and self.routing in SINGLE_VECTOR_KINDS:
             raise ValueError(
                 f"routing={self.routing!r} needs one visual vector per sample; pooling='none' keeps all visual "
