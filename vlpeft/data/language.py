@@ -10,6 +10,12 @@ so a question or hypothesis string carries (almost) no information about its ans
 Held-out combinations. ``forbidden`` (colour, shape) pairs are never *mentioned* (training and validation text),
 so a test question about a red triangle is new in its text as well as in its image.
 
+Two caption styles. :func:`make_captions` writes the *procedural* style ("a large red circle and a blue square"),
+the captions the demo's base model is pretrained on (:mod:`vlpeft.data.procedural`) and the SNLI-VE premises.
+:func:`make_inventory_captions` writes the *inventory* style of the benchmark's caption task ("2 objects: circle
+of color red, square of color blue"): the same facts in another surface form (noun first, colour after "of color",
+digits for counts, comma lists), so that a captioner pretrained on the procedural style has something to learn.
+
 Words used (see :func:`vocabulary`): colour, shape and size names, numbers zero..five, relation words.
 """
 
@@ -79,7 +85,7 @@ def vocabulary() -> list[str]:
         "yes", "no", "what", "color", "shape", "size", "is", "the", "a", "how", "many", "are", "there", "object",
         "objects", "left", "right", "of", "above", "below", "top", "bottom", "middle", "center", "in", "on", "and",
         "shapes", "single", "to", "gray", "background", "picture", "with", "next", "it", "correct", "that",
-        "entailment", "neutral", "contradiction", "does", "image", "describe",
+        "entailment", "neutral", "contradiction", "does", "image", "describe", "at",
     }
     return sorted(words)
 
@@ -311,6 +317,70 @@ def make_captions(scene: Scene, rng: np.random.Generator, count: int = 5) -> lis
     while len(captions) < count:  # more captions than templates: repeat with the other order of objects
         captions.append(captions[len(captions) % len(templates)])
     return captions[:count]
+
+
+#: Caption styles: ``procedural`` (:func:`make_captions`, the base's pretraining style) and ``inventory``
+#: (:func:`make_inventory_captions`, the benchmark's caption task).
+CAPTION_STYLES: tuple[str, ...] = ("inventory", "procedural")
+#: The phrase that marks the inventory style: every object is written "<shape> of color <colour>".
+INVENTORY_MARKER = "of color"
+
+
+def _item(obj: SceneObject, *, size: bool = False) -> str:
+    return f"{obj.size + ' ' if size else ''}{obj.shape} {INVENTORY_MARKER} {obj.colour}"
+
+
+def _listed(items: Sequence[str]) -> str:
+    return ", ".join(items)
+
+
+def _count_header(n: int) -> str:
+    return f"{n} {'object' if n == 1 else 'objects'}: "
+
+
+def make_inventory_captions(scene: Scene, rng: np.random.Generator, count: int = 5) -> list[str]:
+    """``count`` different captions of ``scene`` in the inventory style (distinct templates, random order).
+
+    Every object is named "<shape> of color <colour>" (never "<colour> <shape>", the pretraining order), counts are
+    digits, lists are comma-separated; the templates differ in object order (left to right, top to bottom), in a
+    count header, sizes, positions and one spatial relation. Example for a red circle left of a blue square::
+
+        2 objects: circle of color red, square of color blue
+        image with circle of color red on the left, square of color blue on the right
+        ...
+    """
+    if not scene.objects:
+        raise ValueError("make_inventory_captions: the scene has no visible object")
+    ordered = sorted(scene.objects, key=lambda o: o.x)
+    n = len(ordered)
+    templates = [
+        _count_header(n) + _listed([_item(o) for o in ordered]),
+        "image with " + _listed([f"{_item(o)} {_where(_region(o, scene.size))}" for o in ordered]),
+        _listed([_item(o, size=True) for o in ordered]),
+        "top to bottom: " + _listed([_item(o) for o in sorted(ordered, key=lambda o: o.y)]),
+    ]
+    pairs = [(a, b, relation(a, b, scene.size)) for a in ordered for b in ordered if a is not b]
+    pairs = [(a, b, r) for a, b, r in pairs if r is not None]
+    if pairs:
+        a, b, rel = _pick(rng, pairs)
+        rest = [_item(o) for o in ordered if o is not a and o is not b]
+        templates.append(f"{_item(a)} {rel} {_item(b)}" + (", with " + _listed(rest) if rest else ""))
+    else:
+        templates.append(f"{_count_header(n)}{_item(ordered[0], size=True)} {_where(_region(ordered[0], scene.size))}")
+    order = rng.permutation(len(templates))
+    captions = [_sentence(templates[i]) for i in order]
+    while len(captions) < count:  # more captions than templates: repeat
+        captions.append(captions[len(captions) % len(templates)])
+    return captions[:count]
+
+
+def caption_maker(style: str):
+    """The caption function of ``style`` (a key of :data:`CAPTION_STYLES`)."""
+    if style == "inventory":
+        return make_inventory_captions
+    if style == "procedural":
+        return make_captions
+    raise ValueError(f"caption style must be one of {CAPTION_STYLES}, got {style!r}")
 
 
 # ------------------------------------------------------------------------------------------------ entailment

@@ -13,6 +13,10 @@ metrics serve real and built-in data::
       snli_ve/snli_ve_{train,dev,test}.jsonl
       synth_meta.json                                      config, held-out pairs, paths, text-only baselines
 
+Captions are in the *inventory* style ("2 objects: circle of color red, square of color blue"), not in the
+procedural style the demo's base is pretrained on ("a red circle and a blue square"), so that captioning needs
+adaptation (:mod:`vlpeft.data.language`). SNLI-VE premises keep the procedural style.
+
 The meta file is written last: its presence with the same config means the benchmark is complete
 (:func:`ensure_benchmark` reuses it). Everything is deterministic in ``seed``.
 """
@@ -30,7 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlpeft.data.language import make_captions, make_hypotheses, make_questions, vocabulary
+from vlpeft.data.language import (
+    make_captions,
+    make_hypotheses,
+    make_inventory_captions,
+    make_questions,
+    vocabulary,
+)
 from vlpeft.data.scenes import (
     SPLITS,
     Scene,
@@ -51,7 +61,11 @@ from vlpeft.data.writers import (
 )
 
 META_FILE = "synth_meta.json"
-FORMAT_VERSION = 1
+#: 2: the caption task is written in the inventory style (:func:`~vlpeft.data.language.make_inventory_captions`),
+#: no longer in the procedural style the demo base is pretrained on; the vocabulary has "at".
+FORMAT_VERSION = 2
+#: Style of the COCO / Karpathy caption task (:data:`~vlpeft.data.language.CAPTION_STYLES`).
+CAPTION_STYLE = "inventory"
 COCO_TAGS: dict[str, str] = {"train": "train2014", "val": "val2014", "test": "test2014"}
 VE_SPLITS: dict[str, str] = {"train": "train", "val": "dev", "test": "test"}
 _COCO_ID_BASE = {"train": 1, "val": 1_000_001, "test": 2_000_001}
@@ -227,7 +241,7 @@ def generate_benchmark(
                 for k, question in enumerate(questions):
                     answers = human_answers(question, answer_rng, config.annotator_noise)
                     vqa_items.append((image_id * 1000 + k, image_id, question, answers))
-                captions = make_captions(scene, text_rng, config.captions_per_image)
+                captions = make_inventory_captions(scene, text_rng, config.captions_per_image)
                 karpathy_images.append((split, tag, image_id, captions))
                 bar.update(1)
         write_vqa_split(files.vqa_dir, tag, vqa_items)
@@ -261,6 +275,7 @@ def generate_benchmark(
         "files": _relative_files(files),
         "heldout_image_ids": heldout_ids,
         "vocabulary": vocabulary(),
+        "caption_style": CAPTION_STYLE,
     }
     meta["text_only_baselines"] = text_only_baselines(files)
     meta["generation_seconds"] = round(time.perf_counter() - started, 2)
