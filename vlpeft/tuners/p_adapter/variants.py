@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 from torch.nn import functional as F
 
 from vlpeft.functional import p_laplacian_aggregate, pool_keys
+from vlpeft.tuners._quantized import dequantized_weight
 from vlpeft.tuners.p_adapter.layer import AdapterSettings
 
 
@@ -24,7 +24,7 @@ def _projection_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor |
     """(W (out, in), b (out,) or None) of a Linear-like projection (Conv1D weights are transposed; a quantized
     weight, e.g. bitsandbytes' packed 4-bit ``Params4bit``, is dequantized)."""
     base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-    weight = dequantize_module_weight(base)
+    weight = dequantized_weight(base)
     if type(base).__name__ == "Conv1D":
         weight = weight.t()
     return weight, getattr(base, "bias", None)

@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from vlpeft.functional import route
 from vlpeft.glue.visual_features import VisualFeatureContext
+from vlpeft.tuners._quantized import is_quantized_weight
 from vlpeft.tuners.routed_lora.config import FUSED_SLICES, RoutedLoraConfig
 
 
@@ -141,6 +142,11 @@ class RoutedLoraLayer(BaseTunerLayer):
             if adapter in self.routed_lora_A and self.routing[adapter] is not None:
                 raise ValueError(_merge_error(adapter, self.routing[adapter]))
         base = self.get_base_layer()
+        if adapter_names and is_quantized_weight(base.weight):
+            raise ValueError(
+                f"cannot merge routed LoRA into the quantized weight of {self.module_name!r} "
+                f"({type(base.weight).__name__}); keep the adapter unmerged, or merge into a float copy of the base model."
+            )
         for adapter in adapter_names:
             if adapter not in self.routed_lora_A:
                 continue
