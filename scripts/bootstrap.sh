@@ -24,5 +24,5 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "bootstrap: installing torch==2.13.0"
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 fi
-"$VENV/bin/python" -m pip install -q -e ".[metrics,plots,logging,dev,trl]"
+"$VENV/bin/python" -m pip install -q -e ".[metrics,plots,logging,dev,trl,quant]"
 touch "$stamp"
