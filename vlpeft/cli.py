@@ -19,6 +19,7 @@ __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 #: Modules registering sub-commands, in help order.
 COMMAND_MODULES: list[str] = [
     "vlpeft.training.commands",  # train, eval, predict
+    "vlpeft.training.sweep",  # sweep (learning-rate selection)
     "vlpeft.report",  # report
     "vlpeft.data.synth",  # data synth
     "vlpeft.demo.base",  # pretrain (the demo's base)
