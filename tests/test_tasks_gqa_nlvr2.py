@@ -257,11 +257,15 @@ def test_nlvr2_puts_both_images_in_one_user_turn(tmp_path):
     assert rows == per_row.tolist()
 
 
-def test_nlvr2_is_refused_for_single_image_families(tmp_path):
+@pytest.mark.parametrize("family", ["llava", "git", "vit_gpt2"])
+def test_nlvr2_is_refused_for_single_image_families(family, tmp_path):
+    """Families that read one image per sequence (and take NLVR2's pair in no other way) are refused before any
+    model loads, naming the model, its family and the task."""
     files = write_nlvr2(tmp_path / "data")
     config = _config({"type": "nlvr2", "train": files["train"], "eval": files["dev"], "images": files["images"]},
-                     tmp_path / "run", model={"tiny": "blip_caption"})
-    with pytest.raises(ConfigError, match="nlvr2.*two images.*chat template"):
+                     tmp_path / "run", model={"tiny": family})
+    with pytest.raises(ConfigError, match=rf"task\.type: 'nlvr2' has two images per sample, which model\.tiny "
+                                          rf"'{family}' \(model family '{family}'\) cannot take"):
         validate_config(config)
 
 

@@ -107,9 +107,9 @@ def test_multitask_config_errors(data, tmp_path):
     single.task.type = "caption"
     with pytest.raises(ConfigError, match=r"task\.tasks: sub-tasks are only read with task\.type 'multitask'"):
         validate_config(single)
-    # NLVR2 (two images per sample) only on chat-template models; classifier composites cannot generate captions
-    with pytest.raises(ConfigError, match=r"task\.tasks\[1\]\.type: 'nlvr2' has two images"):
-        validate_config(_config([_vqa(data["vqa"]), _nlvr2(data["nlvr2"])], tmp_path))
+    # NLVR2 (two images per sample) only on families that take both; classifier composites cannot generate captions
+    with pytest.raises(ConfigError, match=r"task\.tasks\[1\]\.type: 'nlvr2' has two images.*model\.tiny 'git'"):
+        validate_config(_config([_vqa(data["vqa"]), _nlvr2(data["nlvr2"])], tmp_path, model="git"))
     with pytest.raises(ConfigError, match=r"task\.tasks\[0\]\.framing: the generative framing needs"):
         validate_config(_config([_vqa(data["vqa"]), _caption(data["caption"])], tmp_path, model="vit_roberta"))
     with pytest.raises(ConfigError, match=r"task\.framing: multi-task runs share one model"):

@@ -27,6 +27,7 @@ class NLVR2Score:
     consistency: float
     num_examples: int
     num_sentences: int
+    num_invalid: int = 0
 
 
 def sentence_group(identifier: str) -> str:
@@ -49,14 +50,21 @@ def _label(value: object, role: str, key: str) -> str:
     return text
 
 
-def nlvr2_scores(predictions: Mapping[str, object], labels: Mapping[str, object]) -> NLVR2Score:
+def nlvr2_scores(predictions: Mapping[str, object], labels: Mapping[str, object], *,
+                 invalid: str = "raise") -> NLVR2Score:
     """Accuracy and consistency of ``predictions`` (identifier -> ``"True"``/``"False"``) against ``labels``.
 
     Every labelled example must have a prediction (as the official script insists), and every prediction a label.
+    ``invalid``: what a prediction other than True/False gets: ``"raise"`` (the official script's input is
+    always a label), or ``"wrong"`` (a generated answer that is neither word, as VL-T5's NLVR2 evaluation scores
+    generated text: counted wrong, and in ``num_invalid``).
 
     Raises:
-        ValueError: missing or extra predictions (naming one), a label outside True/False, or no examples.
+        ValueError: missing or extra predictions (naming one), a label outside True/False (gold labels always;
+            predictions with ``invalid="raise"``), or no examples.
     """
+    if invalid not in ("raise", "wrong"):
+        raise ValueError(f"invalid must be 'raise' or 'wrong', got {invalid!r}")
     if not labels:
         raise ValueError("no examples to evaluate")
     missing = [k for k in labels if k not in predictions]
@@ -66,11 +74,18 @@ def nlvr2_scores(predictions: Mapping[str, object], labels: Mapping[str, object]
     if extra:
         raise ValueError(f"{len(extra)} prediction(s) have no gold label, e.g. {extra[0]!r}")
     consistent: dict[str, bool] = {}
-    correct = 0
+    correct = invalid_count = 0
     for key, gold in labels.items():
-        hit = _label(predictions[key], "predicted", key) == _label(gold, "gold", key)
+        truth = _label(gold, "gold", key)
+        try:
+            hit = _label(predictions[key], "predicted", key) == truth
+        except ValueError:
+            if invalid == "raise":
+                raise
+            hit = False
+            invalid_count += 1
         correct += hit
         group = sentence_group(key)
         consistent[group] = consistent.get(group, True) and hit
     return NLVR2Score(100.0 * correct / len(labels), 100.0 * sum(consistent.values()) / len(consistent),
-                      len(labels), len(consistent))
+                      len(labels), len(consistent), invalid_count)

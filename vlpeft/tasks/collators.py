@@ -14,7 +14,8 @@ Discriminative framing: :class:`VQAClassificationCollator` (soft-score targets o
 :class:`EntailmentClassificationCollator` (3-way label ids).
 
 Images: items carry PIL images; ``processor.image_processor`` turns them into ``pixel_values``
-(batch, 3, H, W). Generative VQA repeats an item's image for each of its answer sequences.
+(batch, 3, H, W), or (batch, 2, 3, H, W) for items with two images (``item["images"]``: NLVR2's pair).
+Generative VQA repeats an item's image for each of its answer sequences.
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ from vlpeft.tasks.framing import (
     vqa_examples,
 )
 from vlpeft.tasks.layouts import DEFAULT_LLAVA_TEMPLATE, families_where
-from vlpeft.tasks.sequence_encoder import GENERATIVE_FAMILIES, SequenceEncoder, pixel_inputs, processor_parts
+from vlpeft.tasks.nlvr2 import DEFAULT_NLVR2_PROMPT, DEFAULT_NLVR2_WORDS, NLVR2_LABELS, nlvr2_examples
+from vlpeft.tasks.sequence_encoder import (
+    GENERATIVE_FAMILIES,
+    SequenceEncoder,
+    item_pixel_inputs,
+    pixel_inputs,
+    processor_parts,
+)
 from vlpeft.tasks.snli_ve import SNLI_VE_LABEL2ID, SNLI_VE_LABELS
 from vlpeft.tasks.vqa import AnswerNormalizer, AnswerVocab, basic_answer_normalizer
 
@@ -51,6 +59,7 @@ __all__ = [
     "CaptionGenerativeCollator",
     "EntailmentClassificationCollator",
     "EntailmentGenerativeCollator",
+    "NLVR2GenerativeCollator",
     "SequenceEncoder",
     "VQAClassificationCollator",
     "VQAGenerativeCollator",
@@ -96,7 +105,7 @@ class _GenerativeCollator(ABC):
             raise ValueError("cannot collate an empty batch")
         examples = self.examples(items)
         index = [e.item_index for e in examples]
-        pixels = pixel_inputs(self.encoder.image_processor, [it["image"] for it in items], index)
+        pixels = item_pixel_inputs(self.encoder.image_processor, items, index)
         batch = self.encoder.encode([e.prompt for e in examples], [e.target for e in examples],
                                     pixels["pixel_values"])
         batch.update(pixels)
@@ -179,6 +188,27 @@ class CaptionGenerativeCollator(_GenerativeCollator):
 
     def examples(self, items: Sequence[Mapping[str, Any]]) -> list[TextExample]:
         return caption_examples(items, self.prompt, self.caption_transform)
+
+
+class NLVR2GenerativeCollator(_GenerativeCollator):
+    """NLVR2 as text: the sentence in ``prompt_template`` (``{sentence}``), the label's word as the target
+    (:func:`~vlpeft.tasks.nlvr2.nlvr2_examples`). Output: the family's inputs and ``pixel_values``
+    (batch, 2, 3, H, W), the left then the right image of each pair (the family must take two images per sample:
+    ``InputLayout.two_images``)."""
+
+    def __init__(self, processor: Any, family: str, *, max_length: int = 40, prompt_template: str | None = None,
+                 label_words: Mapping[str, str] | None = None, model_config: Any = None,
+                 llava_template: str | None = None) -> None:
+        super().__init__(processor, family, max_length, model_config, llava_template)
+        self.label_words = dict(DEFAULT_NLVR2_WORDS if label_words is None else label_words)
+        missing = set(NLVR2_LABELS) - set(self.label_words)
+        if missing:
+            raise ValueError(f"label_words lacks {sorted(missing)}; expected words for {NLVR2_LABELS}")
+        self.prompt_template = DEFAULT_NLVR2_PROMPT if prompt_template is None else prompt_template
+        format_prompt(self.prompt_template, sentence="")
+
+    def examples(self, items: Sequence[Mapping[str, Any]]) -> list[TextExample]:
+        return nlvr2_examples(items, self.prompt_template, self.label_words)
 
 
 class _ClassificationCollator:

@@ -12,7 +12,7 @@ target (the same layout the training collator uses). The algorithms here are mod
 - :func:`classifier_argmax`.
 
 Submission formats: VQA ``[{"question_id", "answer"}]``, COCO captions ``[{"image_id", "caption"}]``, SNLI-VE
-``[{"pair_id", "label"}]``.
+``[{"pair_id", "label"}]``, NLVR2 ``[{"identifier", "label"}]``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ __all__ = [
     "classifier_argmax",
     "predict_vqa",
     "predict_entailment",
+    "predict_nlvr2",
     "predict_captions",
 ]
 
@@ -352,6 +353,59 @@ def predict_entailment(
             else:
                 raise ValueError(f"entailment inference mode must be rank or classify, got {mode!r}")
             results.extend({"pair_id": it["pair_id"], "label": labels[c]} for it, c in zip(items, picks))
+    finally:
+        model.train(training)
+    return results
+
+
+def _label_of(text: str, label_words: Mapping[str, str]) -> str:
+    """The label whose word ``text`` is (case-insensitive, end punctuation ignored), else ``text`` itself."""
+    said = text.strip().rstrip(".!").strip().lower()
+    for label, word in label_words.items():
+        if said == word.strip().lower():
+            return label
+    return text
+
+
+def predict_nlvr2(
+    model: nn.Module,
+    dataset: Sequence[Mapping[str, Any]],
+    *,
+    mode: str,
+    label_words: Mapping[str, str],
+    prompt_template: str,
+    encoder: PromptEncoder,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 8,
+    **generate_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """NLVR2 predictions ``[{"identifier", "label"}]`` (``"True"`` / ``"False"``); both images of each pair go to the
+    model (``pixel_values`` (batch, 2, 3, H, W), :meth:`PromptEncoder.encode_prompts`).
+
+    ``mode="rank"`` scores the label words after the prompt and picks the more likely (decoder-only layouts);
+    ``mode="generate"`` generates (VL-T5 / VL-Adapter) and maps the text to the label whose word it is
+    (case-insensitive); any other text is kept as the ``label``, which the NLVR2 metric then counts as wrong.
+    ``generate_kwargs`` go to ``model.generate``.
+    """
+    if mode not in ("rank", "generate"):
+        raise ValueError(f"NLVR2 inference mode must be rank or generate, got {mode!r}")
+    training = _was_training(model)
+    labels = list(label_words)
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    candidates = [encoder.encode_target(label_words[label]) for label in labels] if mode == "rank" else None
+    results: list[dict[str, Any]] = []
+    try:
+        for batch in _batches(indices, batch_size):
+            items = [dataset[i] for i in batch]
+            prompts = [format_prompt(prompt_template, sentence=item["sentence"].strip()) for item in items]
+            extra, prompt_ids = encoder.encode_prompts(items, prompts)
+            if mode == "rank":
+                picked = [labels[c] for c in rank_candidates(model, encoder, extra, prompt_ids, candidates,
+                                                             len(labels))]
+            else:
+                texts = generate_texts(model, encoder, extra, prompt_ids, **generate_kwargs)
+                picked = [_label_of(text, label_words) for text in texts]
+            results.extend({"identifier": it["identifier"], "label": p} for it, p in zip(items, picked))
     finally:
         model.train(training)
     return results

@@ -24,7 +24,17 @@ kind                 layout of one (prompt, target) training sequence
 ``chat_template``    the processor's chat template: the user turn holds the image(s) and the prompt, the
                      assistant turn the target; labels on assistant tokens (:mod:`vlpeft.tasks.chat_tasks`;
                      any image-text-to-text model whose processor has a chat template)
+``seq2seq``          ``input_ids`` = tokenizer(prompt) with its special tokens (BART: ``<s> prompt </s>``) for the
+                     encoder, which appends the visual tokens; ``decoder_input_ids`` = ``[start]`` + tokenizer(
+                     target) with its special tokens (VL-T5's BART targets ``<s> target </s>``), ``labels`` on
+                     every token after ``[start]``, next-token aligned as in causal rows (CLIP-BART)
 ===================  ==========================================================================================
+
+Two images per sample (NLVR2; ``InputLayout.two_images``): ``"chat_turn"`` (both images in one user turn of the
+chat template), ``"model"`` (the model takes ``pixel_values`` (batch, 2, 3, H, W) and concatenates the images'
+visual tokens itself: CLIP-BART), ``"vision_tower"`` (vlpeft runs both images through the vision tower
+``vision_module`` and concatenates each sample's two token sequences before the language side reads them:
+BLIP, BLIP-2; :mod:`vlpeft.training.image_pairs`), ``None`` (one image per sample only).
 
 This module imports nothing heavy: model classes and tiny-processor builders are named, not imported.
 """
@@ -43,14 +53,17 @@ __all__ = [
     "layout_for",
 ]
 
-SequenceKind = Literal["causal", "chat", "prefix_suffix", "encoder_decoder", "question_answer", "chat_template"]
+SequenceKind = Literal[
+    "causal", "chat", "prefix_suffix", "encoder_decoder", "question_answer", "chat_template", "seq2seq"
+]
 TokenizerStyle = Literal["cls_sep", "bos", "none"]
 BeginToken = Literal["required", "optional", "decoder_start", "none"]
 ImagePlaceholders = Literal["query_tokens", "image_seq_length", "patch_grid"]
 TinyProcessor = Literal[
     "BlipProcessor", "Blip2Processor", "LlavaProcessor", "PaliGemmaProcessor", "GitProcessor", "ImageTextProcessor"
 ]
-CompositeTask = Literal["causal_lm", "classification"]
+CompositeTask = Literal["causal_lm", "classification", "conditional_generation"]
+TwoImages = Literal["chat_turn", "model", "vision_tower"]
 
 DEFAULT_LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
@@ -94,11 +107,17 @@ class InputLayout:
             ``architectures``; ``None`` where the family is not loaded by class name.
         tiny_processor: the processor class :func:`vlpeft.tasks.processors.build_tiny_processor` assembles
             for tiny models (``ImageTextProcessor``: a ViT image processor and the tokenizer).
-        composite_task: for vlpeft's ViT + text-model composites, the head task of
-            ``VisionPrefixLMPreTrainedModel.from_pretrained_parts``; ``None`` for other families.
+        composite_task: for vlpeft's composites assembled from a vision and a text part (``model.vision`` +
+            ``model.text``): the head task of ``VisionPrefixLMPreTrainedModel.from_pretrained_parts``
+            (``causal_lm``, ``classification``), or ``conditional_generation`` for a composite whose
+            ``model_class`` has its own ``from_pretrained_parts`` (CLIP-BART); ``None`` for other families.
         composite_text_models: text-model name prefixes (lower case) that make a composite this family.
         hub_prefixes: hub-name prefixes whose family is known without reading a config.
         glue_family: the :mod:`vlpeft.glue` description's name where it differs from ``family``.
+        two_images: how a sample's two images (NLVR2) enter the model (module docstring); ``None``: not at all.
+        vision_module: the vision tower's attribute name, for ``two_images="vision_tower"``.
+        tiny_image_size: the image edge of the family's tiny model (``vlpeft.testing.build_tiny_model``), which
+            its tiny processor resizes to.
     """
 
     family: str
@@ -121,10 +140,15 @@ class InputLayout:
     composite_text_models: tuple[str, ...] = ()
     hub_prefixes: tuple[str, ...] = ()
     glue_family: str | None = None
+    two_images: TwoImages | None = None
+    vision_module: str | None = None
+    tiny_image_size: int = 32
 
     def __post_init__(self) -> None:
         if (self.sequence == "chat") != (self.prompt_template is not None):
             raise ValueError(f"{self.family}: a prompt_template goes with (and only with) a 'chat' sequence")
+        if (self.two_images == "vision_tower") != (self.vision_module is not None):
+            raise ValueError(f"{self.family}: a vision_module goes with (and only with) two_images='vision_tower'")
 
     @property
     def generative(self) -> bool:
@@ -150,7 +174,7 @@ class InputLayout:
 _LAYOUTS: tuple[InputLayout, ...] = (
     InputLayout(
         "blip_caption", tokenizer_style="cls_sep", sequence="causal",
-        generate_drops_last_prompt_id=True,
+        generate_drops_last_prompt_id=True, two_images="vision_tower", vision_module="vision_model",
         model_class="transformers:BlipForConditionalGeneration", tiny_processor="BlipProcessor",
         hub_prefixes=("Salesforce/blip-image-captioning-",),
     ),
@@ -162,12 +186,13 @@ _LAYOUTS: tuple[InputLayout, ...] = (
     InputLayout(
         "blip_vqa", tokenizer_style="cls_sep", sequence="question_answer",
         generate_returns_prompt=False, model_computes_loss=True,
+        two_images="vision_tower", vision_module="vision_model",
         model_class="transformers:BlipForQuestionAnswering", tiny_processor="BlipProcessor",
         hub_prefixes=("Salesforce/blip-vqa-",),
     ),
     InputLayout(
         "blip2", tokenizer_style="bos", sequence="causal", begin_token="optional",
-        image_placeholders="query_tokens",
+        image_placeholders="query_tokens", two_images="vision_tower", vision_module="vision_model",
         model_class="transformers:Blip2ForConditionalGeneration", tiny_processor="Blip2Processor",
         hub_prefixes=("Salesforce/blip2-",),
     ),
@@ -187,7 +212,7 @@ _LAYOUTS: tuple[InputLayout, ...] = (
     # template (its structure for PEFT placement is derived by vlpeft.glue); tiny twins: vlpeft.testing.twins.
     InputLayout(
         "chat_template", tokenizer_style="none", sequence="chat_template", begin_token="none",
-        model_class="transformers:AutoModelForImageTextToText",
+        two_images="chat_turn", model_class="transformers:AutoModelForImageTextToText",
     ),
     InputLayout(
         "vision_encoder_decoder", tokenizer_style="none", sequence="encoder_decoder",
@@ -210,6 +235,14 @@ _LAYOUTS: tuple[InputLayout, ...] = (
         pad_falls_back_to_eos=True, generate_returns_prompt=False, prefix_predicts_first_token=True,
         model_class="vlpeft.models:VisionPrefixLMForCausalLM", composite_task="causal_lm",
         composite_text_models=("gpt2", "gpt-2"), glue_family="vit_prefix_decoder",
+    ),
+    # The routing paper's CLIP-BART (VL-Adapter's setting): model.vision + model.text (a BART checkpoint) are
+    # assembled by ClipBartForConditionalGeneration.from_pretrained_parts; BART's tokenizer adds <s> ... </s>.
+    InputLayout(
+        "clip_bart", tokenizer_style="cls_sep", sequence="seq2seq", begin_token="decoder_start",
+        generate_returns_prompt=False, two_images="model",
+        model_class="vlpeft.models:ClipBartForConditionalGeneration", composite_task="conditional_generation",
+        composite_text_models=("bart",), tiny_image_size=56,
     ),
 )
 

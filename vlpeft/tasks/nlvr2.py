@@ -7,8 +7,9 @@ image archives put ``train`` images in numbered sub-folders (the record's ``dire
 and ``dev`` / ``test1`` images in one folder each; :meth:`NLVR2Dataset.from_jsonl` looks for each file in
 ``images/``, ``images/<directory>/``, ``images/<split>/`` and ``images/<split>/<directory>/``.
 
-Two images per sample: items carry ``images`` = ``[left, right]`` (and ``image`` = the left one); only the
-chat-template models take both (in one user turn).
+Two images per sample: items carry ``images`` = ``[left, right]`` (and ``image`` = the left one); the families whose
+layout has ``two_images`` take both (chat models in one user turn; BLIP, BLIP-2 and CLIP-BART as ``pixel_values``
+(batch, 2, 3, H, W), the two images' visual tokens concatenated: :mod:`vlpeft.tasks.layouts`).
 """
 
 from __future__ import annotations

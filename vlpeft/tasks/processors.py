@@ -28,6 +28,7 @@ from vlpeft.tasks.framing import (
     DEFAULT_LABEL_WORDS,
 )
 from vlpeft.tasks.layouts import LAYOUTS, layout_for
+from vlpeft.tasks.nlvr2 import DEFAULT_NLVR2_PROMPT, DEFAULT_NLVR2_WORDS
 
 PAD, BOS, EOS, IMAGE, UNK = "[PAD]", "[BOS]", "[EOS]", "<image>", "[UNK]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, IMAGE, UNK)  # ids 0..4, in this order
@@ -42,8 +43,11 @@ TEMPLATE_TEXTS: tuple[str, ...] = (
     DEFAULT_CAPTION_PROMPT,
     DEFAULT_ENTAILMENT_PROMPT.format(hypothesis=""),
     *DEFAULT_LABEL_WORDS.values(),
+    DEFAULT_NLVR2_PROMPT.format(sentence=""),
+    *DEFAULT_NLVR2_WORDS.values(),
     "Question: Answer:",
     "USER: ASSISTANT:",
+    "vqa: gqa: nlvr: caption:",  # VL-Adapter's task prompts
 )
 
 

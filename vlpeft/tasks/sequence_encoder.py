@@ -25,7 +25,7 @@ import torch
 from vlpeft.tasks.layouts import InputLayout, families_where, layout_for
 from vlpeft.tasks.sequences import SEQUENCE_KINDS, Roles
 
-__all__ = ["GENERATIVE_FAMILIES", "SequenceEncoder", "pixel_inputs", "processor_parts"]
+__all__ = ["GENERATIVE_FAMILIES", "SequenceEncoder", "item_pixel_inputs", "pixel_inputs", "processor_parts"]
 
 #: Families with a generative sequence layout (the ``family`` values :class:`SequenceEncoder` accepts).
 GENERATIVE_FAMILIES: tuple[str, ...] = families_where(lambda layout: layout.generative)
@@ -63,6 +63,27 @@ def pixel_inputs(image_processor: Any, images: Sequence[Any], index: Sequence[in
             out[key] = value if index is None else value.index_select(0, torch.as_tensor(index, dtype=torch.long))
     if "pixel_values" not in out:
         raise ValueError(f"{type(image_processor).__name__} returned no pixel_values")
+    return out
+
+
+def item_pixel_inputs(image_processor: Any, items: Sequence[Mapping[str, Any]], index: Sequence[int] | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """Pixel inputs of task items, rows repeated along ``index`` (batch dim 0).
+
+    One image per item (``item["image"]``): ``pixel_values`` (batch, 3, H, W). Several (``item["images"]``, NLVR2's
+    pair, in order): (batch, n, 3, H, W), every image processed once; every item must have the same ``n``.
+    """
+    if not any("images" in item for item in items):
+        return pixel_inputs(image_processor, [item["image"] for item in items], index)
+    counts = sorted({len(item.get("images") or ()) for item in items})
+    if len(counts) != 1 or counts[0] < 1:
+        raise ValueError(f"every item of a batch needs the same number of images (item['images']), got counts {counts}")
+    flat = [image for item in items for image in item["images"]]
+    features = pixel_inputs(image_processor, flat)
+    out = {}
+    for key, value in features.items():
+        grouped = value.reshape(len(items), counts[0], *value.shape[1:]) if value.shape[0] == len(flat) else value
+        out[key] = grouped if index is None else grouped.index_select(0, torch.as_tensor(index, dtype=torch.long))
     return out
 
 
@@ -244,14 +265,15 @@ class SequenceEncoder:
 
     def encode_prompts(self, items: Sequence[Mapping[str, Any]], prompts: Sequence[str]
                        ) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
-        """Inference inputs of ``items``: ``({"pixel_values": (batch, 3, H, W), ...}, prompt ids per item)``.
+        """Inference inputs of ``items``: ``({"pixel_values": (batch, [n_images,] 3, H, W), ...}, prompt ids per
+        item)`` (:func:`item_pixel_inputs`).
 
         The prompt ids are the training sequence up to the first target token (begin, image placeholder and
         template tokens included); for ``question_answer`` layouts, the question-encoder ids.
         """
         if len(items) != len(prompts):
             raise ValueError(f"{len(items)} items but {len(prompts)} prompts")
-        extra = pixel_inputs(self.image_processor, [it["image"] for it in items])
+        extra = item_pixel_inputs(self.image_processor, items)
         return extra, self.sequence.prompt_ids(prompts, self.num_image_tokens(extra["pixel_values"]))
 
     def encode_target(self, text: str) -> list[int]:

@@ -30,6 +30,7 @@ __all__ = [
     "EncoderDecoderSequence",
     "PrefixSuffixSequence",
     "QuestionAnswerSequence",
+    "Seq2SeqSequence",
     "TokenSequence",
 ]
 
@@ -214,6 +215,69 @@ class QuestionAnswerSequence(TokenSequence):
         return [*ids, self.enc.eos_id]
 
 
+class Seq2SeqSequence(TokenSequence):
+    """Prompt through the encoder, target through the decoder (VL-T5 / VL-Adapter's BART inputs).
+
+    ``input_ids`` = tokenizer(prompt) with the tokenizer's special tokens (BART: ``<s> prompt </s>``; the model
+    appends its visual tokens after them); the decoder row is ``[start]`` + tokenizer(target) with its special
+    tokens (BART: ``</s> <s> target </s>``, VL-T5's labels ``<s> target </s>`` shifted right by the decoder start).
+    ``labels`` hold the row's ids after ``[start]`` and -100 on ``[start]`` and padding, aligned with
+    ``decoder_input_ids`` as in causal rows: the objective scores position t's logits against label t + 1 (the
+    row's last id, the end token, is fed but predicts nothing). Text beyond ``max_length`` is cut from the end of
+    the prompt / target; the end token is kept.
+    """
+
+    def _prompt_rows(self, prompts: Sequence[str], count: bool = True) -> list[list[int]]:
+        """Encoder ids per prompt, cut as in training (``count``: add the cut ones to ``num_truncated``)."""
+        enc = self.enc
+        rows = enc.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        out = []
+        for ids in rows:
+            if len(ids) > enc.max_length:
+                enc.num_truncated += int(count)
+                ids = [*ids[: enc.max_length - 1], ids[-1]]  # keep the tokenizer's end token
+            out.append(list(ids))
+        return out
+
+    def _target_row(self, text: str) -> list[int]:
+        enc = self.enc
+        ids = list(enc.tokenizer(text, add_special_tokens=True)["input_ids"])
+        if not ids or ids[-1] != enc.eos_id:
+            ids.append(enc.eos_id)
+        if len(ids) > enc.max_length:
+            enc.num_truncated += 1
+            ids = [*ids[: enc.max_length - 1], ids[-1]]
+        return ids
+
+    def encode(self, prompts: Sequence[str], targets: Sequence[str], pixel_values: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+        enc = self.enc
+        prompt_rows = self._prompt_rows(prompts)
+        decoder_rows = [[enc.bos_id, *self._target_row(t)] for t in targets]
+        n = len(prompt_rows)
+        width = max(len(r) for r in prompt_rows)
+        input_ids = torch.full((n, width), enc.pad_id, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        length = max(len(r) for r in decoder_rows)
+        dec = torch.full((n, length), enc.pad_id, dtype=torch.long)
+        dec_mask = torch.zeros((n, length), dtype=torch.long)
+        labels = torch.full((n, length), -100, dtype=torch.long)
+        for row, (p, d) in enumerate(zip(prompt_rows, decoder_rows, strict=True)):
+            input_ids[row, : len(p)] = torch.tensor(p)
+            attention[row, : len(p)] = 1
+            dec[row, : len(d)] = torch.tensor(d)
+            dec_mask[row, : len(d)] = 1
+            labels[row, 1 : len(d)] = torch.tensor(d[1:])
+        return {"input_ids": input_ids, "attention_mask": attention, "decoder_input_ids": dec,
+                "decoder_attention_mask": dec_mask, "labels": labels}
+
+    def prompt_ids(self, prompts: Sequence[str], n_image: int) -> list[list[int]]:
+        return self._prompt_rows(prompts, count=False)
+
+    def target_ids(self, text: str) -> list[int]:
+        return self._target_row(text)
+
+
 #: The class of each ``InputLayout.sequence`` kind.
 SEQUENCE_KINDS: dict[str, type[TokenSequence]] = {
     "causal": CausalSequence,
@@ -221,4 +285,5 @@ SEQUENCE_KINDS: dict[str, type[TokenSequence]] = {
     "prefix_suffix": PrefixSuffixSequence,
     "encoder_decoder": EncoderDecoderSequence,
     "question_answer": QuestionAnswerSequence,
+    "seq2seq": Seq2SeqSequence,
 }

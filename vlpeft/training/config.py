@@ -58,9 +58,11 @@ LR_SCHEDULERS = (
     "constant_with_warmup",
 )
 REPORTERS = ("tensorboard", "csv")
-#: ``model.options`` keys: fields of :class:`vlpeft.models.VisionPrefixLMConfig` a recipe may set.
+#: ``model.options`` keys: fields of :class:`vlpeft.models.VisionPrefixLMConfig` and :class:`~vlpeft.models.ClipBartConfig`
+#: a recipe may set (each composite family's own: ``vlpeft.training.models.COMPOSITE_FAMILY_OPTIONS``).
 COMPOSITE_OPTIONS = ("prefix_tokens", "visual_features", "use_visual_prefix", "prefix_projector", "head_pooling",
-                     "classifier_hidden_size", "classifier_dropout", "skip_first_token_loss", "problem_type")
+                     "classifier_hidden_size", "classifier_dropout", "skip_first_token_loss", "problem_type",
+                     "num_visual_tokens", "downsample_pooling", "visual_layer_norm", "freeze_vision_model")
 
 
 class ConfigError(ValueError):

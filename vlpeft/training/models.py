@@ -12,9 +12,11 @@ from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from vlpeft.tasks.layouts import LAYOUTS, families_where
-from vlpeft.training.config import ConfigError, TrainConfig
+from vlpeft.training.config import COMPOSITE_OPTIONS, ConfigError, TrainConfig
+from vlpeft.training.image_pairs import install_image_pairs, uses_two_images
 
-__all__ = ["CHAT_TEMPLATE", "COMPOSITE_FAMILIES", "FAMILY_CLASSES", "KNOWN_HUB_FAMILIES", "resolve_family", "load_model", "load_processor"]
+__all__ = ["CHAT_TEMPLATE", "COMPOSITE_FAMILIES", "COMPOSITE_FAMILY_OPTIONS", "FAMILY_CLASSES", "KNOWN_HUB_FAMILIES",
+           "check_model_options", "resolve_family", "load_model", "load_processor"]
 
 # The tables below are read off the family layouts (vlpeft.tasks.layouts), one entry per family there.
 #: Model class per family for ``from_pretrained`` (module:Class).
@@ -31,6 +33,34 @@ KNOWN_HUB_FAMILIES: dict[str, str] = {
 }
 #: The family of every image-text-to-text model outside the tables above: driven by its chat template.
 CHAT_TEMPLATE = "chat_template"
+#: ``model.options`` of the composites by ``InputLayout.composite_task``: ClipBartConfig fields for CLIP-BART, the
+#: rest (VisionPrefixLMConfig fields) for vlpeft's ViT + text-model composites.
+_CLIP_BART_OPTIONS = ("num_visual_tokens", "downsample_pooling", "visual_layer_norm", "freeze_vision_model")
+COMPOSITE_FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
+    "conditional_generation": _CLIP_BART_OPTIONS,
+    "causal_lm": tuple(o for o in COMPOSITE_OPTIONS if o not in _CLIP_BART_OPTIONS),
+    "classification": tuple(o for o in COMPOSITE_OPTIONS if o not in _CLIP_BART_OPTIONS),
+}
+
+
+def check_model_options(config: TrainConfig, family: str) -> None:
+    """``model.options`` must be fields of the family's composite config (checked before any model loads).
+
+    Raises:
+        ConfigError: naming the option, the family and the allowed options.
+    """
+    options = config.model.options or {}
+    if not options:
+        return
+    task = _composite_task(family)
+    if task is None:
+        raise ConfigError(f"model.options: {sorted(options)} set, but model family {family!r} is not a composite "
+                          f"(model.options configures {list(COMPOSITE_FAMILIES)})")
+    allowed = COMPOSITE_FAMILY_OPTIONS[task]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"model.options.{unknown[0]}: not an option of model family {family!r}; allowed: "
+                          f"{sorted(allowed)}")
 
 
 def resolve_family(config: TrainConfig) -> str:
@@ -114,7 +144,17 @@ def _import(path: str) -> Any:
 
 def load_model(config: TrainConfig, family: str, num_labels: int | None = None) -> nn.Module:
     """Build the tiny twin (seeded with ``run.seed``), assemble the composite from its parts, or
-    ``from_pretrained`` the named checkpoint. ``num_labels``: classifier width (discriminative framing)."""
+    ``from_pretrained`` the named checkpoint. ``num_labels``: classifier width (discriminative framing).
+
+    A family that takes two images per sample through its vision tower gets its pair hooks when the task has two
+    images per sample (:mod:`vlpeft.training.image_pairs`)."""
+    model = _load_model(config, family, num_labels)
+    if uses_two_images(config):
+        install_image_pairs(model, family)
+    return model
+
+
+def _load_model(config: TrainConfig, family: str, num_labels: int | None) -> nn.Module:
     model = config.model
     if model.tiny is not None and model.tiny in _twins():
         from vlpeft.testing.twins import build_twin
@@ -144,12 +184,7 @@ def load_model(config: TrainConfig, family: str, num_labels: int | None = None) 
     if model.attn_implementation is not None:
         kwargs["attn_implementation"] = model.attn_implementation
     if model.vision is not None:
-        from vlpeft.models import VisionPrefixLMPreTrainedModel
-
-        labels = {"num_labels": num_labels} if num_labels is not None else {}
-        return VisionPrefixLMPreTrainedModel.from_pretrained_parts(
-            model.vision, model.text, task=_composite_task(family) or "classification",
-            vision_kwargs=kwargs, text_kwargs=kwargs, **model.options, **labels)
+        return _assemble_parts(config, family, kwargs, num_labels)
     if family not in FAMILY_CLASSES:
         raise ConfigError(f"model.family: no model class known for family {family!r}; known: {sorted(FAMILY_CLASSES)}")
     if model.revision is not None:
@@ -159,6 +194,24 @@ def load_model(config: TrainConfig, family: str, num_labels: int | None = None) 
     if family == CHAT_TEMPLATE and config.run.precision == "bf16":
         kwargs["dtype"] = torch.bfloat16  # what fits one GPU; adapters keep float32 weights
     return _import(FAMILY_CLASSES[family]).from_pretrained(model.name, **kwargs)
+
+
+def _assemble_parts(config: TrainConfig, family: str, kwargs: dict[str, Any], num_labels: int | None) -> nn.Module:
+    """The composite of ``model.vision`` + ``model.text``: CLIP-BART (``conditional_generation``: its own
+    ``from_pretrained_parts``, ``model.options`` = :class:`~vlpeft.models.ClipBartConfig` fields) or vlpeft's
+    ViT + text-model prefix composite."""
+    model = config.model
+    task = _composite_task(family)
+    if task == "conditional_generation":
+        composite = _import(FAMILY_CLASSES[family])
+        return composite.from_pretrained_parts(model.vision, model.text, vision_kwargs=kwargs, text_kwargs=kwargs,
+                                               **model.options)
+    from vlpeft.models import VisionPrefixLMPreTrainedModel
+
+    labels = {"num_labels": num_labels} if num_labels is not None else {}
+    return VisionPrefixLMPreTrainedModel.from_pretrained_parts(
+        model.vision, model.text, task=task or "classification",
+        vision_kwargs=kwargs, text_kwargs=kwargs, **model.options, **labels)
 
 
 def load_processor(config: TrainConfig, family: str, texts: list[str]) -> Any:
@@ -174,7 +227,7 @@ def load_processor(config: TrainConfig, family: str, texts: list[str]) -> Any:
             model.tiny,
             texts,
             vocab_size=int(sizes.get("vocab_size", 99)),
-            image_size=int(sizes.get("image_size", 32)),
+            image_size=int(sizes.get("image_size", LAYOUTS[family].tiny_image_size if family in LAYOUTS else 32)),
             patch_size=int(sizes.get("patch_size", 8)),
         )
     from vlpeft.tasks.processors import ImageTextProcessor

@@ -9,19 +9,24 @@ object as its prompt encoder, so ranking and generation see exactly the prefix t
 =================  ==========================================  =====================================================
 framing            families (layout)                           tasks (inference)
 =================  ==========================================  =====================================================
-generative         target after the prompt in ``input_ids``    vqa (rank, generate), snli_ve (rank), caption
-                   (``ranks_candidates``): blip_caption, git,  (generate)
-                   blip2, llava, paligemma, vit_gpt2
-generative         prompt inference without ranking:           vqa (generate; with ``model_computes_loss`` the
-                   blip_vqa                                    model computes its own loss)
-discriminative     ``classifier``: vit_roberta, vit_bert       vqa (classify: BCE on soft scores over the answer
-                                                               vocabulary), snli_ve (classify: 3-way CE)
+generative         target after the prompt in ``input_ids``    vqa (rank, generate), gqa (generate, rank),
+                   (``ranks_candidates``): blip_caption, git,  snli_ve (rank), caption (generate), nlvr2 (rank,
+                   blip2, llava, paligemma, vit_gpt2           generate; blip_caption and blip2 only)
+generative         prompt inference without ranking:           vqa, gqa, caption, nlvr2 (generate; with
+                   blip_vqa, clip_bart                         ``model_computes_loss`` (blip_vqa) the model
+                                                               computes its own loss)
+generative         ``chat_template`` (:mod:`.chat_binding`)    vqa, gqa (generate, rank), snli_ve, nlvr2 (rank),
+                                                               caption (generate), chat
+discriminative     ``classifier``: vit_roberta, vit_bert       vqa, gqa (classify: BCE on soft scores over the
+                                                               answer vocabulary), snli_ve (classify: 3-way CE)
 =================  ==========================================  =====================================================
+
+NLVR2's two images per sample reach only the families whose layout has ``two_images``
+(:mod:`vlpeft.training.image_pairs`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +35,24 @@ from typing import Any
 import torch
 
 from vlpeft.tasks.layouts import LAYOUTS, families_where
+from vlpeft.training.answer_coverage import (  # noqa: F401  (also read from here)
+    MAX_UNANSWERABLE_TRAIN_SHARE,
+    AnswerCoverage,
+    answer_coverage,
+    answer_list,
+    check_answer_coverage,
+)
 from vlpeft.training.config import ConfigError, TrainConfig
+from vlpeft.training.task_scores import (  # noqa: F401  (the scorers are also read from here)
+    CAPTION_EVAL_METRICS,
+    _caption_score,
+    _entailment_score,
+    _gqa_score,
+    _items,
+    _nlvr2_score,
+    _unanswerable_count,
+    _vqa_score,
+)
 
 __all__ = [
     "AnswerCoverage",
@@ -58,7 +80,6 @@ DEFAULT_METRICS = {"vqa": "vqa_accuracy", "snli_ve": "accuracy", "caption": "CID
 VQA_LIKE_TASKS = ("vqa", "gqa")
 #: Selection metrics where lower is better (all others: higher is better).
 LOWER_IS_BETTER = frozenset({"loss"})
-CAPTION_EVAL_METRICS = ("Bleu", "ROUGE_L", "CIDEr")
 # Family lists read off the layouts (vlpeft.tasks.layouts); kept for the messages that list allowed families.
 #: Families with a classifier head (discriminative framing).
 CLASSIFIER_FAMILIES: tuple[str, ...] = families_where(lambda layout: layout.classifier)
@@ -93,8 +114,12 @@ def allowed_inference(task_type: str, framing: str, family: str) -> tuple[str, .
         return ("rank", "generate") if ranking else ("generate",)
     if task_type == "gqa":  # VL-T5 / VL-Adapter generate GQA answers
         return ("generate", "rank") if ranking else ("generate",)
-    if task_type == "nlvr2":  # two images per sample: chat-template models only (True/False ranked)
-        return ("rank",) if layout is not None and layout.sequence == "chat_template" else ()
+    if task_type == "nlvr2":  # two images per sample: families with layout.two_images only
+        if layout is None or layout.two_images is None:
+            return ()
+        if layout.sequence == "chat_template":  # True/False ranked as the assistant turn
+            return ("rank",)
+        return ("rank", "generate") if ranking else ("generate",)  # VL-T5 / VL-Adapter generate true/false
     return ("rank",) if ranking else ()
 
 
@@ -235,10 +260,6 @@ def load_datasets(config: TrainConfig, image_check: str = "decode", policy: Any 
             _truncate(test, task.max_eval_samples))
 
 
-def _items(dataset: Any) -> Any:
-    return dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
-
-
 def tokenizer_texts(datasets: Sequence[Any], limit: int = 2000) -> list[str]:
     """Texts (questions, answers, hypotheses, captions) of the datasets' records, to build a tiny tokenizer
     without loading images."""
@@ -260,216 +281,6 @@ def tokenizer_texts(datasets: Sequence[Any], limit: int = 2000) -> list[str]:
         for image in getattr(base, "images", [])[:limit]:
             texts.extend(image.references)
     return texts
-
-
-def answer_list(config: TrainConfig, train: Any) -> list[str] | None:
-    """VQA candidate answers / classifier vocabulary: ``task.answer_list`` (JSON list, or an ``ans2label`` dict),
-    else built from the training records (most frequent first), else ``None``."""
-    path = config.resolve_path(config.task.answer_list)
-    if path is not None:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ConfigError(f"task.answer_list: {str(path)!r} is not valid JSON ({error}); expected a JSON list of "
-                              "answer strings or an ans2label mapping") from error
-        if isinstance(data, dict):
-            data = sorted(data, key=data.get) if all(isinstance(v, int) for v in data.values()) else list(data)
-        if not isinstance(data, list) or not all(isinstance(a, str) for a in data) or not data:
-            raise ConfigError(f"task.answer_list: {path} must hold a non-empty JSON list of answer strings")
-        return data
-    if train is None:
-        return None
-    from vlpeft.tasks.vqa import AnswerVocab
-
-    return list(AnswerVocab.build(_items(train).records).label2ans)
-
-
-#: Largest share of training questions the VQA classifier (discriminative framing) may train on all-zero targets,
-#: i.e. questions none of whose answers is in ``task.answer_list``; more is refused with a ConfigError.
-MAX_UNANSWERABLE_TRAIN_SHARE = 0.10
-
-
-def _gold_answers(record: Any) -> set[str]:
-    """A VQA record's answers as scored (the soft-score keys, else the raw answers); empty for test questions."""
-    return set(getattr(record, "answer_scores", None) or ()) or set(getattr(record, "answers", None) or ())
-
-
-def _unanswerable_count(records: Sequence[Any], candidates: set[str]) -> tuple[int, int]:
-    """(questions with answers none of which is a candidate, questions with answers)."""
-    golds = [gold for gold in map(_gold_answers, records) if gold]
-    return sum(1 for gold in golds if not gold & candidates), len(golds)
-
-
-def _records_of(dataset: Any) -> list[Any]:
-    """A dataset's records, only the kept ones for a truncated (``Subset``) dataset."""
-    if isinstance(dataset, torch.utils.data.Subset):
-        records = dataset.dataset.records
-        return [records[i] for i in dataset.indices]
-    return list(getattr(dataset, "records", []))
-
-
-@dataclass
-class AnswerCoverage:
-    """How many questions of each split have none of their answers among the candidate answers.
-
-    Attributes:
-        num_answers: size of the candidate list / classifier vocabulary.
-        splits: ``{split: (unanswerable, questions with answers)}`` for the splits that were counted.
-        source: where the list came from (``task.answer_list`` path, or the training answers).
-    """
-
-    num_answers: int
-    splits: dict[str, tuple[int, int]]
-    source: str
-
-    def share(self, split: str) -> float:
-        missing, total = self.splits.get(split, (0, 0))
-        return missing / total if total else 0.0
-
-    def line(self) -> str:
-        """One line with the counts per split."""
-        parts = [f"{split} {missing} of {total} ({100.0 * self.share(split):.1f}%)"
-                 for split, (missing, total) in self.splits.items()]
-        return (f"answer list ({self.num_answers} answers, {self.source}): questions with none of their answers in "
-                f"it: {', '.join(parts) if parts else 'none counted'}")
-
-
-def answer_coverage(config: TrainConfig, datasets: Sequence[Any], answers: Sequence[str],
-                    splits: Sequence[str] = ("train", "eval", "test")) -> AnswerCoverage:
-    """Count, per split in ``splits``, the questions with answers none of which is in ``answers``."""
-    candidates = set(answers)
-    counted = {}
-    for split, dataset in zip(("train", "eval", "test"), datasets, strict=True):
-        if dataset is None or split not in splits:
-            continue
-        missing, total = _unanswerable_count(_records_of(dataset), candidates)
-        if total:
-            counted[split] = (missing, total)
-    path = config.resolve_path(config.task.answer_list)
-    return AnswerCoverage(len(candidates), counted, f"task.answer_list {str(path)!r}" if path is not None
-                          else "built from the training answers")
-
-
-def check_answer_coverage(config: TrainConfig, datasets: Sequence[Any], answers: Sequence[str] | None, *,
-                          training: bool = True) -> AnswerCoverage | None:
-    """Count the VQA questions that the candidate list cannot answer (``None`` for other tasks).
-
-    For the classifier (discriminative framing) such a training question trains on an all-zero target; when
-    ``training`` and more than :data:`MAX_UNANSWERABLE_TRAIN_SHARE` of the training questions are such, this
-    raises :class:`ConfigError` naming ``task.answer_list``. Ranking and classification cannot answer them either:
-    evaluation reports them as ``unanswerable``.
-    """
-    if config.task.type != "vqa" or not answers:
-        return None
-    splits = ("train", "eval", "test") if training else ("eval", "test")
-    coverage = answer_coverage(config, datasets, answers, splits)
-    if training and config.task.framing == "discriminative":
-        missing, total = coverage.splits.get("train", (0, 0))
-        if total and missing / total > MAX_UNANSWERABLE_TRAIN_SHARE:
-            raise ConfigError(
-                f"task.answer_list: {missing} of {total} training questions ({100.0 * missing / total:.1f}%) have "
-                f"none of their answers among the {coverage.num_answers} answers of {coverage.source}, so the VQA "
-                f"classifier would train them on all-zero targets; at most {100 * MAX_UNANSWERABLE_TRAIN_SHARE:.0f}% "
-                "is allowed (MAX_UNANSWERABLE_TRAIN_SHARE in vlpeft.training.task_binding). Add the missing answers "
-                "to the list, or leave task.answer_list unset to build the vocabulary from the training answers"
-            )
-    return coverage
-
-
-def _vqa_score(records: list[dict[str, Any]], dataset: Any,
-               candidates: Sequence[str] | None = None) -> dict[str, float]:
-    """VQA accuracy of ``records``; with ``candidates`` (the answers ranking / the classifier can pick from), also
-    ``unanswerable``: how many of the scored questions have none of their answers among them."""
-    scores = _vqa_accuracy(records, dataset)
-    if candidates is not None:
-        by_id = {r.question_id: r for r in _items(dataset).records}
-        scored = [by_id[p["question_id"]] for p in records]
-        scores["unanswerable"] = float(_unanswerable_count(scored, set(candidates))[0])
-    return scores
-
-
-def _vqa_accuracy(records: list[dict[str, Any]], dataset: Any) -> dict[str, float]:
-    from vlpeft.metrics import vqa_accuracy, vqa_label_accuracy
-
-    by_id = {r.question_id: r for r in _items(dataset).records}
-    predicted = {p["question_id"]: p["answer"] for p in records}
-    if getattr(_items(dataset), "official_metric", None) == "vizwiz":
-        return _vizwiz_accuracy(predicted, [by_id[q] for q in predicted])
-    with_answers = [by_id[q] for q in predicted if by_id[q].answers]
-    if len(with_answers) == len(predicted):
-        annotations = [{"question_id": r.question_id, "answers": list(r.answers),
-                        "answer_type": r.answer_type, "question_type": r.question_type} for r in with_answers]
-        return {"vqa_accuracy": vqa_accuracy(predicted, annotations).overall}
-    labels = {q: by_id[q].answer_scores for q in predicted}
-    return {"vqa_accuracy": vqa_label_accuracy(predicted, labels)}
-
-
-def _gqa_score(records: list[dict[str, Any]], dataset: Any) -> dict[str, float]:
-    """GQA exact-match accuracy: ``accuracy`` after the VQA answer normalisation of both sides, ``accuracy_strict``
-    as the official ``eval.py`` (raw strings), and per structural type (:mod:`vlpeft.metrics.exact_match`)."""
-    from vlpeft.metrics.exact_match import gqa_accuracy
-
-    by_id = {r.question_id: r for r in _items(dataset).records}
-    predicted = {p["question_id"]: p["answer"] for p in records if by_id[p["question_id"]].answer is not None}
-    if not predicted:
-        return {}
-    gold = {q: by_id[q].answer for q in predicted}
-    types = {q: by_id[q].structural_type for q in predicted if by_id[q].structural_type}
-    score = gqa_accuracy(predicted, gold, groups=types)
-    out = {"accuracy": score.overall, "accuracy_strict": gqa_accuracy(predicted, gold, normalize=False).overall}
-    out.update({f"accuracy_{group}": value for group, value in score.per_group.items()})
-    return out
-
-
-def _nlvr2_score(records: list[dict[str, Any]], dataset: Any) -> dict[str, float]:
-    """NLVR2 ``accuracy`` and ``consistency`` (:mod:`vlpeft.metrics.nlvr2`, as the official eval script)."""
-    from vlpeft.metrics.nlvr2 import nlvr2_scores
-
-    gold = {r.identifier: r.label for r in _items(dataset).records}
-    predicted = {p["identifier"]: p["label"] for p in records}
-    score = nlvr2_scores(predicted, {k: gold[k] for k in predicted})
-    return {"accuracy": score.accuracy, "consistency": score.consistency}
-
-
-def _vizwiz_accuracy(predicted: dict[Any, str], records: list[Any]) -> dict[str, float]:
-    """VizWiz-VQA data: the official VizWiz evaluation (:mod:`vlpeft.metrics.vizwiz`) under the VQA metric name
-    ``vqa_accuracy`` (the selection metric of ``task.type: vqa``) and as ``vizwiz_accuracy``, plus
-    ``vizwiz_accuracy_<answer type>``. Questions without answers (the test split) are not scored."""
-    from vlpeft.metrics.vizwiz import vizwiz_accuracy
-
-    records = [r for r in records if r.answers]
-    if not records:
-        return {}
-    score = vizwiz_accuracy({r.question_id: predicted[r.question_id] for r in records},
-                            [{"image": r.question_id, "answers": list(r.answers), "answer_type": r.answer_type}
-                             for r in records])
-    out = {"vqa_accuracy": score.overall, "vizwiz_accuracy": score.overall}
-    out.update({f"vizwiz_accuracy_{k.replace('/', '_')}": v for k, v in score.per_answer_type.items()})
-    return out
-
-
-def _entailment_score(records: list[dict[str, Any]], dataset: Any) -> dict[str, float]:
-    from vlpeft.metrics import entailment_accuracy
-
-    gold = {r.pair_id: r.label for r in _items(dataset).records}
-    predicted = {p["pair_id"]: p["label"] for p in records}
-    score = entailment_accuracy(predicted, {k: gold[k] for k in predicted})
-    out = {"accuracy": score.overall}
-    out.update({f"accuracy_{k}": v for k, v in score.per_class.items() if v is not None})
-    return out
-
-
-def _caption_score(records: list[dict[str, Any]], dataset: Any, use_java: bool | None) -> dict[str, float]:
-    from vlpeft.metrics import caption_scores
-
-    references = _items(dataset).references()
-    predicted = {p["image_id"]: p["caption"] for p in records}
-    scores = caption_scores(predicted, {k: references[k] for k in predicted}, use_java=use_java,
-                            metrics=CAPTION_EVAL_METRICS)
-    out = {k: float(v) for k, v in scores.scores.items() if v is not None}
-    if "CIDEr" in out and "Bleu_4" in out:
-        out["CIDEr+Bleu_4"] = out["CIDEr"] + out["Bleu_4"]
-    return out
 
 
 def _generation_kwargs(config: TrainConfig) -> dict[str, Any]:
@@ -530,6 +341,20 @@ def _bind_generative(config: TrainConfig, processor: Any, family: str, model_con
 
         return TaskBinding(train, evaluation, test, collate, _token_objective(config, encoder), predict,
                            _entailment_score, "accuracy", encoder)
+    if task.type == "nlvr2":
+        collate = collators.NLVR2GenerativeCollator(processor, family, prompt_template=task.prompt, **common)
+        encoder = collate.encoder
+
+        def predict_nlvr2(model, dataset, indices=None):
+            return inference.predict_nlvr2(model, dataset, mode=mode, label_words=collate.label_words,
+                                           prompt_template=collate.prompt_template, encoder=encoder,
+                                           indices=indices, batch_size=batch_size, **_generation_kwargs(config))
+
+        def score_nlvr2(records, dataset):
+            return _nlvr2_score(records, dataset, generated=mode == "generate")
+
+        return TaskBinding(train, evaluation, test, collate, _token_objective(config, encoder), predict_nlvr2,
+                           score_nlvr2, "accuracy", encoder)
     prompt = DEFAULT_CAPTION_PROMPT if task.prompt is None else task.prompt
     collate = collators.CaptionGenerativeCollator(processor, family, prompt=prompt, **common)
     encoder = collate.encoder

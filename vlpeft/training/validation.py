@@ -12,8 +12,9 @@ import torch
 
 from vlpeft.tasks.layouts import LAYOUTS
 from vlpeft.training.config import ConfigError, TrainConfig
+from vlpeft.training.image_pairs import TWO_IMAGE_TASKS, two_image_problem
 from vlpeft.training.methods import resolve_method_options
-from vlpeft.training.models import resolve_family
+from vlpeft.training.models import check_model_options, resolve_family
 from vlpeft.training.task_binding import (
     CLASSIFIER_FAMILIES,
     DEFAULT_METRICS,
@@ -96,11 +97,10 @@ def _validate_task(config: TrainConfig, family: str, for_training: bool) -> None
         raise ConfigError(f"task.type: 'chat' (conversation data) needs a model driven by its chat template, got "
                           f"model family {family!r}; use an image-text-to-text chat model (model.name) or a chat "
                           "twin (model.tiny)")
-    if task.type == "nlvr2" and not chat_model:
-        raise ConfigError(f"task.type: 'nlvr2' has two images per sample, which only models driven by their chat "
-                          f"template take (both images in one user turn); model family {family!r} takes one image "
-                          "per sequence in vlpeft's collators. Use an image-text-to-text chat model (model.name) or "
-                          "a chat twin (model.tiny)")
+    if task.type in TWO_IMAGE_TASKS:
+        problem = two_image_problem(config, family)
+        if problem is not None:
+            raise ConfigError(problem)
     if task.framing is None:
         task.framing = default_framing(family)
     layout = LAYOUTS.get(family)
@@ -140,6 +140,7 @@ def validate_config(config: TrainConfig, *, for_training: bool = True) -> Valida
     """
     task, optim, ev, run = config.task, config.optim, config.eval, config.run
     family = resolve_family(config)
+    check_model_options(config, family)
 
     # --- task and data
     if task.type == "multitask":
