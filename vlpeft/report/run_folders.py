@@ -1,11 +1,10 @@
-"""``vlpeft report RUN_DIR...``: a markdown table across runs and a plot of task metric vs trainable parameters.
+"""Finished ``vlpeft train`` run folders as report rows, and their markdown table (``vlpeft report``).
 
 Each run folder must hold the ``metrics.json`` and ``config.yaml`` written by ``vlpeft train``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ import yaml
 
 from vlpeft.training.config import ConfigError
 
-__all__ = ["RunFolderError", "RunRow", "read_run", "markdown_table", "plot_runs", "add_parser"]
+__all__ = ["RunFolderError", "RunRow", "read_run", "markdown_table"]
 
 
 class RunFolderError(ConfigError):
@@ -83,62 +82,3 @@ def markdown_table(rows: Sequence[RunRow]) -> str:
             f"| {r.trainable_percent:.3f} | {r.wall_time_s / 60:.1f} min | {r.peak_memory_gib:.2f} GiB |"
         )
     return "\n".join(lines) + "\n"
-
-
-def plot_runs(rows: Sequence[RunRow], path: str | os.PathLike) -> None:
-    """Scatter of the task metric against trainable parameters (log x), one panel per (task, metric), one marker
-    style per method, each point labelled with its run name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = sorted({(r.task, r.metric) for r in rows if r.value is not None})
-    if not panels:
-        raise ValueError("no run has a metric value to plot")
-    methods = sorted({r.method for r in rows})
-    markers = dict(zip(methods, "osD^vP*Xh<>"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
-    for ax, (task, metric) in zip(axes[0], panels):
-        for method in methods:
-            points = [r for r in rows if r.task == task and r.metric == metric and r.method == method
-                      and r.value is not None]
-            if not points:
-                continue
-            ax.scatter([p.trainable_params for p in points], [p.value for p in points], marker=markers[method],
-                       s=48, label=method)
-            for p in points:
-                ax.annotate(p.name, (p.trainable_params, p.value), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7)
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters")
-        ax.set_ylabel(metric)
-        ax.set_title(task)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=200)
-    plt.close(fig)
-
-
-def _run_report(args: argparse.Namespace) -> int:
-    rows = [read_run(folder) for folder in args.runs]
-    table = markdown_table(rows)
-    if args.output:
-        Path(args.output).write_text(table)
-    print(table, end="")
-    if args.plot:
-        if not any(r.value is not None for r in rows):
-            raise RunFolderError("no run has a metric value to plot (pass --plot '' to skip the plot)")
-        plot_runs(rows, args.plot)
-        print(f"plot written to {args.plot}")
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``report``."""
-    parser = subparsers.add_parser("report", help="markdown table + metric-vs-parameters plot across runs")
-    parser.add_argument("runs", nargs="+", help="run folders written by `vlpeft train`")
-    parser.add_argument("--output", help="also write the markdown table to this file")
-    parser.add_argument("--plot", default="report.png", help="PNG plot path (default report.png; '' to skip)")
-    parser.set_defaults(handler=_run_report)

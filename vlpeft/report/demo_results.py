@@ -1,6 +1,7 @@
-"""The demo's results table (terminal + markdown) and plot (metric vs trainable parameters).
+"""The demo's results: one :class:`DemoRunResult` per run, the results table (terminal + markdown) and the
+``results.md`` page (:func:`results_markdown`); the plot is :func:`vlpeft.report.plots.plot_metric_vs_params`.
 
-Input: one :class:`RunResult` per (method, task, seed). Rows are methods; for each task the main metric is shown
+Input: one :class:`DemoRunResult` per (method, task, seed). Rows are methods; for each task the main metric is shown
 (mean ± standard deviation over seeds when there are several), then the trainable parameters (count and percent
 of the whole model) and the training step time relative to LoRA (mean over tasks of the per-task ratio of the
 median step times). Reference rows (the text-only baselines and the base model without fine-tuning) carry a
@@ -9,20 +10,21 @@ metric only.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 TASK_TITLES: dict[str, str] = {"vqa": "VQA acc. (%)", "snli_ve": "SNLI-VE acc. (%)", "caption": "Caption CIDEr-D"}
 TASK_ORDER: tuple[str, ...] = ("vqa", "snli_ve", "caption")
-REFERENCE_LABELS: tuple[str, ...] = ("text-only baseline", "base, no fine-tuning")
+TEXT_ONLY_LABEL = "text-only baseline"
+BASE_LABEL = "base, no fine-tuning"
+#: Rows that carry a metric only: the benchmark's text-only baselines and the base model without fine-tuning.
+REFERENCE_LABELS: tuple[str, ...] = (TEXT_ONLY_LABEL, BASE_LABEL)
 
 
 @dataclass(frozen=True)
-class RunResult:
+class DemoRunResult:
     """One fine-tuning run (or a reference score when ``trainable`` is ``None``).
 
     Attributes:
@@ -51,13 +53,13 @@ class RunResult:
         return asdict(self)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def _format_metric(task: str, values: Sequence[float]) -> str:
-    mean, std = _mean_std(values)
+    mean, std = mean_std(values)
     digits = 3 if task == "caption" else 2
     text = f"{mean:.{digits}f}"
     return text if std is None else f"{text} ± {std:.{digits}f}"
@@ -71,7 +73,7 @@ def _format_count(n: int) -> str:
     return str(n)
 
 
-def _row_order(results: Sequence[RunResult]) -> list[str]:
+def row_order(results: Sequence[DemoRunResult]) -> list[str]:
     labels: list[str] = []
     for r in results:
         if r.label not in labels:
@@ -80,7 +82,7 @@ def _row_order(results: Sequence[RunResult]) -> list[str]:
     return refs + [label for label in labels if label not in REFERENCE_LABELS]
 
 
-def relative_step_times(results: Sequence[RunResult], reference: str = "LoRA") -> dict[str, float | None]:
+def relative_step_times(results: Sequence[DemoRunResult], reference: str = "LoRA") -> dict[str, float | None]:
     """Per method: the mean over tasks of (median step time / the reference method's median step time)."""
     by: dict[tuple[str, str], list[float]] = {}
     for r in results:
@@ -97,7 +99,7 @@ def relative_step_times(results: Sequence[RunResult], reference: str = "LoRA") -
     return out
 
 
-def table_rows(results: Sequence[RunResult]) -> tuple[list[str], list[list[str]]]:
+def table_rows(results: Sequence[DemoRunResult]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the results table; see the module docstring."""
     if not results:
         raise ValueError("no results to tabulate")
@@ -105,7 +107,7 @@ def table_rows(results: Sequence[RunResult]) -> tuple[list[str], list[list[str]]
     header = ["Method", *(TASK_TITLES[t] for t in tasks), "Trainable params", "% of model", "Step time vs LoRA"]
     relative = relative_step_times(results)
     rows = []
-    for label in _row_order(results):
+    for label in row_order(results):
         mine = [r for r in results if r.label == label]
         row = [label]
         for task in tasks:
@@ -126,14 +128,14 @@ def table_rows(results: Sequence[RunResult]) -> tuple[list[str], list[list[str]]
     return header, rows
 
 
-def markdown_table(results: Sequence[RunResult]) -> str:
+def demo_markdown_table(results: Sequence[DemoRunResult]) -> str:
     header, rows = table_rows(results)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def text_table(results: Sequence[RunResult]) -> str:
+def text_table(results: Sequence[DemoRunResult]) -> str:
     """The table as aligned plain text for the terminal."""
     header, rows = table_rows(results)
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
@@ -145,56 +147,46 @@ def text_table(results: Sequence[RunResult]) -> str:
     return "\n".join([fmt(header), rule, *(fmt(r) for r in rows)])
 
 
-def plot_metric_vs_params(results: Sequence[RunResult], path: str | Path, title: str = "") -> Path:
-    """One panel per task: the main metric (mean, with a std error bar) against trainable parameters (log
-    scale); reference scores as dashed horizontal lines. Written as PNG (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = [t for t in TASK_ORDER if any(r.task == t for r in results)]
-    if not tasks:
-        raise ValueError("no results to plot")
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
-    labels = [label for label in _row_order(results) if label not in REFERENCE_LABELS]
-    cmap = plt.get_cmap("tab10")
-    colours = {label: cmap(i % 10) for i, label in enumerate(labels)}
-    for ax, task in zip(axes[0], tasks):
-        for label in labels:
-            runs = [r for r in results if r.label == label and r.task == task and r.trainable]
-            if not runs:
-                continue
-            mean, std = _mean_std([r.metric for r in runs])
-            x = statistics.median(r.trainable for r in runs)
-            ax.errorbar([x], [mean], yerr=[std or 0.0], fmt="o", color=colours[label], label=label, capsize=3)
-        for style, ref in zip(("--", ":"), REFERENCE_LABELS):
-            values = [r.metric for r in results if r.label == ref and r.task == task]
-            if values:
-                ax.axhline(statistics.fmean(values), linestyle=style, color="grey", label=ref)
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters")
-        ax.set_ylabel(TASK_TITLES[task])
-        ax.set_title(task)
-        ax.grid(True, alpha=0.3)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    legend_rows = math.ceil(len(names) / 4)
-    fig.legend(handles, names, loc="lower center", ncol=min(4, max(1, len(names))), fontsize="small",
-               bbox_to_anchor=(0.5, 0.0))
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.03 + 0.055 * legend_rows, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def reference_results(baselines: Mapping[str, Any]) -> list[RunResult]:
+def reference_results(baselines: Mapping[str, Any]) -> list[DemoRunResult]:
     """Text-only baseline rows from a benchmark meta's ``text_only_baselines``."""
     return [
-        RunResult("text-only baseline", "vqa", 0, float(baselines["vqa"]["accuracy"])),
-        RunResult("text-only baseline", "snli_ve", 0, float(baselines["snli_ve"]["accuracy"])),
-        RunResult("text-only baseline", "caption", 0, float(baselines["caption"]["CIDEr"])),
+        DemoRunResult(TEXT_ONLY_LABEL, "vqa", 0, float(baselines["vqa"]["accuracy"])),
+        DemoRunResult(TEXT_ONLY_LABEL, "snli_ve", 0, float(baselines["snli_ve"]["accuracy"])),
+        DemoRunResult(TEXT_ONLY_LABEL, "caption", 0, float(baselines["caption"]["CIDEr"])),
     ]
+
+
+def results_markdown(payload: dict[str, Any], results: Sequence[DemoRunResult], *, stem: str = "results",
+                     setting_lines: Sequence[str] = ()) -> str:
+    """The markdown report of one demo run (``payload`` is the ``results.json`` content): the setting's own
+    description lines (``setting_lines``), command, machine, base, table, and the plot ``<stem>.png``."""
+    base = payload["base"]
+    lines = [
+        "# vlpeft demo results",
+        "",
+        *setting_lines,
+        f"- Command: `{payload['command']}`",
+        f"- Machine: {payload['machine']}",
+        f"- Total time: {payload['total_seconds'] / 60:.1f} min (data + base: {payload['setup_seconds']:.0f} s)",
+        f"- Seeds: {payload['seeds']}",
+        f"- Runs: {payload['runs_total']}"
+        + (f" ({payload['runs_reused']} reused from an earlier, interrupted invocation; the total time is this "
+           "invocation's)" if payload["runs_reused"] else ""),
+        f"- Parallelism: {payload['jobs']} job(s), torch threads per run: {payload['threads_per_run']}"
+        + (" (runs execute side by side, each on its own core(s); step times are per run)"
+           if payload["jobs"] > 1 else ""),
+        f"- Base: BLIP pretrained here on procedural captions, {base['parameters']:,} parameters, "
+        f"caption CIDEr-D {base['caption_scores']['CIDEr']:.3f} on held-out procedural scenes "
+        f"(trained in {base['train_seconds']:.0f} s)",
+        "- Held-out (colour, shape) pairs, seen only in test: "
+        + ", ".join(f"{c} {s}" for c, s in payload["benchmark"]["heldout_combinations"]),
+        "",
+        "Metrics are on the test splits: VQA accuracy (official, %), SNLI-VE accuracy (%), caption CIDEr-D "
+        "(pycocoevalcap scale). Step time is the median training step relative to LoRA on the same task.",
+        "",
+        demo_markdown_table(results),
+        "",
+        f"![metric vs trainable parameters]({stem}.png)",
+        "",
+    ]
+    return "\n".join(lines)

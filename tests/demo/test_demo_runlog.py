@@ -9,7 +9,6 @@ import pytest
 
 from vlpeft.data import PRESETS, ensure_benchmark
 from vlpeft.demo.base import BASE_PRESETS, ensure_base
-from vlpeft.demo.report import RunResult
 from vlpeft.demo.run import add_parser, run_demo
 from vlpeft.demo.runlog import (
     RUNS_FILE,
@@ -20,17 +19,18 @@ from vlpeft.demo.runlog import (
     read_runs,
     threads_per_job,
 )
+from vlpeft.report.demo_results import DemoRunResult
 
 FAIL_MARKER = "fail"
 
 
-def scored_run(label: str, seed: int) -> RunResult:
+def scored_run(label: str, seed: int) -> DemoRunResult:
     """A stand-in for a fine-tuning run (module level so that spawned workers can unpickle it)."""
     if label == FAIL_MARKER:
         raise ValueError("this run was made to fail")
     import torch
 
-    return RunResult(label, "vqa", seed, float(seed), trainable=10, total=100, step_seconds=0.01,
+    return DemoRunResult(label, "vqa", seed, float(seed), trainable=10, total=100, step_seconds=0.01,
                      train_seconds=float(torch.get_num_threads()))
 
 
@@ -46,11 +46,11 @@ def test_fingerprint_depends_on_settings_not_on_key_order():
 
 def test_append_and_read_survive_a_cut_off_line(tmp_path):
     path = tmp_path / RUNS_FILE
-    first = RunResult("LoRA", "vqa", 0, 51.5, 10, 100, 0.05, 3.0, 1)
+    first = DemoRunResult("LoRA", "vqa", 0, 51.5, 10, 100, 0.05, 3.0, 1)
     append_run(path, "k1", first, {"jobs": 1})
     with open(path, "a", encoding="utf-8") as handle:
         handle.write('{"fingerprint": "k2", "result": {"label": "Ada')  # the machine died mid-write
-    second = RunResult("Adapter", "vqa", 0, 49.0)
+    second = DemoRunResult("Adapter", "vqa", 0, 49.0)
     append_run(path, "k3", second)
     assert read_runs(path) == {"k1": first, "k3": second}
     assert all(json.loads(line)["fingerprint"] in {"k1", "k3"}

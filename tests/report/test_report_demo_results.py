@@ -5,26 +5,26 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from vlpeft.demo.report import (
-    RunResult,
-    markdown_table,
-    plot_metric_vs_params,
+from vlpeft.report.demo_results import (
+    DemoRunResult,
+    demo_markdown_table,
     reference_results,
     relative_step_times,
     table_rows,
     text_table,
 )
+from vlpeft.report.plots import plot_metric_vs_params
 
 
-def _results() -> list[RunResult]:
+def _results() -> list[DemoRunResult]:
     return [
-        RunResult("text-only baseline", "vqa", 0, 40.0),
-        RunResult("LoRA", "vqa", 0, 60.0, 1000, 101000, 0.10),
-        RunResult("LoRA", "vqa", 1, 62.0, 1000, 101000, 0.10),
-        RunResult("Adapter", "vqa", 0, 70.0, 5000, 105000, 0.15),
-        RunResult("Adapter", "vqa", 1, 74.0, 5000, 105000, 0.15),
-        RunResult("LoRA", "caption", 0, 1.5, 1000, 101000, 0.20),
-        RunResult("Adapter", "caption", 0, 1.7, 5000, 105000, 0.30),
+        DemoRunResult("text-only baseline", "vqa", 0, 40.0),
+        DemoRunResult("LoRA", "vqa", 0, 60.0, 1000, 101000, 0.10),
+        DemoRunResult("LoRA", "vqa", 1, 62.0, 1000, 101000, 0.10),
+        DemoRunResult("Adapter", "vqa", 0, 70.0, 5000, 105000, 0.15),
+        DemoRunResult("Adapter", "vqa", 1, 74.0, 5000, 105000, 0.15),
+        DemoRunResult("LoRA", "caption", 0, 1.5, 1000, 101000, 0.20),
+        DemoRunResult("Adapter", "caption", 0, 1.7, 5000, 105000, 0.30),
     ]
 
 
@@ -43,12 +43,12 @@ def test_table_has_mean_std_share_and_relative_step_time():
 
 
 def test_relative_step_times_without_reference_is_none():
-    ratios = relative_step_times([RunResult("Adapter", "vqa", 0, 1.0, 1, 2, 0.1)])
+    ratios = relative_step_times([DemoRunResult("Adapter", "vqa", 0, 1.0, 1, 2, 0.1)])
     assert ratios == {"Adapter": None}
 
 
 def test_markdown_and_text_tables_agree():
-    md = markdown_table(_results())
+    md = demo_markdown_table(_results())
     lines = md.splitlines()
     assert lines[0].startswith("| Method | VQA acc. (%)")
     assert len(lines) == 2 + 3

@@ -13,7 +13,8 @@ from transformers import AutoProcessor, BlipForConditionalGeneration
 
 from vlpeft.data import PRESETS, ensure_benchmark
 from vlpeft.demo.base import BASE_PRESETS, ensure_base, load_base_report
-from vlpeft.demo.run import SIZES, add_parser, method_specs, run_demo
+from vlpeft.demo.blip import SIZES, method_specs
+from vlpeft.demo.run import add_parser, run_demo
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,34 @@
+"""``vlpeft report RUN_DIR...``: a markdown table across runs and a plot of task metric vs trainable parameters."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vlpeft.report.plots import plot_runs
+from vlpeft.report.run_folders import RunFolderError, markdown_table, read_run
+
+__all__ = ["add_parser"]
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    rows = [read_run(folder) for folder in args.runs]
+    table = markdown_table(rows)
+    if args.output:
+        Path(args.output).write_text(table)
+    print(table, end="")
+    if args.plot:
+        if not any(r.value is not None for r in rows):
+            raise RunFolderError("no run has a metric value to plot (pass --plot '' to skip the plot)")
+        plot_runs(rows, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``report``."""
+    parser = subparsers.add_parser("report", help="markdown table + metric-vs-parameters plot across runs")
+    parser.add_argument("runs", nargs="+", help="run folders written by `vlpeft train`")
+    parser.add_argument("--output", help="also write the markdown table to this file")
+    parser.add_argument("--plot", default="report.png", help="PNG plot path (default report.png; '' to skip)")
+    parser.set_defaults(handler=_run_report)
