@@ -1,10 +1,12 @@
 """vlpeft: parameter-efficient fine-tuning of vision-language models on Hugging Face PEFT.
 
-``import vlpeft`` registers vlpeft's methods with PEFT, after which ``peft.get_peft_model(model, config)``
-works with the configs exported here.
+``import vlpeft`` registers vlpeft's methods with PEFT and its model classes with transformers' Auto classes
+(:func:`vlpeft.registration.register_all`, the one module that registers anything), after which
+``peft.get_peft_model(model, config)`` works with the configs exported here.
 """
 
-from vlpeft import models  # registers the ViT+LM composite with transformers' Auto classes
+from vlpeft import models
+from vlpeft.registration import register_all
 from vlpeft.tuners.adapter import AdapterConfig, BottleneckAdapterModel
 from vlpeft.tuners.p_adapter import PAdapterConfig, PAdapterModel
 from vlpeft.tuners.routed_lora import RoutedLoraConfig, RoutedLoraModel
@@ -19,5 +21,8 @@ __all__ = [
     "RoutedLoraConfig",
     "RoutedLoraModel",
     "models",
+    "register_all",
     "__version__",
 ]
+
+register_all()

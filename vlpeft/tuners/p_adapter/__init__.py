@@ -1,6 +1,5 @@
-"""p-adapter as a PEFT method (registered with PEFT on import)."""
+"""p-adapter as a PEFT method (registered with PEFT by :func:`vlpeft.registration.register_all`)."""
 
-from vlpeft.tuners._peft_registry import VLPeftType, register_method
 from vlpeft.tuners.p_adapter.attention import PAdapterAttention
 from vlpeft.tuners.p_adapter.config import TASK_DEFAULTS, PAdapterConfig
 from vlpeft.tuners.p_adapter.ffn import PAdapterFFN
@@ -11,8 +10,6 @@ from vlpeft.tuners.p_adapter.layer import (
     PAdapterMergeError,
 )
 from vlpeft.tuners.p_adapter.model import PRESETS, PAdapterModel, resolve_targets
-
-register_method(VLPeftType.PADAPTER, PAdapterConfig, PAdapterModel)
 
 __all__ = [
     "PRESETS",
