@@ -15,7 +15,7 @@ from test_tasks_gqa_nlvr2 import write_gqa, write_nlvr2
 
 from vlpeft.glue.visual_features import find_visual_contexts
 from vlpeft.models import ClipBartForConditionalGeneration
-from vlpeft.training import config_from_dict, evaluate, load_config, run_training
+from vlpeft.training import ConfigError, config_from_dict, evaluate, load_config, run_training
 from vlpeft.training.config import use_tiny_twin
 from vlpeft.training.methods import apply_method, resolve_method_options
 from vlpeft.training.models import load_model, load_processor, resolve_family
@@ -131,6 +131,20 @@ def test_the_composite_is_assembled_from_vision_and_text_checkpoints(data, tmp_p
     assert type(processor.image_processor).__name__.startswith("CLIPImageProcessor")
     result = run_training(config)
     assert result.global_step == 2 and "accuracy" in result.metrics["eval"]
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ({"tiny": "clip_bart", "options": {"prefix_tokens": "pooler"}},
+     r"model\.options\.prefix_tokens: not an option of model family 'clip_bart'; allowed: \['downsample_pooling'"),
+    ({"tiny": "vit_gpt2", "options": {"num_visual_tokens": 16}},
+     r"model\.options\.num_visual_tokens: not an option of model family 'vit_gpt2'"),
+    ({"tiny": "blip_caption", "options": {"num_visual_tokens": 16}},
+     r"model\.options: \['num_visual_tokens'\] set, but model family 'blip_caption' is not a composite"),
+])
+def test_model_options_are_checked_against_the_family(model, message, data, tmp_path):
+    config = _config(_task("caption", data["caption"]), tmp_path / "run", model=model)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
 
 
 def test_the_recipe_is_vl_adapters_multitask_setting():

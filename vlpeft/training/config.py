@@ -58,11 +58,6 @@ LR_SCHEDULERS = (
     "constant_with_warmup",
 )
 REPORTERS = ("tensorboard", "csv")
-#: ``model.options`` keys: fields of :class:`vlpeft.models.VisionPrefixLMConfig` and :class:`~vlpeft.models.ClipBartConfig`
-#: a recipe may set (each composite family's own: ``vlpeft.training.models.COMPOSITE_FAMILY_OPTIONS``).
-COMPOSITE_OPTIONS = ("prefix_tokens", "visual_features", "use_visual_prefix", "prefix_projector", "head_pooling",
-                     "classifier_hidden_size", "classifier_dropout", "skip_first_token_loss", "problem_type",
-                     "num_visual_tokens", "downsample_pooling", "visual_layer_norm", "freeze_vision_model")
 
 
 class ConfigError(ValueError):
@@ -75,15 +70,16 @@ class ModelConfig:
     """Which backbone to fine-tune.
 
     Exactly one of ``name`` (a Hugging Face hub name or a local directory), ``vision`` + ``text`` (the parts of
-    vlpeft's ViT + RoBERTa/BERT/GPT-2 composite) and ``tiny`` (a tiny random-config family from
+    a composite: vlpeft's ViT + RoBERTa/BERT/GPT-2, or CLIP-BART) and ``tiny`` (a tiny random-config family from
     :func:`vlpeft.testing.build_tiny_model`) is set.
 
     Attributes:
         name: hub name or local path, e.g. ``Salesforce/blip-image-captioning-base``.
         vision / text: hub names or paths of the composite's parts, e.g. ``google/vit-base-patch16-224-in21k`` and
-            ``roberta-base`` (:meth:`vlpeft.models.VisionPrefixLMPreTrainedModel.from_pretrained_parts`).
-        options: :class:`vlpeft.models.VisionPrefixLMConfig` fields of the composite (``prefix_tokens``,
-            ``head_pooling``, ``classifier_hidden_size``...); also applied to its tiny twin.
+            ``roberta-base``, or ``openai/clip-vit-base-patch32`` and ``facebook/bart-base`` (CLIP-BART).
+        options: the composite's config fields (VisionPrefixLMConfig: ``prefix_tokens``, ``head_pooling``...;
+            ClipBartConfig: ``num_visual_tokens``, ``downsample_pooling``...); also applied to its tiny twin;
+            checked against the family at validation (``vlpeft.training.models.COMPOSITE_FAMILY_OPTIONS``).
         tiny: tiny-config family, e.g. ``blip_caption``.
         tiny_twin: the tiny family that stands in for this model in smoke tests (``vlpeft train --tiny-twin``).
         tiny_overrides: keyword overrides for ``build_tiny_model`` (``hidden_size``, ``num_hidden_layers``...).
@@ -387,21 +383,12 @@ def _section_from_dict(name: str, cls: type, values: Any) -> Any:
         checked = _coerce(value, hints[key], f"{name}.{key}")
         if choices is not None and checked is not None and checked not in choices:
             raise ConfigError(f"{name}.{key}: {checked!r} is not one of {list(choices)}")
-        if (name, key) == ("model", "options"):
-            _check_composite_options(checked)
         if key == "report_to":
             bad = [r for r in checked if r not in REPORTERS]
             if bad:
                 raise ConfigError(f"run.report_to: unknown logger(s) {bad}; allowed: {list(REPORTERS)}")
         kwargs[key] = checked
     return cls(**kwargs)
-
-
-def _check_composite_options(options: dict[str, Any]) -> None:
-    allowed = sorted(COMPOSITE_OPTIONS)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ConfigError(f"model.options.{unknown[0]}: unknown composite option; allowed: {allowed}")
 
 
 def use_tiny_twin(config: TrainConfig) -> TrainConfig:

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from vlpeft.tasks.layouts import LAYOUTS, families_where
-from vlpeft.training.config import COMPOSITE_OPTIONS, ConfigError, TrainConfig
+from vlpeft.training.config import ConfigError, TrainConfig
 from vlpeft.training.image_pairs import install_image_pairs, uses_two_images
 
 __all__ = ["CHAT_TEMPLATE", "COMPOSITE_FAMILIES", "COMPOSITE_FAMILY_OPTIONS", "FAMILY_CLASSES", "KNOWN_HUB_FAMILIES",
@@ -33,13 +33,15 @@ KNOWN_HUB_FAMILIES: dict[str, str] = {
 }
 #: The family of every image-text-to-text model outside the tables above: driven by its chat template.
 CHAT_TEMPLATE = "chat_template"
-#: ``model.options`` of the composites by ``InputLayout.composite_task``: ClipBartConfig fields for CLIP-BART, the
-#: rest (VisionPrefixLMConfig fields) for vlpeft's ViT + text-model composites.
-_CLIP_BART_OPTIONS = ("num_visual_tokens", "downsample_pooling", "visual_layer_norm", "freeze_vision_model")
+#: ``model.options`` a recipe may set, by ``InputLayout.composite_task``: fields of
+#: :class:`vlpeft.models.VisionPrefixLMConfig` (vlpeft's ViT + text-model composites) or of
+#: :class:`vlpeft.models.ClipBartConfig` (CLIP-BART).
+_PREFIX_OPTIONS = ("prefix_tokens", "visual_features", "use_visual_prefix", "prefix_projector", "head_pooling",
+                   "classifier_hidden_size", "classifier_dropout", "skip_first_token_loss", "problem_type")
 COMPOSITE_FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
-    "conditional_generation": _CLIP_BART_OPTIONS,
-    "causal_lm": tuple(o for o in COMPOSITE_OPTIONS if o not in _CLIP_BART_OPTIONS),
-    "classification": tuple(o for o in COMPOSITE_OPTIONS if o not in _CLIP_BART_OPTIONS),
+    "causal_lm": _PREFIX_OPTIONS,
+    "classification": _PREFIX_OPTIONS,
+    "conditional_generation": ("num_visual_tokens", "downsample_pooling", "visual_layer_norm", "freeze_vision_model"),
 }
 
 
