@@ -20,7 +20,7 @@ def _one_torch_thread():
 def uncompiled_release_blocks(monkeypatch):
     """Make ``compiled=True`` run the release block functions without torch.compile (the math, not inductor);
     returns the list of the block functions' names as they are called."""
-    import vlpeft.functional.p_laplacian as kernel
+    from vlpeft.functional.p_laplacian import release_blocks
 
     calls = []
 
@@ -30,12 +30,12 @@ def uncompiled_release_blocks(monkeypatch):
             return function(*args)
         return run
 
-    monkeypatch.setattr(kernel, "_COMPILER", uncompiled)
-    monkeypatch.setattr(kernel, "_COMPILED_BLOCKS", {})
+    monkeypatch.setattr(release_blocks, "_COMPILER", uncompiled)
+    monkeypatch.setattr(release_blocks, "_COMPILED_BLOCKS", {})
     return calls
 
 
 @pytest.fixture
 def torch_block_path(monkeypatch):
-    """Run the p-Laplacian block on its torch path (the fused CPU kernels switched off, both variants)."""
-    monkeypatch.setenv("VLPEFT_CPU_KERNEL", "0")
+    """Run the p-Laplacian block on its torch path (no fused C or Triton kernels, both variants)."""
+    monkeypatch.setenv("VLPEFT_BACKEND", "torch")

@@ -9,7 +9,7 @@ Workloads (batch B, heads H, n tokens, head dim d; p = 1.5, mu = 0.2):
 Implementations:
 
 - ``efficient``  :func:`vlpeft.functional.p_laplacian_aggregate` as called by default: for ``release`` in float32 on
-                 the CPU the fused CPU kernels (:mod:`vlpeft.functional.p_laplacian_cpu`), otherwise the torch path
+                 the CPU the fused CPU kernels (:mod:`vlpeft.functional.p_laplacian.cpu_kernels`), otherwise the torch path
                  (Gram-form distances, log-space weights).
 - ``torch``      (``release`` workloads) the torch path, with the fused CPU kernels switched off.
 - ``chunked``    ``efficient`` with ``chunk_size=32`` (query blocks recomputed in backward; the fused CPU kernels
@@ -51,7 +51,7 @@ from torch import Tensor
 
 from vlpeft.benchmarking.measure import TIMERS, peak_memory_bytes, time_round_robin
 from vlpeft.functional import p_laplacian_aggregate
-from vlpeft.functional.p_laplacian_cpu import cpu_kernels_disabled
+from vlpeft.functional.p_laplacian.cpu_kernels import cpu_kernels_disabled
 
 EPS = 1e-8
 WORKLOADS: tuple[str, ...] = ("release_self", "release_cross", "paper_cross")

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from vlpeft.functional import p_laplacian_cpu
+from vlpeft.functional.p_laplacian import cpu_kernels as p_laplacian_cpu
 
 SUITES: tuple[str, ...] = ("p_laplacian", "training", "long")
 

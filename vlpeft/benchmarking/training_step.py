@@ -55,7 +55,7 @@ from torch import nn
 
 from vlpeft.benchmarking.measure import TIMERS, peak_memory_bytes, time_round_robin
 from vlpeft.functional import ROUTING_KINDS
-from vlpeft.functional.p_laplacian_cpu import cpu_kernels_disabled
+from vlpeft.functional.p_laplacian.cpu_kernels import cpu_kernels_disabled
 
 __all__ = [
     "MODELS",

@@ -1,8 +1,12 @@
 """Pure-torch numerical core of vlpeft (no transformers/peft imports).
 
 - :func:`p_laplacian_aggregate`: one p-Laplacian message-passing step on an attention graph
-  (p-adapter ``paper`` and ``release`` variants), plus :func:`accumulate_column_degrees` for cached
-  decoding with causal degrees and :func:`pool_keys` for cross-attention key pooling.
+  (p-adapter ``paper`` and ``release`` variants; the package :mod:`vlpeft.functional.p_laplacian`), plus
+  :func:`accumulate_column_degrees` for cached decoding with causal degrees and :func:`pool_keys` for
+  cross-attention key pooling.
+- :func:`choose_backend`: which backend (fused Triton / blocked or eager torch attention; fused C kernels or torch
+  for the aggregation) computes a p-Laplacian block, as a :class:`BackendChoice` with its reason; override with
+  ``VLPEFT_BACKEND=torch|cpu|triton``.
 - :func:`route`: the routing functions of the routing paper (:data:`ROUTING_KINDS`).
 - :class:`PBounds`, :func:`p_from_theta`, :func:`theta_from_p`, :func:`mu_from_offset`: parametrisations
   of the learnable p and mu.
@@ -14,7 +18,10 @@ from vlpeft.functional.p_laplacian import (
     RELEASE_EPS,
     SELF_LOOP_POLICIES,
     VARIANTS,
+    BackendChoice,
+    BackendUnavailableError,
     accumulate_column_degrees,
+    choose_backend,
     p_laplacian_aggregate,
 )
 from vlpeft.functional.parameters import (
@@ -37,10 +44,13 @@ __all__ = [
     "ROUTING_KINDS",
     "SELF_LOOP_POLICIES",
     "VARIANTS",
+    "BackendChoice",
+    "BackendUnavailableError",
     "PBounds",
     "accumulate_column_degrees",
     "adaptive_bins",
     "check_p_bounds",
+    "choose_backend",
     "mu_from_offset",
     "p_from_theta",
     "p_laplacian_aggregate",

@@ -25,8 +25,14 @@ from torch.nn import functional as F
 
 from vlpeft._transformers_compat import cache_from_kwargs
 from vlpeft.functional import mu_from_offset, p_from_theta, theta_from_p
-from vlpeft.functional._precision import autocast_disabled
-from vlpeft.functional.p_laplacian_triton import triton_available
+from vlpeft.functional.p_laplacian.backend import (
+    BackendChoice,
+    combine_choices,
+    log_choice,
+    recording_backends,
+    require_backend,
+)
+from vlpeft.functional.precision import autocast_disabled
 from vlpeft.glue.attention import (
     PADAPTER_ATTENTION,
     FusedReleaseRequest,
@@ -36,6 +42,7 @@ from vlpeft.glue.attention import (
     hook_module_outputs,
 )
 from vlpeft.glue.attention_blocks import AttentionBlockSpec, describe_attention_block, submodule
+from vlpeft.glue.attention_paths import inline_attention_choice
 from vlpeft.tuners.p_adapter.config import PAdapterConfig
 from vlpeft.tuners.p_adapter.decoding_state import cached_values, paper_past_degrees
 from vlpeft.tuners.p_adapter.layer import (
@@ -101,6 +108,12 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
     Args:
         base_layer: the attention block (see module docstring for supported layouts).
         module_name: its full name in the model (used for pattern-specific settings and error messages).
+
+    Attributes:
+        padapter_backend: what computed the block's last adapted forward call (attention path and p-Laplacian
+            backend, with the reason), a :class:`~vlpeft.functional.p_laplacian.backend.BackendChoice`; ``None``
+            before the first one. Logged on the ``vlpeft.backend`` logger at the first call. See
+            :func:`padapter_backends`.
     """
 
     __getattr__ = _getattr_with_fallback
@@ -114,6 +127,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         self.hidden_size = int(weight.shape[0])
         self.attention_width = int(weight.shape[1])
         self.num_heads = self._find_num_heads()
+        self.padapter_backend: BackendChoice | None = None
 
     def _find_num_heads(self) -> int:
         attention = submodule(self.base_layer, self.spec.attention)
@@ -152,7 +166,9 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             causal_degrees=self.spec.is_causal if config.causal_degrees is None else config.causal_degrees,
             chunk_size=config.chunk_size,
             compile_block=bool(config.compile_block),
+            backend=config.backend,
         )
+        require_backend(config.backend)
         device = _first_param_device(self.base_layer)
         zero_up = config.init_weights == "zero_up"
         std = config.init_std
@@ -192,6 +208,29 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         names = self._active_names()
         if self.disable_adapters or not names:
             return self.base_layer(*args, **kwargs)
+        with recording_backends() as choices:
+            outputs = self._adapted_forward(names, args, kwargs)
+        self._note_backend(choices)
+        return outputs
+
+    def _note_backend(self, choices: list[BackendChoice]) -> None:
+        """Keep what computed this call (:attr:`padapter_backend`); log it at the module's first adapted call."""
+        choice = combine_choices(choices)
+        if choice is None:
+            return
+        if self.padapter_backend is None:
+            log_choice(self.module_name, choice)
+        self.padapter_backend = choice
+
+    def _backend_override(self, names: list[str]) -> str:
+        """The ``PAdapterConfig.backend`` of the active adapters (they must agree)."""
+        requested = {self.padapter_settings[name].backend for name in names}
+        if len(requested) > 1:
+            raise ValueError(f"{self.module_name}: the active adapters {names} ask for different backends "
+                             f"{sorted(requested)}; activate adapters with the same PAdapterConfig.backend together.")
+        return requested.pop()
+
+    def _adapted_forward(self, names: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         spec = self.spec
         attention = submodule(self.base_layer, spec.attention)
         if spec.capture == "interface":
@@ -215,8 +254,12 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
                 if name is not None:
                     watched[key] = self.base_layer.get_submodule(name)
 
+        override = self._backend_override(names)
+        if spec.capture == "inline":
+            inline_attention_choice(override)
         with capture_attention(attention) as capture:
             capture.fused = self._fused_request(names)
+            capture.backend_override = override
             capture.recompute_wanted = self._wants_recomputed_attention(names)
 
             def adapt(output: torch.Tensor) -> torch.Tensor:
@@ -304,9 +347,9 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
             and self.padapter_settings[name].chunk_size is not None for name in names)
 
     def _fused_request(self, names: list[str]) -> FusedReleaseRequest | None:
-        """Request the fused GPU kernels for a single active ``release`` self-graph adapter on a CUDA model with
-        Triton (the attention function then decides whether the call's inputs allow them)."""
-        if self.spec.capture != "interface" or len(names) != 1 or not triton_available():
+        """Request the fused GPU kernels for a single active ``release`` self-graph adapter of an interface model (the
+        attention function's backend choice then decides whether they run for the call)."""
+        if self.spec.capture != "interface" or len(names) != 1:
             return None
         name = names[0]
         settings = self.padapter_settings[name]
@@ -320,8 +363,11 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
                 nodes = F.linear(_heads_to_tokens(value_states).float(), fold_weight, fold_bias)
             return _tokens_to_heads(nodes, heads)
 
-        return FusedReleaseRequest(features, self.p_value(name), self.mu_value(name), None, settings.self_loop,
-                                   settings.p_bounds)
+        def coefficients() -> tuple[torch.Tensor | float, torch.Tensor | float]:
+            return self.p_value(name), self.mu_value(name)
+
+        return FusedReleaseRequest(features, coefficients, self.padapter_down[name].out_features // heads, None,
+                                   settings.self_loop, settings.p_bounds)
 
     def _release_fold(self, name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`~vlpeft.tuners.p_adapter.variants.release_fold` of adapter ``name``, in ``dtype``."""
@@ -430,3 +476,11 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
 
     def __repr__(self) -> str:
         return "padapter." + super().__repr__()
+
+
+def padapter_backends(model: nn.Module) -> dict[str, BackendChoice | None]:
+    """What computed each adapted attention block of ``model`` in its last adapted forward call: module name ->
+    :class:`~vlpeft.functional.p_laplacian.backend.BackendChoice` (name "triton", "cpu" or "torch", the attention
+    path "fused", "blocked" or "eager", and the reason), or ``None`` for a block that has not run yet."""
+    return {module.module_name: module.padapter_backend for module in model.modules()
+            if isinstance(module, PAdapterAttention)}

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 
 from vlpeft.functional import DEFAULT_P_BOUNDS, SELF_LOOP_POLICIES, VARIANTS, check_p_bounds
+from vlpeft.functional.p_laplacian.backend import BACKEND_OVERRIDES
 from vlpeft.glue.families import POSITIONS
 from vlpeft.tuners._peft_registry import VLPeftType
 
@@ -70,6 +71,12 @@ class PAdapterConfig(PeftConfig):
             compilation (about a minute on a 2-core CPU machine). On CPUs the default path's fused C kernels are
             faster than the compiled block (``docs/performance.md``), which bypasses them; it remains useful on
             GPUs where the fused Triton kernels do not apply.
+        backend: which backend computes the p-Laplacian blocks: ``"auto"`` (default: the environment variable
+            ``VLPEFT_BACKEND`` if set, else per call the fused Triton kernels where they apply, else the fused C
+            kernels on float32 CPU calls, else torch), ``"torch"``, ``"cpu"`` or ``"triton"``. A backend that cannot
+            run on this machine is an error; a call it cannot compute falls back, with the reason in
+            ``vlpeft.tuners.p_adapter.padapter_backends(model)`` and the ``vlpeft.backend`` log
+            (``docs/performance.md``, "Which backend runs").
         modules_to_save: extra modules trained and saved in full (task heads).
         targets_resolved: set by vlpeft once ``target_modules`` holds the regex resolved from the family preset
             (``family``, ``towers``, ``positions`` then record where it came from).
@@ -103,6 +110,9 @@ class PAdapterConfig(PeftConfig):
     chunk_size: int | None = field(default=None, metadata={"help": "Query chunk size of the p-Laplacian block."})
     compile_block: bool = field(
         default=False, metadata={"help": "release: torch.compile the p-Laplacian block's per-block work (opt-in)."}
+    )
+    backend: Literal["auto", "torch", "cpu", "triton"] = field(
+        default="auto", metadata={"help": "p-Laplacian backend: auto | torch | cpu | triton (overrides VLPEFT_BACKEND)."}
     )
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained in full."})
     targets_resolved: bool = field(
@@ -172,6 +182,8 @@ class PAdapterConfig(PeftConfig):
             raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}.")
         if not isinstance(self.compile_block, bool):
             raise ValueError(f"compile_block must be a bool, got {self.compile_block!r}.")
+        if self.backend not in BACKEND_OVERRIDES:
+            raise ValueError(f"backend={self.backend!r} is not one of {BACKEND_OVERRIDES}.")
         if self.compile_block and self.variant != "release":
             raise ValueError(
                 f"compile_block=True applies to variant='release' only (the compiled block functions), got "

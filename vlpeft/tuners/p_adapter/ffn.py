@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vlpeft.functional._precision import autocast_disabled
+from vlpeft.functional.precision import autocast_disabled
 from vlpeft.glue.attention import hook_module_outputs
 from vlpeft.tuners.p_adapter.config import PAdapterConfig
 from vlpeft.tuners.p_adapter.layer import (

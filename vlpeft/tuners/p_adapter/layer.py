@@ -71,6 +71,7 @@ class AdapterSettings:
     causal_degrees: bool
     chunk_size: int | None
     compile_block: bool = False  # release: torch.compile the p-Laplacian block's per-block work
+    backend: str = "auto"  # PAdapterConfig.backend: auto | torch | cpu | triton
 
 
 def _linear(in_features: int, out_features: int, std: float, zero: bool, device: torch.device) -> nn.Linear:

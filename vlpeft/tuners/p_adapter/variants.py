@@ -160,6 +160,7 @@ def release_branch(
         p_bounds=settings.p_bounds,
         chunk_size=settings.chunk_size,
         compiled=settings.compile_block,
+        backend=settings.backend,
         **options,
     )
     return release_output(gate, up, dropout, o, _heads_to_tokens(aggregated))
@@ -221,6 +222,7 @@ def paper_branch(
         kv_basis=kv_basis,
         return_column_degrees=store_degrees is not None,
         attn_block_plan=block_plan if settings.key_pool_size is None and settings.chunk_size is None else None,
+        backend=settings.backend,
     )
     if store_degrees is not None:
         result, degrees = result

@@ -1,4 +1,4 @@
-"""The fused attention + release p-Laplacian kernels (vlpeft.functional.p_laplacian_triton).
+"""The fused attention + release p-Laplacian kernels (vlpeft.functional.p_laplacian.triton_attention).
 
 Kernel tests run where the kernels can run: on a CUDA GPU with Triton, or on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` in the environment before pytest starts; slow, small shapes only). Elsewhere (CI) they are
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from vlpeft.functional import p_laplacian_aggregate
-from vlpeft.functional.p_laplacian_triton import (
+from vlpeft.functional.p_laplacian.triton_attention import (
     UNATTENDED_SCORE,
     attention_p_laplacian,
     attention_p_laplacian_reference,

@@ -1,5 +1,5 @@
-"""p-adapter's eager attention on interface models runs in causal row blocks (skipping the masked staircase); the
-loss and every gradient must equal plain eager attention's."""
+"""p-adapter's eager attention on interface models runs in causal row blocks (skipping the masked staircase) where
+the backend choice finds it applies; the loss and every gradient must equal plain eager attention's."""
 
 import peft
 import pytest
@@ -8,7 +8,7 @@ import torch
 import vlpeft.functional.blocked_attention as blocked_module
 import vlpeft.glue.attention as attention_module
 from vlpeft.testing import build_tiny_model
-from vlpeft.tuners.p_adapter import PAdapterConfig
+from vlpeft.tuners.p_adapter import PAdapterConfig, padapter_backends
 
 
 def _loss_and_grads(variant):
@@ -17,24 +17,26 @@ def _loss_and_grads(variant):
     model = peft.get_peft_model(tiny.model, PAdapterConfig(variant=variant, p_init=1.25, key_pool_size=3)).train()
     loss = model(**tiny.inputs).loss
     loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, padapter_backends(model)
 
 
 @pytest.mark.parametrize("variant", ["paper", "release"])
 def test_blocked_attention_equals_eager(monkeypatch, variant):
-    expected_loss, expected = _loss_and_grads(variant)  # tiny sequences: one block, the model's eager function
+    expected_loss, expected, eager = _loss_and_grads(variant)  # tiny sequences: one block, the model's eager function
+    assert eager and all(choice.attention == "eager" and "one row block" in choice.reason for choice in eager.values())
     monkeypatch.setattr(blocked_module, "BLOCK_ROWS", 4)
     used = []
-    original = attention_module._blocked_attention
+    original = attention_module.run_blocked
 
     def spying(*args):
-        result = original(*args)
-        used.append(result is not None)
-        return result
+        used.append(args[0])
+        return original(*args)
 
-    monkeypatch.setattr(attention_module, "_blocked_attention", spying)
-    loss, grads = _loss_and_grads(variant)
-    assert used and all(used)  # every adapted LM layer took the blocked path
+    monkeypatch.setattr(attention_module, "run_blocked", spying)
+    loss, grads, blocked = _loss_and_grads(variant)
+    assert len(used) == len(blocked)  # every adapted LM layer took the blocked path, as its recorded choice says
+    assert all(choice.attention == "blocked" and choice.name in ("cpu", "torch") for choice in blocked.values())
     torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-7)
     for name, grad in expected.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)

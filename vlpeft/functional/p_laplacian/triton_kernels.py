@@ -1,4 +1,4 @@
-"""Triton kernels of :mod:`vlpeft.functional.p_laplacian_triton` (import that module, not this one).
+"""Triton kernels of :mod:`vlpeft.functional.p_laplacian.triton_attention` (import that module, not this one).
 
 Layouts: q (B, H, n, D), k/v (B, H_kv, n, D), features (B, H, n, D_f), row statistics (B, H, n) contiguous; grid
 (query blocks or key blocks, batch * heads). Row statistics of the softmax are kept as the row maximum and the log
