@@ -7,9 +7,10 @@ read as placeholder rows that do not exist.
 
 - towers: the CLIP vision encoder (frozen; not adapted by default), the BART encoder and the BART decoder; the
   language towers (default targets) are the encoder and the decoder;
-- x_R: the output of ``visual_embedding``, the (batch, num_visual_tokens, d_model) visual tokens (36 by default);
-  it runs once per forward (and once per ``generate``, before decoding), and routing pools it (``mean`` over the
-  36 tokens, or keeps all of them for ``matmul``) in every adapted encoder and decoder layer.
+- x_R: the output of ``visual_embedding``, the (batch, n_images * num_visual_tokens, d_model) visual tokens (36 per
+  image by default; NLVR2's pair gives 72); it runs once per forward (and once per ``generate``, before decoding),
+  and routing pools it per sample (``mean`` over all of the sample's visual tokens, both images included, or keeps
+  all of them for ``matmul``) in every adapted encoder and decoder layer.
 """
 
 from __future__ import annotations
