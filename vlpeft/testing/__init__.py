@@ -1,7 +1,11 @@
-"""Tiny random-config models and synthetic images for tests, examples and the demo (no downloads)."""
+"""Helpers for vlpeft's tests: the tiny models and synthetic images of :mod:`vlpeft.models.tiny` under their
+former import paths, and :mod:`vlpeft.testing.coverage` (which model families each method reaches).
 
-from vlpeft.testing.images import images_to_pixel_values, random_pixel_values, tiny_images
-from vlpeft.testing.tiny_models import (
+Library code imports :mod:`vlpeft.models.tiny` directly; this package only keeps ``vlpeft.testing``,
+``vlpeft.testing.tiny_models``, ``vlpeft.testing.images`` and ``vlpeft.testing.twins`` working.
+"""
+
+from vlpeft.models.tiny import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
     FAMILIES,
@@ -11,6 +15,9 @@ from vlpeft.testing.tiny_models import (
     PAD_TOKEN_ID,
     TinyModel,
     build_tiny_model,
+    images_to_pixel_values,
+    random_pixel_values,
+    tiny_images,
 )
 
 __all__ = [

@@ -15,8 +15,13 @@ from transformers import (
     LlavaOnevisionProcessor,
 )
 
-from vlpeft.testing.twins.base import ImageOnlyProcessorMixin, TwinSpec, build_chat_tokenizer, chat_template
-from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
+from vlpeft.models.tiny.twins.base import (
+    ImageOnlyProcessorMixin,
+    TwinSpec,
+    build_chat_tokenizer,
+    chat_template,
+)
+from vlpeft.models.tiny.twins.sizes import TINY_TEXT, TINY_VISION
 
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "<unk>")
 #: One tile is IMAGE_SIZE square with (IMAGE_SIZE / PATCH) ** 2 = 4 patch tokens (384 / 14 -> 729 in the real model).

@@ -3,7 +3,7 @@ chat format ending turns with ``<end_of_utterance>``, and the config and process
 tokens, patch size and pixel-shuffle scale.
 
 Both split images into TILE-pixel tiles plus a global image without resizing them (see
-:mod:`vlpeft.testing.twins.idefics3`).
+:mod:`vlpeft.models.tiny.twins.idefics3`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 from transformers import PretrainedConfig, ProcessorMixin
 
-from vlpeft.testing.twins.base import build_chat_tokenizer
-from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
+from vlpeft.models.tiny.twins.base import build_chat_tokenizer
+from vlpeft.models.tiny.twins.sizes import TINY_TEXT, TINY_VISION
 
 ConfigT = TypeVar("ConfigT", bound=PretrainedConfig)
 ProcessorT = TypeVar("ProcessorT", bound=ProcessorMixin)

@@ -4,16 +4,16 @@ block does in the real tower), SwiGLU vision MLP, grouped-query Qwen2 LM with ti
 
 The processor is ``Qwen2_5_VLProcessor`` without its video slot (its video processor class needs torchvision):
 :class:`Qwen2_5_VLImageOnlyProcessor` passes ``None`` for it and declares only the image processor and tokenizer
-(:class:`~vlpeft.testing.twins.base.ImageOnlyProcessorMixin`).
+(:class:`~vlpeft.models.tiny.twins.base.ImageOnlyProcessorMixin`).
 """
 
 from __future__ import annotations
 
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-from vlpeft.testing.twins._qwen import IMAGE_SIZES, QWEN2_TEXT, qwen_config, qwen_processor
-from vlpeft.testing.twins.base import ImageOnlyProcessorMixin, TwinSpec
-from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
+from vlpeft.models.tiny.twins._qwen import IMAGE_SIZES, QWEN2_TEXT, qwen_config, qwen_processor
+from vlpeft.models.tiny.twins.base import ImageOnlyProcessorMixin, TwinSpec
+from vlpeft.models.tiny.twins.sizes import TINY_TEXT, TINY_VISION
 
 #: Vision attention window side in pixels: 16 // PATCH // MERGE = 2 merged patches (the real 112 gives 4), so a
 #: 32x32 image (4x4 merged patches) is split into 2x2 windows.

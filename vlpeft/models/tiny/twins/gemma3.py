@@ -15,14 +15,14 @@ from transformers import (
     Gemma3Processor,
 )
 
-from vlpeft.testing.twins.base import (
+from vlpeft.models.tiny.twins.base import (
     CHAT_WORDS,
     TwinSpec,
     build_chat_tokenizer,
     chat_template,
     suppress_image_token,
 )
-from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
+from vlpeft.models.tiny.twins.sizes import TINY_TEXT, TINY_VISION
 
 # Gemma's own order for the first four (<pad>=0, <eos>=1, <bos>=2, <unk>=3), then the chat and image tokens.
 SPECIAL = (

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 from transformers import PretrainedConfig, PreTrainedTokenizerFast, ProcessorMixin, Qwen2VLImageProcessorPil
 
-from vlpeft.testing.twins.base import build_chat_tokenizer, chat_template
-from vlpeft.testing.twins.sizes import TINY_TEXT
+from vlpeft.models.tiny.twins.base import build_chat_tokenizer, chat_template
+from vlpeft.models.tiny.twins.sizes import TINY_TEXT
 
 ConfigT = TypeVar("ConfigT", bound=PretrainedConfig)
 ProcessorT = TypeVar("ProcessorT", bound=ProcessorMixin)

@@ -5,16 +5,16 @@ embeddings), ChatML turns.
 
 The processor is ``Qwen3VLProcessor`` without its video slot (its video processor class needs torchvision):
 :class:`Qwen3VLImageOnlyProcessor` passes ``None`` for it and declares only the image processor and tokenizer
-(:class:`~vlpeft.testing.twins.base.ImageOnlyProcessorMixin`).
+(:class:`~vlpeft.models.tiny.twins.base.ImageOnlyProcessorMixin`).
 """
 
 from __future__ import annotations
 
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 
-from vlpeft.testing.twins._qwen import IMAGE_SIZES, qwen_config, qwen_processor
-from vlpeft.testing.twins.base import ImageOnlyProcessorMixin, TwinSpec
-from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
+from vlpeft.models.tiny.twins._qwen import IMAGE_SIZES, qwen_config, qwen_processor
+from vlpeft.models.tiny.twins.base import ImageOnlyProcessorMixin, TwinSpec
+from vlpeft.models.tiny.twins.sizes import TINY_TEXT, TINY_VISION
 
 #: Vision blocks whose outputs feed DeepStack (the real 24-block tower uses blocks 5, 11 and 17, each feeding one of
 #: the first LM layers); the last block feeds the main merger.

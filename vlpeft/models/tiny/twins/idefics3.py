@@ -4,7 +4,7 @@ pixel-shuffle connector (``scale_factor`` 2), ``pixel_attention_mask``, GQA Llam
 The image processor keeps ``do_image_splitting=True`` and takes images at their own resolution (``do_resize=False``,
 the family's documented no-upsampling mode), so an image no larger than a tile is one global image and a larger one
 is split into tiles (``<row_i_col_j>``) plus the global image. What it shares with SmolVLM is in
-:mod:`vlpeft.testing.twins._idefics`.
+:mod:`vlpeft.models.tiny.twins._idefics`.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from transformers import (
     Idefics3Processor,
 )
 
-from vlpeft.testing.twins._idefics import (
+from vlpeft.models.tiny.twins._idefics import (
     ROW_COL_TOKENS,
     TILE,
     idefics_config,
     idefics_processor,
     tokens_per_tile,
 )
-from vlpeft.testing.twins.base import TwinSpec
+from vlpeft.models.tiny.twins.base import TwinSpec
 
 __all__ = ["IMAGE_TOKENS_PER_TILE", "SPEC", "SPECIAL", "TILE"]
 

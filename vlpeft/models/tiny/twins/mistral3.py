@@ -4,7 +4,7 @@
 ``PixtralProcessor``'s module imports a size helper from the torchvision image processor at import time, so without
 torchvision the class is only a placeholder; :func:`_pixtral_processor_class` imports the real module with that one
 helper taken from the PIL image processor module (the same computation) for the duration of the import.
-:func:`~vlpeft.testing.twins.base.suppress_image_token` keeps the random model from generating ``[IMG]``.
+:func:`~vlpeft.models.tiny.twins.base.suppress_image_token` keeps the random model from generating ``[IMG]``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessorPil
 from transformers.models.pixtral import image_processing_pil_pixtral
 
-from vlpeft.testing.twins.base import TwinSpec, build_chat_tokenizer, suppress_image_token
-from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
+from vlpeft.models.tiny.twins.base import TwinSpec, build_chat_tokenizer, suppress_image_token
+from vlpeft.models.tiny.twins.sizes import TINY_TEXT, TINY_VISION
 
 # The Tekken tokenizer's control tokens at their real ids ([IMG] = 10 as Mistral3Config's default, <pad> = 11).
 SPECIAL = (

@@ -11,8 +11,8 @@ from transformers import (
     LlavaNextProcessor,
 )
 
-from vlpeft.testing.twins.base import TwinSpec, build_chat_tokenizer
-from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
+from vlpeft.models.tiny.twins.base import TwinSpec, build_chat_tokenizer
+from vlpeft.models.tiny.twins.sizes import TINY_TEXT, TINY_VISION
 
 SPECIAL = ("<pad>", "<s>", "</s>", "<image>", "[INST]", "[/INST]", "<unk>")
 #: One tile is IMAGE_SIZE square and holds (IMAGE_SIZE / PATCH) ** 2 = 4 patches (336 / 14 in the real model).

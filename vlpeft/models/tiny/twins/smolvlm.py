@@ -2,9 +2,9 @@
 pixel-shuffle connector (``scale_factor`` 4, as the 256M model), ``pixel_attention_mask``, GQA Llama (SmolLM2) LM,
 ``<|im_start|>User:``/``Assistant:`` chat ending turns with ``<end_of_utterance>``.
 
-Images are split as in :mod:`vlpeft.testing.twins.idefics3` (``do_image_splitting=True``, ``do_resize=False``): a
+Images are split as in :mod:`vlpeft.models.tiny.twins.idefics3` (``do_image_splitting=True``, ``do_resize=False``): a
 tile-sized image is one global image, a larger one tiles plus the global image; the config and processor are
-assembled as Idefics3's (:mod:`vlpeft.testing.twins._idefics`). The processor is
+assembled as Idefics3's (:mod:`vlpeft.models.tiny.twins._idefics`). The processor is
 :class:`SmolVLMImageOnlyProcessor`, ``SmolVLMProcessor`` without its video slot (``SmolVLMVideoProcessor`` needs
 torchvision; the video prompt needs ``num2words``): images and text only.
 """
@@ -22,14 +22,14 @@ from transformers import (
 )
 from transformers.processing_utils import ProcessorMixin
 
-from vlpeft.testing.twins._idefics import (
+from vlpeft.models.tiny.twins._idefics import (
     ROW_COL_TOKENS,
     TILE,
     idefics_config,
     idefics_processor,
     tokens_per_tile,
 )
-from vlpeft.testing.twins.base import TwinSpec
+from vlpeft.models.tiny.twins.base import TwinSpec
 
 __all__ = ["IMAGE_TOKENS_PER_TILE", "SPEC", "SPECIAL", "TILE", "SmolVLMImageOnlyProcessor"]
 

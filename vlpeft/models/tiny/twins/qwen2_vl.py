@@ -4,16 +4,16 @@ with tied embeddings, ChatML turns and ``<|vision_start|><|image_pad|><|vision_e
 
 The processor is ``Qwen2VLProcessor`` without its video slot (its video processor class needs torchvision):
 :class:`Qwen2VLImageOnlyProcessor` passes ``None`` for it and declares only the image processor and tokenizer
-(:class:`~vlpeft.testing.twins.base.ImageOnlyProcessorMixin`).
+(:class:`~vlpeft.models.tiny.twins.base.ImageOnlyProcessorMixin`).
 """
 
 from __future__ import annotations
 
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
-from vlpeft.testing.twins._qwen import IMAGE_SIZES, QWEN2_TEXT, qwen_config, qwen_processor
-from vlpeft.testing.twins.base import ImageOnlyProcessorMixin, TwinSpec
-from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
+from vlpeft.models.tiny.twins._qwen import IMAGE_SIZES, QWEN2_TEXT, qwen_config, qwen_processor
+from vlpeft.models.tiny.twins.base import ImageOnlyProcessorMixin, TwinSpec
+from vlpeft.models.tiny.twins.sizes import TINY_TEXT, TINY_VISION
 
 
 class Qwen2VLImageOnlyProcessor(ImageOnlyProcessorMixin, Qwen2VLProcessor):

@@ -13,8 +13,8 @@ from transformers import (
     MllamaProcessor,
 )
 
-from vlpeft.testing.twins.base import TwinSpec, build_chat_tokenizer
-from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
+from vlpeft.models.tiny.twins.base import TwinSpec, build_chat_tokenizer
+from vlpeft.models.tiny.twins.sizes import TINY_TEXT, TINY_VISION
 
 SPECIAL = (
     "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>", "<|end_header_id|>",

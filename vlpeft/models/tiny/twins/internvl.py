@@ -16,8 +16,13 @@ from transformers import (
     InternVLProcessor,
 )
 
-from vlpeft.testing.twins.base import ImageOnlyProcessorMixin, TwinSpec, build_chat_tokenizer, chat_template
-from vlpeft.testing.twins.sizes import TINY_TEXT, TINY_VISION
+from vlpeft.models.tiny.twins.base import (
+    ImageOnlyProcessorMixin,
+    TwinSpec,
+    build_chat_tokenizer,
+    chat_template,
+)
+from vlpeft.models.tiny.twins.sizes import TINY_TEXT, TINY_VISION
 
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<unk>")
 #: A tile is IMAGE_SIZE square: (IMAGE_SIZE / PATCH) ** 2 = 16 patches, pixel-shuffled to 4 tokens (448 / 14 -> 256).
