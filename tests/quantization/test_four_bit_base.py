@@ -178,3 +178,10 @@ def test_routed_methods_under_reentrant_checkpointing(saved_twins) -> None:
     wrapped = peft.get_peft_model(_quantized_base(twin, folder, "cpu", reentrant=True), METHODS["routed_lora"]())
     wrapped.train()
     wrapped(**twin.batch(twin.samples((1, 2)))).loss.backward()
+
+
+def test_lora_refuses_to_merge_into_a_four_bit_weight(saved_twins) -> None:
+    twin, folder = saved_twins["qwen2_5_vl"]
+    wrapped = peft.get_peft_model(_quantized_base(twin, folder, "cpu"), METHODS["lora"]())
+    with pytest.raises(ValueError, match="cannot merge routed LoRA into the quantized weight"):
+        wrapped.merge_and_unload()
