@@ -3,8 +3,9 @@
 Stages (:func:`default_stages`), each a subprocess with its own time limit, cut to what is left of the budget:
 
 1. ``env``: versions (torch, CUDA, Triton, transformers, PEFT, bitsandbytes), the GPU, ``import vlpeft``;
-2. ``kernel_tests``: ``tests/test_p_laplacian_triton.py`` and ``tests/test_p_adapter_fused.py`` (the fused Triton
-   kernels against the torch implementation; they skip without CUDA);
+2. ``kernel_tests``: ``tests/functional/test_p_laplacian_triton.py`` (the fused Triton kernels against the torch
+   implementation) and ``tests/glue/test_attention_fused_path.py`` (p-adapter ``release`` on a model takes them, same
+   loss and gradients as the torch path); their kernel tests skip without CUDA;
 3. ``four_bit``: ``tests/quantization/test_four_bit_base.py -k cuda`` (routed LoRA, Adapter and p-adapter over an
    NF4 base with bfloat16 compute: train, save, load);
 4. ``fused_bench``: ``benchmarks/bench_fused_p_laplacian.py`` at n = 512 and 4096 (fused kernels vs SDPA, forward +
@@ -46,6 +47,10 @@ print("ENV " + json.dumps(info))
 """
 
 
+#: The test files with GPU kernel tests (the only ones besides the 4-bit file that look for CUDA or Triton).
+KERNEL_TESTS: tuple[str, ...] = ("tests/functional/test_p_laplacian_triton.py", "tests/glue/test_attention_fused_path.py")
+
+
 @dataclass
 class Stage:
     """One check: ``command`` run from the repository root, stopped after ``limit_s`` seconds."""
@@ -63,7 +68,7 @@ def default_stages(out: Path, *, python: str = sys.executable) -> list[Stage]:
     pytest = [python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:warnings"]
     return [
         Stage("env", [python, "-c", ENV_SNIPPET], 30, min_s=5),
-        Stage("kernel_tests", [*pytest, "tests/test_p_laplacian_triton.py", "tests/test_p_adapter_fused.py"], 75),
+        Stage("kernel_tests", [*pytest, *KERNEL_TESTS], 75),
         Stage("four_bit", [*pytest, "tests/quantization/test_four_bit_base.py", "-k", "cuda"], 45),
         Stage("fused_bench", [python, "benchmarks/bench_fused_p_laplacian.py", "--out", str(out / "fused"),
                               "--lengths", "512", "4096", "--sweep-n", "0", "--repeats", "10"], 45),

@@ -93,8 +93,11 @@ def test_stage_runner_keeps_to_its_budget(checks, tmp_path: Path) -> None:
     assert "started" in (tmp_path / "device_checks.log").read_text()
     assert "skipped" in late and "rc" not in late
     assert json.loads((tmp_path / "summary.json").read_text())["stages"][2]["name"] == "late"
-    names = [stage.name for stage in checks.default_stages(tmp_path)]
-    assert names == ["env", "kernel_tests", "four_bit", "fused_bench", "e2e"]
+    default = checks.default_stages(tmp_path)
+    assert [stage.name for stage in default] == ["env", "kernel_tests", "four_bit", "fused_bench", "e2e"]
+    # every test file and script the stages name is there (a moved file would make the GPU run check nothing)
+    files = [arg for stage in default for arg in stage.command if arg.endswith(".py")]
+    assert len(files) == 5 and all((GPU_DIR.parents[1] / path).is_file() for path in files), files
 
 
 def test_device_script_is_valid_bash() -> None:
