@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 
 from vlpeft import __version__
+from vlpeft.tasks.bad_input import BadInputError
+from vlpeft.training.config import ConfigError
 
 __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 
@@ -42,9 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; user errors (bad config, missing run folder, bad input data) print ``error: ...`` without a
     traceback and exit with status 2."""
-    from vlpeft.tasks.bad_input import BadInputError
-    from vlpeft.training.config import ConfigError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import peft
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -80,8 +81,6 @@ def build_on_meta(model_type: str) -> nn.Module:
 
 
 def _adapted_modules(model: nn.Module) -> int:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     return sum(isinstance(module, BaseTunerLayer) for module in model.modules())
 
 
