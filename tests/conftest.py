@@ -2,10 +2,17 @@
 
 The suite runs as two pytest-xdist workers on a 2-core machine; each worker uses one torch thread so the two never
 oversubscribe the cores (tiny layers run tens of times slower when they do).
+
+The suite is offline: ``HF_HUB_OFFLINE=1`` (inherited by the CLI subprocesses) keeps the Hugging Face libraries from
+calling the Hub, e.g. bitsandbytes' CPU kernel lookup (``kernels-community``) on CPUs with AVX512-BF16.
 """
 
-import pytest
-import torch
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -37,6 +37,7 @@ from vlpeft.glue.visual_rows import (
     Captured,
     MissingVisualFeaturesError,
     cross_attention_rows,
+    cut_frozen_graph,
     expand_to_batch,
     placeholder_rows,
     pool,
@@ -319,7 +320,8 @@ class VisualFeatureContext:
                 f"visual features from {source.module!r} must be (images, m, d) or (images, d), got "
                 f"{tuple(sequence.shape)}"
             )
-        new = Captured(sequence=sequence, pooled=pooled if isinstance(pooled, Tensor) else None, call=frame.call)
+        pooled = cut_frozen_graph(pooled) if isinstance(pooled, Tensor) else None
+        new = Captured(sequence=cut_frozen_graph(sequence), pooled=pooled, call=frame.call)
         new.images_per_sample = self._images_per_sample(frame.input_ids, sequence, source.module)
         same_call = captured is not None and captured.call == frame.call
         if same_call and captured.pooled is not None and new.pooled is None:
@@ -346,6 +348,7 @@ class VisualFeatureContext:
             new = placeholder_rows(embeds, frame.input_ids, self._image_token_id, source.module, frame.call)
             if new is None:
                 return
+        new.sequence = cut_frozen_graph(new.sequence)
         frame.features[source.module] = new
         self._features_changed(frame, source.module)
         self.bind_checkpointing()
@@ -358,7 +361,7 @@ class VisualFeatureContext:
         if captured is None or captured.call != frame.call:
             captured = frame.features[source.module] = Captured(call=frame.call)
         pooled = output if isinstance(output, Tensor) else output[0]
-        captured.pooled = pooled.reshape(pooled.shape[0], -1) if pooled.dim() != 2 else pooled
+        captured.pooled = cut_frozen_graph(pooled.reshape(pooled.shape[0], -1) if pooled.dim() != 2 else pooled)
         self._features_changed(frame, source.module)
 
     def request(self, source: str, pooling: str) -> None:

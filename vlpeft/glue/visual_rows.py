@@ -19,6 +19,7 @@ __all__ = [
     "Captured",
     "MissingVisualFeaturesError",
     "cross_attention_rows",
+    "cut_frozen_graph",
     "expand_to_batch",
     "group_by_sample",
     "placeholder_rows",
@@ -47,6 +48,35 @@ class Captured:
     images_per_sample: list[int] | None = None
     explicit: bool = False
     call: int = 0
+
+
+def _reaches_parameter(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s autograd graph leads to an ``nn.Parameter`` that requires grad (a depth-first walk over
+    ``grad_fn.next_functions``, each node once)."""
+    stack, seen = [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(getattr(node, "variable", None), torch.nn.Parameter):
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def cut_frozen_graph(tensor: Tensor | None) -> Tensor | None:
+    """``tensor`` detached when no trainable parameter lies behind it, else unchanged.
+
+    Visual features can require grad with nothing to train behind them: ``enable_input_require_grads`` (what
+    ``prepare_model_for_kbit_training`` and reentrant activation checkpointing rely on) marks the patch embedding's
+    output. Every routed layer reads x_R, and under reentrant checkpointing each layer's backward would walk (and
+    free) that frozen graph again ("Trying to backward through the graph a second time"). Gradients of trainable
+    parameters are the same either way; a gradient with respect to ``pixel_values`` through x_R is not kept.
+    """
+    if tensor is None or not tensor.requires_grad or tensor.grad_fn is None or _reaches_parameter(tensor):
+        return tensor
+    return tensor.detach()
 
 
 def placeholder_rows(
