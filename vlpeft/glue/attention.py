@@ -221,14 +221,20 @@ def padapter_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AttentionInterface function: the model's eager attention, recording (query, value, probs) when captured.
 
+    For a captured call, :func:`~vlpeft.functional.p_laplacian.backend.choose_backend` picks the path from the
+    facts of :func:`~vlpeft.glue.attention_paths.attention_facts`: the fused Triton kernels (which also compute the
+    ``release`` aggregation, left in ``capture.aggregated``), the blocked eager attention, or the model's eager
+    function.
+
     Args:
         module: the attention module calling the interface.
         query: (batch, heads, n_q, head_dim); key/value: (batch, kv_heads, n_k, head_dim), cached positions
             included; attention_mask: the eager (additive float) mask or ``None``.
 
     Returns:
-        ``(attn_output, attn_weights)`` exactly as the model's eager function returns them (attention output
-        (batch, n_q, heads, head_dim) and post-dropout weights (batch, heads, n_q, n_k)).
+        ``(attn_output, attn_weights)`` as the model's eager function returns them (attention output
+        (batch, n_q, heads, head_dim) and post-dropout weights (batch, heads, n_q, n_k); ``None`` weights when the
+        fused kernels ran).
     """
     eager = _model_eager_function(module)
     capture = _active_captures().get(id(module))

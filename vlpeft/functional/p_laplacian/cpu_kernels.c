@@ -2,7 +2,7 @@
  * Fused CPU kernels of the p-Laplacian aggregation, float32: the ``release`` variant whole (p-adapter.md §3.1),
  * the ``paper`` variant's elementwise work between its matrix products (§3.2, further below).
  *
- * Built at first use by vlpeft/functional/p_laplacian_cpu.py, which also holds the autograd wrapper and the
+ * Built at first use by vlpeft/functional/p_laplacian/cpu_kernels.py, which also holds the autograd wrapper and the
  * description of the layout. Every function returns 0, or 1 if its scratch rows could not be allocated;
  * vlpeft_paper_forward returns 2 if an attention entry it read was negative (the caller raises).
  *

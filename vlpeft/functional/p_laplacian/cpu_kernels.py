@@ -268,7 +268,7 @@ def _flat(tensor: Tensor, lead: tuple[int, ...], tail: tuple[int, ...]) -> Tenso
 class _ReleaseCpuAggregate(torch.autograd.Function):
     """U = sum_j omega_qj x_kv,j (+ beta_q x_q for the self graph) with the ``release`` weights, by the C kernels.
 
-    Inputs as for the torch path's ``_ReleaseAggregate``: x_q (.., n_q, d), x_kv (.., n_k, d), attn (.., n_q, n_k),
+    Inputs as for the torch path's ``ReleaseAggregate``: x_q (.., n_q, d), x_kv (.., n_k, d), attn (.., n_q, n_k),
     p and mu broadcastable to (.., n_q, 1), all float32 on the CPU and broadcastable to one leading shape.
     """
 

@@ -127,7 +127,7 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         self.hidden_size = int(weight.shape[0])
         self.attention_width = int(weight.shape[1])
         self.num_heads = self._find_num_heads()
-        self.padapter_backend: BackendChoice | None = None
+        self._padapter_choices: tuple[BackendChoice, ...] = ()  # the backend choices of the last adapted call
 
     def _find_num_heads(self) -> int:
         attention = submodule(self.base_layer, self.spec.attention)
@@ -213,14 +213,18 @@ class PAdapterAttention(nn.Module, PAdapterLayer):
         self._note_backend(choices)
         return outputs
 
+    @property
+    def padapter_backend(self) -> BackendChoice | None:
+        """What computed the last adapted call (see the class docstring), or None before the first."""
+        return combine_choices(self._padapter_choices)
+
     def _note_backend(self, choices: list[BackendChoice]) -> None:
         """Keep what computed this call (:attr:`padapter_backend`); log it at the module's first adapted call."""
-        choice = combine_choices(choices)
-        if choice is None:
+        if not choices:
             return
-        if self.padapter_backend is None:
-            log_choice(self.module_name, choice)
-        self.padapter_backend = choice
+        if not self._padapter_choices:
+            log_choice(self.module_name, combine_choices(choices))
+        self._padapter_choices = tuple(choices)
 
     def _backend_override(self, names: list[str]) -> str:
         """The ``PAdapterConfig.backend`` of the active adapters (they must agree)."""
