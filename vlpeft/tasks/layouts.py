@@ -116,7 +116,7 @@ class InputLayout:
         glue_family: the :mod:`vlpeft.glue` description's name where it differs from ``family``.
         two_images: how a sample's two images (NLVR2) enter the model (module docstring); ``None``: not at all.
         vision_module: the vision tower's attribute name, for ``two_images="vision_tower"``.
-        tiny_image_size: the image edge of the family's tiny model (``vlpeft.testing.build_tiny_model``), which
+        tiny_image_size: the image edge of the family's tiny model (``vlpeft.models.tiny.build_tiny_model``), which
             its tiny processor resizes to.
     """
 
@@ -209,7 +209,7 @@ _LAYOUTS: tuple[InputLayout, ...] = (
         hub_prefixes=("google/paligemma",),
     ),
     # Every other image-text-to-text model: loaded with AutoModelForImageTextToText, driven by its processor's chat
-    # template (its structure for PEFT placement is derived by vlpeft.glue); tiny twins: vlpeft.testing.twins.
+    # template (its structure for PEFT placement is derived by vlpeft.glue); tiny twins: vlpeft.models.tiny.twins.
     InputLayout(
         "chat_template", tokenizer_style="none", sequence="chat_template", begin_token="none",
         two_images="chat_turn", model_class="transformers:AutoModelForImageTextToText",

@@ -5,7 +5,7 @@ Tests cannot download processor files, so :func:`build_tiny_processor` assembles
 (``BlipProcessor``, ``Blip2Processor``, ``LlavaProcessor``, ``PaliGemmaProcessor``, ``GitProcessor``) from
 
 - a word-level tokenizer trained with the ``tokenizers`` library on the given texts, wrapped as a
-  ``PreTrainedTokenizerFast`` whose special ids match ``vlpeft.testing``: ``[PAD]`` 0, ``[BOS]`` 1 (also CLS),
+  ``PreTrainedTokenizerFast`` whose special ids match ``vlpeft.models.tiny``: ``[PAD]`` 0, ``[BOS]`` 1 (also CLS),
   ``[EOS]`` 2 (also SEP), ``<image>`` 3, ``[UNK]`` 4, ordinary words from 5;
 - the PIL image-processor classes with 32x32 output (no torchvision).
 """
@@ -246,7 +246,7 @@ def build_tiny_processor(
     num_query_tokens: int = 4,
 ) -> Any:
     """A working processor for a tiny model of ``family`` (a family of :data:`vlpeft.tasks.layouts.LAYOUTS`:
-    the names of ``vlpeft.testing.FAMILIES`` plus the composites), built without any download: the processor
+    the names of ``vlpeft.models.tiny.FAMILIES`` plus the composites), built without any download: the processor
     class named by the layout's ``tiny_processor``, with a tokenizer of its ``tokenizer_style``.
 
     The image-token counts match the tiny configs: BLIP-2 ``num_query_tokens`` (4); LLaVA and PaliGemma

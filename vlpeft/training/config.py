@@ -71,7 +71,7 @@ class ModelConfig:
 
     Exactly one of ``name`` (a Hugging Face hub name or a local directory), ``vision`` + ``text`` (the parts of
     a composite: vlpeft's ViT + RoBERTa/BERT/GPT-2, or CLIP-BART) and ``tiny`` (a tiny random-config family from
-    :func:`vlpeft.testing.build_tiny_model`) is set.
+    :func:`vlpeft.models.tiny.build_tiny_model`) is set.
 
     Attributes:
         name: hub name or local path, e.g. ``Salesforce/blip-image-captioning-base``.

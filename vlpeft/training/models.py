@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+from vlpeft.models.tiny import FAMILIES, build_tiny_model
 from vlpeft.tasks.layouts import LAYOUTS, families_where
 from vlpeft.training.config import ConfigError, TrainConfig
 from vlpeft.training.image_pairs import install_image_pairs, uses_two_images
@@ -120,15 +121,14 @@ def resolve_family(config: TrainConfig) -> str:
 
 
 def _twins() -> dict[str, Any]:
-    """The tiny twins of chat VLMs (:mod:`vlpeft.testing.twins`), by name."""
-    from vlpeft.testing.twins import TWINS
+    """The tiny twins of chat VLMs (:mod:`vlpeft.models.tiny.twins`), by name."""
+    from vlpeft.models.tiny.twins import TWINS  # lazy: loads every twin family's model classes
 
     return TWINS
 
 
 def tiny_names() -> list[str]:
     """Allowed ``model.tiny`` / ``model.tiny_twin`` values: the tiny families and the chat-VLM twins."""
-    from vlpeft.testing import FAMILIES
 
     return sorted({*FAMILIES, *_twins()})
 
@@ -159,14 +159,13 @@ def load_model(config: TrainConfig, family: str, num_labels: int | None = None) 
 def _load_model(config: TrainConfig, family: str, num_labels: int | None) -> nn.Module:
     model = config.model
     if model.tiny is not None and model.tiny in _twins():
-        from vlpeft.testing.twins import build_twin
+        from vlpeft.models.tiny.twins import build_twin  # lazy: loads every twin family's model classes
 
         twin = build_twin(model.tiny, seed=config.run.seed).model
         if model.attn_implementation is not None:
             twin.set_attn_implementation(model.attn_implementation)
         return twin
     if model.tiny is not None:
-        from vlpeft.testing import build_tiny_model
 
         overrides = dict(model.tiny_overrides)
         if _composite_task(family) is not None:
