@@ -195,14 +195,13 @@ def _aggregation_choice(facts: AggregationFacts, requested: str, source: str) ->
                                  f"not apply: {facts.cpu_kernel})", requested=requested)
         return BackendChoice("cpu", f"aggregation by the fused C kernels ({source})", requested=requested)
     prefix = "" if requested == "auto" else f"{source}: no Triton kernel computes the aggregation alone; "
-    switch = cpu_kernels.switch()
-    if switch == "0":
-        why = f"{cpu_kernels.ENV_SWITCH}=0 (deprecated: use {ENV_BACKEND}=torch)"
-    elif facts.cpu_kernel is not None:
+    if facts.cpu_kernel is not None:
         why = f"the fused C kernels do not apply: {facts.cpu_kernel}"
     elif facts.threads > cpu_kernels.THREADS_PER_GRAPH * max(1, facts.graphs):
         why = (f"{facts.threads} torch threads for {facts.graphs} graph(s): the C kernels run one thread per graph, "
                f"torch's ops use every thread")
+    elif (switch := cpu_kernels.switch()) == "0":
+        why = f"{cpu_kernels.ENV_SWITCH}=0 (deprecated: use {ENV_BACKEND}=torch)"
     elif cpu_kernels.built_library(switch == "1") is None:
         why = "the fused C kernels could not be built"
     else:
