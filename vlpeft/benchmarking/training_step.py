@@ -3,7 +3,7 @@
 A step is ``loss = model(**inputs).loss; loss.backward(); optimizer.step(); optimizer.zero_grad()`` (AdamW over
 the trainable parameters), in train mode, float32.
 
-Models (random weights, built in code with :func:`vlpeft.testing.build_tiny_model`):
+Models (random weights, built in code with :func:`vlpeft.models.tiny.build_tiny_model`):
 
 - ``blip``: a small BLIP-size captioning model (``BlipForConditionalGeneration``): hidden 256, 4 layers, 4 heads
   of dim 64, FFN 1024, 224 px images in 16 px patches (197 image tokens, as BLIP ViT-B/16), text decoder with
@@ -56,6 +56,7 @@ from torch import nn
 from vlpeft.benchmarking.measure import TIMERS, peak_memory_bytes, time_round_robin
 from vlpeft.functional import ROUTING_KINDS
 from vlpeft.functional.p_laplacian.cpu_kernels import cpu_kernels_disabled
+from vlpeft.models.tiny import build_tiny_model
 
 __all__ = [
     "MODELS",
@@ -160,8 +161,6 @@ DEFAULT_CHUNK_SIZE = 64
 # ----------------------------------------------------------------------------------------------------- models
 def build_model(spec: ModelSpec, *, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The model of ``spec`` (train mode, float32) and a batch of inputs with labels."""
-    from vlpeft.testing import build_tiny_model
-
     tiny = build_tiny_model(spec.family, seed=seed, **spec.overrides, **spec.extra)
     inputs = tiny.example_inputs(batch_size=spec.batch_size, seq_len=spec.seq_len, seed=seed)
     model = tiny.model.float().train()

@@ -4,7 +4,7 @@ A :class:`VisualFeatureContext` belongs to one tuner (one PEFT-wrapped model); n
 
 - hooks the model's *visual feature module* (``ModelFamily.visual_feature_module``: BLIP's vision tower, LLaVA's
   projector, BLIP-2's ``language_projection``, the composite's ``prefix_projector``) and stores its output, in the
-  language model's width, in the current :class:`_Frame`;
+  language model's width, in the current :class:`Frame`;
 - hooks the top-level model to see each forward's ``input_ids``, so that several images per sample (LLaVA) can be
   mapped to their samples through the image placeholder tokens;
 - serves routed layers: :meth:`VisualFeatureContext.visual_input` pools the features (``pooler``, ``cls``,
@@ -26,13 +26,14 @@ import functools
 import threading
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from vlpeft.glue.description import VISUAL_FEATURE_OUTPUTS
+from vlpeft.glue.visual_frames import Frame, frame_binding_checkpoint
 from vlpeft.glue.visual_rows import (
     Captured,
     MissingVisualFeaturesError,
@@ -85,19 +86,6 @@ class VisualSource:
             raise ValueError(f"visual feature output {self.output!r} is not one of {FEATURE_OUTPUTS}")
 
 
-@dataclass
-class _Frame:
-    features: dict[str, Captured] = field(default_factory=dict)
-    input_ids: Tensor | None = None
-    call: int = 0
-    cache: dict[tuple[Any, ...], tuple[Tensor, Tensor | None]] = field(default_factory=dict)
-    pooled: dict[tuple[str, str], tuple[Tensor, Tensor | None]] = field(default_factory=dict)
-
-    def child(self) -> _Frame:
-        """A new frame for a nested scope; explicitly provided features are inherited."""
-        return _Frame(features={k: v for k, v in self.features.items() if v.explicit})
-
-
 class VisualFeatureContext:
     """Per-model store of the visual features of the forward in progress (see the module docstring)."""
 
@@ -136,24 +124,24 @@ class VisualFeatureContext:
         self._poolings = state.get("poolings", {})
 
     # ---------------------------------------------------------------------------------------- frames
-    def _stack(self) -> list[_Frame]:
+    def _stack(self) -> list[Frame]:
         stack = getattr(self._local, "stack", None)
         if stack is None:
             stack = self._local.stack = []
         return stack
 
-    def _ambient(self) -> _Frame:
+    def _ambient(self) -> Frame:
         frame = getattr(self._local, "ambient", None)
         if frame is None:
-            frame = self._local.ambient = _Frame()
+            frame = self._local.ambient = Frame()
         return frame
 
-    def current_frame(self) -> _Frame:
+    def current_frame(self) -> Frame:
         stack = self._stack()
         return stack[-1] if stack else self._ambient()
 
     @contextlib.contextmanager
-    def activate(self, frame: _Frame) -> Iterator[_Frame]:
+    def activate(self, frame: Frame) -> Iterator[Frame]:
         """Make ``frame`` the current frame of this thread for the duration of the block."""
         stack = self._stack()
         stack.append(frame)
@@ -165,7 +153,7 @@ class VisualFeatureContext:
                 raise RuntimeError("visual-feature frames were not closed in order (nested scopes interleaved)")
 
     @contextlib.contextmanager
-    def scope(self) -> Iterator[_Frame]:
+    def scope(self) -> Iterator[Frame]:
         """One top-level call (forward or generate): features captured inside are dropped at exit."""
         self.bind_checkpointing()
         self._hook_wrapped_copies()
@@ -369,7 +357,7 @@ class VisualFeatureContext:
         are captured, outside any checkpointed layer, so that recomputation sees the same operations."""
         self._poolings.setdefault(source, set()).add(pooling)
 
-    def _features_changed(self, frame: _Frame, source: str) -> None:
+    def _features_changed(self, frame: Frame, source: str) -> None:
         """Drop derived features of ``source`` and pool the new ones for every requested pooling (errors, such as
         a sample without images, surface when a routed layer asks)."""
         frame.cache.clear()
@@ -418,7 +406,7 @@ class VisualFeatureContext:
             if func is None or getattr(func, "_vlpeft_context", None) is self:
                 continue
             inner = getattr(func, "_vlpeft_inner", func)
-            module._gradient_checkpointing_func = _frame_binding_checkpoint(self, inner)
+            module._gradient_checkpointing_func = frame_binding_checkpoint(self, inner)
 
     # ------------------------------------------------------------------------------------ consumption
     def visual_input(
@@ -459,23 +447,6 @@ class VisualFeatureContext:
             cached = expand_to_batch(features, mask, text_batch, requester)
             frame.cache[key] = cached
         return cached
-
-
-def _frame_binding_checkpoint(context: VisualFeatureContext, inner: Any) -> Any:
-    def checkpoint_with_visual_frame(function: Any, *args: Any, **kwargs: Any) -> Any:
-        frame = context.current_frame()
-
-        def run_in_frame(*inner_args: Any, **inner_kwargs: Any) -> Any:
-            if context.current_frame() is frame:
-                return function(*inner_args, **inner_kwargs)
-            with context.activate(frame):
-                return function(*inner_args, **inner_kwargs)
-
-        return inner(run_in_frame, *args, **kwargs)
-
-    checkpoint_with_visual_frame._vlpeft_context = context  # type: ignore[attr-defined]
-    checkpoint_with_visual_frame._vlpeft_inner = inner  # type: ignore[attr-defined]
-    return checkpoint_with_visual_frame
 
 
 def find_visual_contexts(model: nn.Module) -> list[VisualFeatureContext]:
