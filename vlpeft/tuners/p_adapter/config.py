@@ -16,12 +16,18 @@ from vlpeft.tuners._peft_registry import VLPeftType
 INIT_SCHEMES = ("normal", "zero_up")
 P_PARAMETRIZATIONS = ("bounded", "raw")
 
-# Per-task method constants of the released yamls (p-adapter.md §5.1).
+# Per-task method constants of the released yamls (p-adapter.md §5.1). The released mu0 is the ``release`` variant's
+# default only (``release_mu0``); ``paper`` uses PAPER_MU0 for every task (see PAdapterConfig.mu0).
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "vqa": {"p_init": 1.25, "mu0": 0.1, "key_pool_size": 16, "reduction_factor": 8},
-    "snli_ve": {"p_init": 1.5, "mu0": 10.0, "key_pool_size": 24, "reduction_factor": 8},
-    "caption": {"p_init": 1.75, "mu0": 0.1, "key_pool_size": 24, "reduction_factor": 8},
+    "vqa": {"p_init": 1.25, "release_mu0": 0.1, "key_pool_size": 16, "reduction_factor": 8},
+    "snli_ve": {"p_init": 1.5, "release_mu0": 10.0, "key_pool_size": 24, "reduction_factor": 8},
+    "caption": {"p_init": 1.75, "release_mu0": 0.1, "key_pool_size": 24, "reduction_factor": 8},
 }
+#: mu0 of the ``paper`` variant when none is given, for every task (mu = 2 mu0 = 0.2). Deviation from the SPEC default
+#: of p-adapter.md §2.5 (2 mu0 of the task's released constant, i.e. mu = 20 on SNLI-VE); docs/instabilities.md.
+PAPER_MU0 = 0.1
+#: mu0 of the ``release`` variant when neither ``mu0`` nor ``release_mu0`` is given.
+RELEASE_MU0 = 0.1
 
 
 @dataclass
@@ -53,7 +59,15 @@ class PAdapterConfig(PeftConfig):
             a fixed or initial p must lie inside.
         p_parametrization: ``"bounded"`` (default) or ``"raw"`` (p itself is the parameter, unconstrained: only for
             faithful reproduction of the released training).
-        mu0: mu = mu0 (2 + tanh m), m initialised at 0 (so mu starts at 2 mu0).
+        mu0: mu = mu0 (2 + tanh m), m initialised at 0 (so mu starts at 2 mu0). ``None`` (default): the variant's
+            default, ``release``: ``release_mu0`` (else 0.1); ``paper``: :data:`PAPER_MU0` = 0.1 for every task. The
+            ``paper`` default deliberately ignores the release's per-task constant (10 on SNLI-VE): in ``paper`` mu
+            weighs each node's own feature V̂_q against the attention-weighted aggregate and Ū *replaces* the
+            attention output, so mu = 20 makes Ū ≈ V̂_q (the query's projection) and switches attention, image
+            cross-attention included, off at init (measured in docs/instabilities.md); in ``release`` a large mu only
+            damps a gated side branch.
+        release_mu0: the task's released mu0 (``for_task``: 0.1 / 10 / 0.1 for VQA / SNLI-VE / captioning), the
+            ``release`` variant's mu0 when ``mu0`` is ``None``; unused by ``paper``.
         learnable_mu: whether m is trained; default ``True`` for ``release`` and ``False`` for ``paper``.
         key_pool_size: number k of average-pooled key tokens of cross-attention graphs (``None``: no pooling).
         self_loop: ``release`` self-attention self-loop policy, ``"release"`` (faithful) or ``"drop"``.
@@ -99,7 +113,8 @@ class PAdapterConfig(PeftConfig):
     learnable_p: bool = field(default=True, metadata={"help": "Train p."})
     p_bounds: tuple[float, float] = field(default=DEFAULT_P_BOUNDS, metadata={"help": "(p_min, p_max)."})
     p_parametrization: Literal["bounded", "raw"] = field(default="bounded", metadata={"help": "bounded | raw"})
-    mu0: float = field(default=0.1, metadata={"help": "mu = mu0 (2 + tanh m)."})
+    mu0: float | None = field(default=None, metadata={"help": "mu = mu0 (2 + tanh m); None: the variant's default."})
+    release_mu0: float | None = field(default=None, metadata={"help": "The task's released mu0 (release default)."})
     learnable_mu: bool | None = field(default=None, metadata={"help": "Train m; default by variant."})
     key_pool_size: int | None = field(default=None, metadata={"help": "Cross-attention key pooling k."})
     self_loop: Literal["release", "drop"] = field(default="release", metadata={"help": "release | drop"})
@@ -160,7 +175,19 @@ class PAdapterConfig(PeftConfig):
         self.p_init_pattern = {str(k): float(v) for k, v in (self.p_init_pattern or {}).items()}
         for source, value in [("p_init", self.p_init), *self.p_init_pattern.items()]:
             self.check_p_value(float(value), source)
-        if not (math.isfinite(self.mu0) and self.mu0 > 0):
+        if self.release_mu0 is not None and (
+            isinstance(self.release_mu0, bool) or not isinstance(self.release_mu0, int | float)
+            or not (math.isfinite(self.release_mu0) and self.release_mu0 > 0)
+        ):
+            raise ValueError(f"release_mu0 must be a finite number > 0 or None, got release_mu0={self.release_mu0}.")
+        if self.mu0 is None:
+            if self.variant == "release":
+                self.mu0 = RELEASE_MU0 if self.release_mu0 is None else float(self.release_mu0)
+            else:
+                self.mu0 = PAPER_MU0
+        if isinstance(self.mu0, bool) or not isinstance(self.mu0, int | float) or not (
+            math.isfinite(self.mu0) and self.mu0 > 0
+        ):
             raise ValueError(f"mu0 must be a finite number > 0, got mu0={self.mu0}.")
         if self.learnable_mu is None:
             self.learnable_mu = self.variant == "release"
@@ -210,7 +237,8 @@ class PAdapterConfig(PeftConfig):
         """Config with the released per-task constants (``"vqa"``, ``"snli_ve"``, ``"caption"``) and overrides.
 
         VQA: p = 1.25, mu0 = 0.1, k = 16; SNLI-VE: p = 1.5, mu0 = 10, k = 24; captioning: p = 1.75, mu0 = 0.1,
-        k = 24; reduction factor 8 for all.
+        k = 24; reduction factor 8 for all. The task's mu0 is ``release_mu0``: the ``release`` variant's mu0; the
+        ``paper`` variant keeps mu0 = 0.1 unless ``mu0`` is given.
         """
         if task not in TASK_DEFAULTS:
             raise ValueError(f"Unknown task {task!r}; expected one of {sorted(TASK_DEFAULTS)}.")
