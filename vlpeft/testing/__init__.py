@@ -5,32 +5,7 @@ Library code imports :mod:`vlpeft.models.tiny` directly; this package only keeps
 ``vlpeft.testing.tiny_models``, ``vlpeft.testing.images`` and ``vlpeft.testing.twins`` working.
 """
 
-from vlpeft.models.tiny import (
-    BOS_TOKEN_ID,
-    EOS_TOKEN_ID,
-    FAMILIES,
-    FIRST_TEXT_TOKEN_ID,
-    GENERATIVE_FAMILIES,
-    IMAGE_TOKEN_ID,
-    PAD_TOKEN_ID,
-    TinyModel,
-    build_tiny_model,
-    images_to_pixel_values,
-    random_pixel_values,
-    tiny_images,
-)
+from vlpeft.models import tiny as _tiny
+from vlpeft.models.tiny import *  # noqa: F403 - the former public names, exactly those of vlpeft.models.tiny
 
-__all__ = [
-    "BOS_TOKEN_ID",
-    "EOS_TOKEN_ID",
-    "FAMILIES",
-    "FIRST_TEXT_TOKEN_ID",
-    "GENERATIVE_FAMILIES",
-    "IMAGE_TOKEN_ID",
-    "PAD_TOKEN_ID",
-    "TinyModel",
-    "build_tiny_model",
-    "images_to_pixel_values",
-    "random_pixel_values",
-    "tiny_images",
-]
+__all__ = list(_tiny.__all__)
