@@ -5,8 +5,12 @@ The expensive steps are replaced by stand-ins (benchmark generation, base pretra
 (titles, fingerprints, order), every training config handed to ``config_from_dict``, the reference evaluations,
 ``runs.jsonl``, the results JSON and markdown, the log, and the CLI's arguments to ``run_demo``.
 
-``python tests/demo/demo_plan_capture.py`` writes :data:`FIXTURE`; it was run once on the code before the demo was
-split into settings (commit cdce402), and ``test_demo_plan_equality.py`` compares today's code with it.
+``python tests/demo/demo_plan_capture.py`` writes :data:`FIXTURE`; it was first run on the code before the demo was
+split into settings (commit cdce402), and ``test_demo_plan_equality.py`` compares today's code with it. Intended
+changes of what the demo builds regenerate it in the same commit (issue #17: seeds and intervals, per-method
+learning rates from a table or selected with ``run_sweep``, which is a stand-in here too, and 100 caption steps).
+The scenarios read the learning-rate table :data:`TABLE_ENTRIES` (written into the scenario's folder), not the
+committed one, so that the reference does not change when the committed table does.
 Stand-ins are installed on every loaded ``vlpeft`` module attribute that *is* the original function, so the
 capture works whichever module imports what.
 """
@@ -30,6 +34,21 @@ from typing import Any
 
 FIXTURE = Path(__file__).with_name("data") / "demo_plans.json"
 TASK_METRICS = {"vqa": "vqa_accuracy", "snli_ve": "accuracy", "caption": "CIDEr"}
+
+
+def _entry(label: str, task: str, rate: float, preset: str = "default", setting: str = "blip") -> dict[str, Any]:
+    return {"setting": setting, "label": label, "task": task, "learning_rate": rate, "base_preset": preset,
+            "eval_scores": {"0.001": 1.0, f"{rate:g}": 2.0}, "size": "default", "selection_seeds": [0],
+            "command": "vlpeft demo --select-learning-rates (fixture)", "git": {"commit": "f" * 40, "dirty": False}}
+
+
+#: The learning-rate table the scenarios read: BLIP entries on the default base (one for another base preset, one
+#: of the composite setting).
+TABLE_ENTRIES: list[dict[str, Any]] = [
+    _entry("LoRA", "vqa", 0.003), _entry("LoRA", "caption", 0.03), _entry("Adapter", "vqa", 0.01),
+    _entry("full fine-tuning", "vqa", 0.0003), _entry("p-adapter (release)", "caption", 0.01),
+    _entry("LoRA", "snli_ve", 0.02, preset="smoke"), _entry("LoRA", "vqa", 0.001, setting="composite"),
+]
 
 
 def _import_demo_modules() -> None:
@@ -89,7 +108,7 @@ def _stand_ins(root: Path, events: list[Any]) -> tuple[dict[str, Any], dict[str,
     """(originals, fakes) for the steps the capture does not run."""
     from vlpeft import training
     from vlpeft.data import synth
-    from vlpeft.demo import base, composite
+    from vlpeft.demo import base, composite, selection
 
     def ensure_benchmark(out_dir, config=None, *, progress=True, log=print):
         events.append(["ensure_benchmark", str(out_dir), config.to_json()])
@@ -127,12 +146,31 @@ def _stand_ins(root: Path, events: list[Any]) -> tuple[dict[str, Any], dict[str,
         events.append(["evaluate", str(checkpoint), split])
         return {TASK_METRICS[config.task.type]: _score(Path(config.run.output_dir).name)}
 
+    def run_sweep(config, grid, out_dir=None, *, command="vlpeft sweep", config_file=None, log=print):
+        name = Path(out_dir).name
+        events.append(["run_sweep", name, list(grid.learning_rates), list(grid.seeds), command])
+        scores = {lr: _score(f"{name}-{lr:g}") for lr in grid.learning_rates}
+        best = max(grid.learning_rates, key=lambda lr: scores[lr])
+        one = {lr: {"n": 1, "mean": scores[lr], "std": None, "ci95": None} for lr in grid.learning_rates}
+        return {
+            "metric": TASK_METRICS[config.task.type], "grid": grid.to_json(), "command": command,
+            "git": {"commit": "0" * 40, "dirty": False}, "written_at": "2026-01-01T00:00:00+0000",
+            "runs": [{"learning_rate": lr, "seed": seed, "status": "finished", "eval": scores[lr],
+                      "eval_metrics": {}, "output_dir": str(out_dir), "trainable_params": 100}
+                     for lr in grid.learning_rates for seed in grid.seeds],
+            "per_value": [{"learning_rate": lr, "status": "finished", "eval": one[lr],
+                           "eval_scores": {str(seed): scores[lr] for seed in grid.seeds}} for lr in grid.learning_rates],
+            "selected": {"learning_rate": best, "eval": one[best],
+                         "test": {"scores": {str(seed): _score(f"{name}-test") for seed in grid.seeds}}},
+        }
+
     originals = {"ensure_benchmark": synth.ensure_benchmark, "ensure_base": base.ensure_base,
                  "export_vision_tower": composite.export_vision_tower, "config_from_dict": training.config_from_dict,
-                 "run_training": training.run_training, "evaluate": training.evaluate}
+                 "run_training": training.run_training, "evaluate": training.evaluate,
+                 "run_sweep": selection.run_sweep}
     fakes = {"ensure_benchmark": ensure_benchmark, "ensure_base": ensure_base,
              "export_vision_tower": export_vision_tower, "config_from_dict": config_from_dict,
-             "run_training": run_training, "evaluate": evaluate}
+             "run_training": run_training, "evaluate": evaluate, "run_sweep": run_sweep}
     return originals, fakes
 
 
@@ -152,6 +190,15 @@ SCENARIOS: list[tuple[str, str, dict[str, Any]]] = [
                                 "methods": ["LoRA", "p_adapter", "routed LoRA (add)"], "tasks": ["vqa", "caption"]}),
     ("blip-custom", "blip", {"size": ("smoke", {"lr_scale": 4.0, "steps_ve": 250, "batch_size": 16}),
                              "seeds": [3], "methods": ["full fine-tuning"], "tasks": ["snli_ve"]}),
+    ("blip-default-table", "blip", {"size": ("default", {}), "seeds": [0, 1],
+                                    "methods": ["full fine-tuning", "LoRA", "Adapter", "p-adapter (release)"]}),
+    ("blip-select", "blip", {"size": ("smoke", {"lr_scale": 2.0}), "seeds": [0, 1, 2], "learning_rates": "select",
+                             "methods": ["full fine-tuning", "LoRA", "Adapter"], "tasks": ["vqa", "snli_ve"],
+                             "lr_grid": (0.001, 0.01), "selection_seeds": (0, 5)}),
+    ("blip-select-only", "blip", {"size": ("default", {}), "seeds": [0], "select_only": True, "update_table": True,
+                                  "methods": ["LoRA", "routed LoRA (matmul)"], "tasks": ["caption"]}),
+    ("blip-shared", "blip", {"size": ("default", {}), "seeds": [0], "learning_rates": "shared",
+                             "methods": ["LoRA", "Adapter"], "tasks": ["vqa"]}),
     ("composite-smoke", "composite", {"size": ("smoke", {}), "seeds": [0, 1], "routing_kinds": ["add", "matmul"]}),
     ("composite-default", "composite", {"size": ("default", {}), "seeds": [2], "routing_kinds": ["mul"],
                                         "methods": ["lora", "routed_adapter"], "tasks": ["snli_ve"]}),
@@ -161,6 +208,9 @@ SCENARIOS: list[tuple[str, str, dict[str, Any]]] = [
 CLI_ARGVS: list[list[str]] = [
     ["demo"],
     ["demo", "--full", "--jobs", "2"],
+    ["demo", "--select-learning-rates", "--lr-table", "t.json", "--update-table", "--lr-grid", "0.001", "0.01",
+     "--selection-seeds", "0", "1", "--methods", "LoRA", "routed LoRA (matmul)"],
+    ["demo", "--lr", "shared", "--seeds", "4"],
     ["demo", "--setting", "composite", "--text-model", "tm", "--size", "smoke", "--routing", "add", "mul",
      "--methods", "LoRA", "--tasks", "vqa", "--seeds", "3", "4", "--no-progress", "--out", "o", "--data", "d",
      "--base", "b"],
@@ -181,6 +231,8 @@ BAD_CALLS: list[dict[str, Any]] = [
     {"methods": ["QLoRA"]},
     {"setting": "composite", "methods": ["p-adapter (paper)"]},
     {"setting": "composite", "tasks": ["caption"], "methods": ["LoRA"]},
+    {"learning_rates": "tuned"},
+    {"lr_table": "<BAD_TABLE>"},
 ]
 
 
@@ -193,26 +245,45 @@ def _run_scenario(root: Path, setting: str, options: dict[str, Any]) -> dict[str
     logs: list[str] = []
     originals, fakes = _stand_ins(root, events)
     text = _text_model(root / "text") if setting == "composite" else None
+    table = _table(root)
     with _replaced(originals, fakes):
         payload = run_demo(root / "out", data_dir=root / "data", base_dir=root / "base",
                            size_name=_size(setting, size_name, **changes), setting=setting, text_model=text,
-                           progress=False, command="vlpeft demo (capture)", log=logs.append, **options)
+                           progress=False, command="vlpeft demo (capture)", log=logs.append, lr_table=table,
+                           **options)
+    if options.get("select_only"):
+        files = sorted(p.name for p in (root / "out").iterdir())
+        return _normalise({"payload": payload, "events": events, "markdown": json.loads(table.read_text()),
+                           "runs": _runs(root), "log": logs, "files": files,
+                           "saved_json_is_the_payload": json.loads((root / "out" / "learning_rates.json").read_text())
+                           ["entries"] == payload["learning_rates"]}, str(root))
     stem = "results_composite" if setting == "composite" else "results"
     saved = json.loads((root / "out" / f"{stem}.json").read_text(encoding="utf-8"))
     payload_before = json.loads(json.dumps(payload))
     for key in ("machine", "total_seconds", "setup_seconds", "threads_per_run"):
         payload.pop(key)
-    for result in payload["results"]:
+    for result in payload["runs"]:
         result["threads"] = None
     markdown = [line for line in (root / "out" / f"{stem}.md").read_text(encoding="utf-8").splitlines()
                 if not line.startswith(("- Machine:", "- Total time:", "- Parallelism:"))]
-    runs = [json.loads(line) for line in (root / "out" / "runs.jsonl").read_text(encoding="utf-8").splitlines()]
-    runs = [{"fingerprint": r["fingerprint"], "label": r["result"]["label"], "task": r["result"]["task"],
-             "seed": r["result"]["seed"], "metric": r["result"]["metric"]} for r in runs]
     logs = [re.sub(r" in [0-9.]+ min$", " in <T> min", line) for line in logs]
     files = sorted(p.name for p in (root / "out").iterdir())
-    return _normalise({"payload": payload, "events": events, "markdown": markdown, "runs": runs, "log": logs,
+    return _normalise({"payload": payload, "events": events, "markdown": markdown, "runs": _runs(root), "log": logs,
                        "files": files, "saved_json_is_the_payload": saved == payload_before}, str(root))
+
+
+def _runs(root: Path) -> list[dict[str, Any]]:
+    runs = [json.loads(line) for line in (root / "out" / "runs.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [{"fingerprint": r["fingerprint"], "label": r["result"]["label"], "task": r["result"]["task"],
+             "seed": r["result"]["seed"], "metric": r["result"]["metric"],
+             "learning_rate": r["result"].get("learning_rate")} for r in runs]
+
+
+def _table(root: Path) -> Path:
+    """The scenarios' learning-rate table (:data:`TABLE_ENTRIES`) in ``root``."""
+    from vlpeft.demo.learning_rates import write_table
+
+    return write_table(root / "lr_table.json", TABLE_ENTRIES)
 
 
 def _cli_calls() -> list[Any]:
@@ -256,8 +327,12 @@ def _bad_calls(root: Path) -> list[Any]:
     events: list[Any] = []
     originals, fakes = _stand_ins(root, events)
     text = _text_model(root / "text")
+    bad_table = root / "bad_table.json"
+    bad_table.write_text(json.dumps({"format_version": 1, "entries": [{"label": "LoRA"}]}), encoding="utf-8")
     for kwargs in BAD_CALLS:
-        call = {"size_name": "smoke", **kwargs}
+        call = {"size_name": "smoke", "lr_table": _table(root), **kwargs}
+        if call["lr_table"] == "<BAD_TABLE>":
+            call["lr_table"] = bad_table
         if call.get("setting") == "composite" and "text_model" not in call:
             call["text_model"] = text
         try:

@@ -65,19 +65,24 @@ def test_composite_demo_trains_and_scores_every_kind_of_method(assets):
     methods = [composite.PROBE_LABEL, "LoRA", "routed LoRA (matmul)", "routed Adapter (add)"]
     payload = run_demo(root / "out", data_dir=root / "data", base_dir=base_path, size_name="smoke",
                        setting="composite", text_model=text, routing_kinds=["add", "matmul"], methods=methods,
-                       progress=False, log=lambda _: None)
+                       seeds=[0], progress=False, log=lambda _: None)
     out = root / "out"
     assert json.loads((out / "results_composite.json").read_text()) == payload
     assert (out / "results_composite.png").stat().st_size > 1000 and not (out / "results.md").exists()
-    runs = [r for r in payload["results"] if r["trainable"] is not None]
+    runs = [r for r in payload["runs"] if r["trainable"] is not None]
     assert {(r["label"], r["task"]) for r in runs} == {(m, t) for m in methods for t in ("vqa", "snli_ve")}
     ve = {r["label"]: r for r in runs if r["task"] == "snli_ve"}
     assert ve["routed LoRA (matmul)"]["trainable"] == ve["LoRA"]["trainable"]  # routing adds no parameters
     assert ve[composite.PROBE_LABEL]["trainable"] < ve["LoRA"]["trainable"] < ve["LoRA"]["total"]
     assert all(0.0 <= r["metric"] <= 100.0 and r["step_seconds"] > 0 for r in runs)
+    # one seed: one value per record, no interval; the table has no composite entries, so the shared rate
+    records = [r for r in payload["results"] if not r["reference"]]
+    assert len(records) == len(methods) * 2 and all(r["n"] == 1 and r["ci95"] is None for r in records)
+    assert {r["learning_rate_source"] for r in records} == {"shared, not in the table"}
     assert payload["composite"]["text_parameters"] == composite.count_parameters(text) > 0
     markdown = (out / "results_composite.md").read_text()
     assert "Setting: composite" in markdown and "| routed Adapter (add) |" in markdown
+    assert "1 seed, no interval" in markdown
     with pytest.raises(ValueError, match="no \\['caption'\\] task"):
         run_demo(root / "out", data_dir=root / "data", base_dir=base_path, size_name="smoke", setting="composite",
                  text_model=text, tasks=["caption"], methods=["LoRA"], progress=False, log=lambda _: None)

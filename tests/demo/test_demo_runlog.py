@@ -100,15 +100,15 @@ def test_demo_resumes_from_its_runs_file_and_runs_in_parallel(assets):
     root, base_path = assets
     out = root / "out"
     common = dict(data_dir=root / "data", base_dir=base_path, size_name="smoke", tasks=["snli_ve"], progress=False)
-    first = run_demo(out, methods=["LoRA"], log=lambda _: None, **common)
+    first = run_demo(out, methods=["LoRA"], seeds=[0], log=lambda _: None, **common)
     assert first["runs_total"] == 2 and first["runs_reused"] == 0  # base reference + LoRA
     logs: list[str] = []
-    second = run_demo(out, methods=["LoRA", "Adapter"], jobs=2, log=logs.append, **common)
+    second = run_demo(out, methods=["LoRA", "Adapter"], seeds=[0], jobs=2, log=logs.append, **common)
     assert second["runs_total"] == 3 and second["runs_reused"] == 2
     assert [line for line in logs if line.startswith("[")] == ["[3/3] Adapter on snli_ve (seed 0)"]
     assert any(line.startswith("resuming: 2 of 3 runs") for line in logs)
-    runs = {r["label"]: r for r in second["results"] if r["trainable"] is not None}
-    assert runs["LoRA"] == next(r for r in first["results"] if r["label"] == "LoRA")  # reused, not retrained
+    runs = {r["label"]: r for r in second["runs"] if r["trainable"] is not None}
+    assert runs["LoRA"] == next(r for r in first["runs"] if r["label"] == "LoRA")  # reused, not retrained
     assert runs["Adapter"]["threads"] == threads_per_job(2)
     markdown = (out / "results.md").read_text()
     assert "| Adapter |" in markdown and "2 reused from an earlier" in markdown and "2 job(s)" in markdown
@@ -118,6 +118,34 @@ def test_demo_resumes_from_its_runs_file_and_runs_in_parallel(assets):
     assert len((out / RUNS_FILE).read_text().splitlines()) == 4
     with pytest.raises(ValueError, match="jobs must be >= 1"):
         run_demo(out, jobs=0, **common)
+
+
+def test_selection_sweeps_on_eval_trains_the_seeds_at_the_choice_and_resumes(assets):
+    root, base_path = assets
+    out = root / "out-select"
+    common = dict(data_dir=root / "data", base_dir=base_path, size_name="smoke", tasks=["snli_ve"], progress=False,
+                  methods=["LoRA"], seeds=[0, 1], learning_rates="select", lr_grid=(0.001, 0.02))
+    first = run_demo(out, log=lambda _: None, **common)
+    record = first["learning_rates"]
+    assert record["policy"] == "select" and record["grid"] == [0.001, 0.02] and record["selections_reused"] == 0
+    [entry] = record["selection"]
+    assert (entry["label"], entry["task"], entry["split"], entry["metric"]) == ("LoRA", "snli_ve", "eval", "accuracy")
+    assert entry["grid"] == [0.001, 0.02] and set(entry["eval_scores"]) == {"0.001", "0.02"}
+    best = max(entry["eval_scores"].values())
+    assert entry["eval_scores"][f"{entry['learning_rate']:g}"] == best
+    assert entry["learning_rate"] == 0.001 or entry["eval_scores"]["0.001"] < best  # ties go to the first value
+    assert entry["git"]["commit"] and entry["command"].endswith("# LoRA on snli_ve")
+    sweep = json.loads((out / "selection" / "snli_ve-LoRA" / "sweep.json").read_text())
+    assert sweep["selected"]["learning_rate"] == entry["learning_rate"]
+    assert sorted(p.name for p in (out / "selection" / "snli_ve-LoRA").iterdir()) == ["sweep.json"]  # runs removed
+    [result] = [r for r in first["results"] if r["label"] == "LoRA"]
+    assert result["learning_rate"] == entry["learning_rate"] and result["learning_rate_source"] == "selected on eval"
+    assert result["seeds"] == [0, 1] and len(result["values"]) == 2
+    assert json.loads((out / "learning_rates.json").read_text())["entries"] == [entry]
+    logs: list[str] = []
+    second = run_demo(out, log=logs.append, **common)
+    assert second["learning_rates"]["selections_reused"] == 1 and second["runs_reused"] == second["runs_total"]
+    assert not [line for line in logs if line.startswith("[")]  # nothing trained again
 
 
 def test_cli_takes_jobs():

@@ -15,6 +15,7 @@ from vlpeft.data import PRESETS, ensure_benchmark
 from vlpeft.demo.base import BASE_PRESETS, ensure_base, load_base_report
 from vlpeft.demo.blip import SIZES, method_specs
 from vlpeft.demo.run import add_parser, run_demo
+from vlpeft.metrics.intervals import mean_ci95
 
 
 @pytest.fixture(scope="module")
@@ -40,32 +41,49 @@ def test_base_is_saved_loadable_and_reused(assets):
 
 def test_demo_pipeline_produces_the_table(assets):
     root, meta, base_path, _ = assets
-    methods = ["full fine-tuning", "LoRA", "p-adapter (release)", "routed LoRA (matmul)"]
+    methods = ["full fine-tuning", "LoRA", "Adapter", "p-adapter (release)", "routed LoRA (matmul)"]
+    tasks = ("vqa", "snli_ve", "caption")
     logs: list[str] = []
     payload = run_demo(root / "out", data_dir=root / "data", base_dir=base_path, size_name="smoke",
-                       methods=methods, progress=False, log=logs.append)
+                       methods=methods, seeds=[0, 1], progress=False, log=logs.append)
     out = root / "out"
     assert (out / "results.md").is_file() and (out / "results.png").stat().st_size > 1000
     assert json.loads((out / "results.json").read_text()) == payload
-    results = payload["results"]
-    runs = [r for r in results if r["trainable"] is not None]
-    assert sorted({r["label"] for r in runs}) == sorted(methods)
-    assert {(r["label"], r["task"]) for r in runs} == {(m, t) for m in methods for t in ("vqa", "snli_ve", "caption")}
+    runs = [r for r in payload["runs"] if r["trainable"] is not None]
+    assert {(r["label"], r["task"], r["seed"]) for r in runs} == {(m, t, s) for m in methods for t in tasks
+                                                                   for s in (0, 1)}
     for r in runs:
         upper = 10.0 if r["task"] == "caption" else 100.0
         assert 0.0 <= r["metric"] <= upper and r["step_seconds"] > 0
-    by_label = {r["label"]: r for r in runs if r["task"] == "vqa"}
-    full, lora = by_label["full fine-tuning"], by_label["LoRA"]
+    # one record per method x task: the per-seed values, their mean and Student-t 95 % half-width
+    records = {(r["label"], r["task"]): r for r in payload["results"]}
+    assert len(records) == len(payload["results"]) == (len(methods) + 2) * 3
+    for (label, task), record in records.items():
+        if record["reference"]:
+            assert record["seeds"] is None and record["ci95"] is None and record["below_base"] is None
+            continue
+        per_seed = {r["seed"]: r["metric"] for r in runs if (r["label"], r["task"]) == (label, task)}
+        assert record["seeds"] == [0, 1] and record["values"] == [per_seed[0], per_seed[1]]
+        interval = mean_ci95(record["values"])
+        assert record["mean"] == pytest.approx(interval.mean) and record["ci95"] == pytest.approx(interval.ci95)
+        assert record["learning_rate"] == pytest.approx(0.0005 if label == "full fine-tuning" else 0.005)
+        assert record["learning_rate_source"] == "shared, not in the table"  # the table is for the default base
+        base = records[("base, no fine-tuning", task)]["mean"]
+        assert record["below_base"] == (record["mean"] < base)
+        assert set(record["versus"]) == {"Adapter", "LoRA"} - {label}
+    vqa = {label: r for (label, task), r in records.items() if task == "vqa"}
+    full, lora = vqa["full fine-tuning"], vqa["LoRA"]
     assert full["trainable"] == full["total"]
     assert 0 < lora["trainable"] < full["trainable"]
-    assert by_label["routed LoRA (matmul)"]["trainable"] == lora["trainable"]  # routing adds no parameters
-    references = {(r["label"], r["task"]): r["metric"] for r in results if r["trainable"] is None}
-    assert references[("text-only baseline", "vqa")] == meta["text_only_baselines"]["vqa"]["accuracy"]
-    assert ("base, no fine-tuning", "caption") in references
+    assert vqa["routed LoRA (matmul)"]["trainable"] == lora["trainable"]  # routing adds no parameters
+    assert vqa["text-only baseline"]["mean"] == meta["text_only_baselines"]["vqa"]["accuracy"]
     markdown = (out / "results.md").read_text()
     for label in [*methods, "text-only baseline", "base, no fine-tuning"]:
         assert f"| {label} |" in markdown
-    assert "Step time vs LoRA" in markdown and "| LoRA |" in markdown
+    assert "Step time vs LoRA" in markdown and "95 % confidence half-width" in markdown
+    assert "## Differences from the baselines" in markdown and "Not resolved by the seeds" in markdown
+    below = [r for r in payload["results"] if r["below_base"]]
+    assert markdown.count("↓base") >= len(below) + (1 if below else 0)  # each marked, and the footnote
     assert any("VQA acc." in line for line in logs)  # the table was printed
 
 
@@ -76,8 +94,8 @@ def test_image_conditioned_model_beats_text_only(assets):
     # text alone stays near the majority class
     size = dataclasses.replace(SIZES["smoke"], train_ve=600, test_ve=120, steps_ve=250, batch_size=16, lr_scale=4.0)
     payload = run_demo(root / "out-ve", data_dir=root / "data", base_dir=base_path, size_name=size,
-                       methods=["full fine-tuning"], tasks=["snli_ve"], progress=False, log=lambda _: None)
-    scores = {r["label"]: r["metric"] for r in payload["results"]}
+                       methods=["full fine-tuning"], tasks=["snli_ve"], seeds=[0], progress=False, log=lambda _: None)
+    scores = {r["label"]: r["mean"] for r in payload["results"]}
     text_only = meta["text_only_baselines"]["snli_ve"]["accuracy"]
     assert scores["text-only baseline"] == text_only
     assert scores["full fine-tuning"] >= text_only + 15.0, scores

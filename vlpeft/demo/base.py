@@ -96,7 +96,10 @@ class BaseSpec:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def digest(self) -> str:
-        payload = json.dumps({"format": FORMAT_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        """The cache key: every field, and the tokenizer's corpus (the generator's vocabulary), so that a base built
+        before a vocabulary change (e.g. "at", added with the inventory-style captions) is not reused."""
+        payload = json.dumps({"format": FORMAT_VERSION, **dataclasses.asdict(self),
+                              "tokenizer_corpus": tokenizer_corpus()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 

@@ -18,15 +18,21 @@ from vlpeft.report.demo_results import BASE_LABEL, DemoRunResult
 from vlpeft.training import TrainConfig, config_from_dict, evaluate
 from vlpeft.tuners.p_adapter.config import TASK_DEFAULTS
 
-__all__ = ["SIZES", "TASK_METRICS", "BlipSetting", "evaluate_base", "method_specs", "run_config", "train_one"]
+__all__ = ["DEFAULT_METHODS", "SIZES", "TASK_METRICS", "BlipSetting", "evaluate_base", "method_specs", "run_config", "train_one"]
 
 SIZES: dict[str, DemoSize] = {
     "smoke": DemoSize("tiny", "smoke", 48, 32, 48, 24, 24, 12, 2, 2, 2, 8),
-    "default": DemoSize("default", "default", 9000, 6000, 9000, 300, 300, 100, 400, 400, 40, 32),
+    # captioning: 100 steps, since its inventory-style targets differ from the pretraining captions (40 steps were
+    # enough when they did not)
+    "default": DemoSize("default", "default", 9000, 6000, 9000, 300, 300, 100, 400, 400, 100, 32),
     # --full: 3 seeds x every routing kind (117 fine-tuning runs), sized for about an hour with ``--jobs 2`` on a
     # shared 2-core machine (58 min measured, docs/results.md): 25 % more steps than the default, twice its test sets
     "full": DemoSize("default", "default", 9000, 6000, 9000, 600, 600, 200, 500, 500, 100, 32),
 }
+
+#: The methods of the default demo (``vlpeft demo`` without ``--full`` or ``--methods``).
+DEFAULT_METHODS: tuple[str, ...] = ("full fine-tuning", "LoRA", "Adapter", "p-adapter (paper)", "p-adapter (release)",
+                                    "routed LoRA (matmul)", "routed Adapter (matmul)")
 
 #: The metric of the base's reference evaluation per task.
 TASK_METRICS: dict[str, str] = {"vqa": "vqa_accuracy", "snli_ve": "accuracy", "caption": "CIDEr"}
@@ -63,12 +69,12 @@ def method_options(method: MethodSpec, task: str, base_dir: Path) -> dict[str, A
 
 
 def run_config(method: MethodSpec, task: str, seed: int, base_dir: Path, data_root: Path, size: DemoSize,
-               output_dir: Path, progress: bool) -> TrainConfig:
-    """The training config of one run on the BLIP base."""
+               output_dir: Path, progress: bool, *, with_eval: bool = False) -> TrainConfig:
+    """The training config of one run on the BLIP base (``with_eval``: with the eval split, for selection)."""
     return config_from_dict({
         "model": {"name": str(base_dir)},
         "method": {"type": method.type, **method_options(method, task, base_dir)},
-        "task": task_section(task, data_root, size),
+        "task": task_section(task, data_root, size, with_eval=with_eval),
         **schedule_sections(method, task, seed, size, output_dir, progress),
     })
 
@@ -110,14 +116,19 @@ class BlipSetting(DemoSetting):
     def method_specs(self, routing_kinds: Sequence[str]) -> list[MethodSpec]:
         return method_specs(routing_kinds)
 
+    def selection_config(self, spec: MethodSpec, task: str, context: PlanContext, output_dir: Path) -> TrainConfig:
+        c = context
+        return run_config(spec, task, 0, c.base_path, c.data_root, c.size, output_dir, False, with_eval=True)
+
     def build_plan(self, specs: Sequence[MethodSpec], tasks: Sequence[str], seeds: Sequence[int],
                    context: PlanContext) -> list[PlanItem]:
         """The base's reference evaluation per task, then every (seed, task, method) fine-tuning."""
-        common = context.fingerprint_settings()
+        common = self.run_settings(context)
         c = context
         plan = [PlanItem(fingerprint({"kind": "base", "task": task, **common}), f"{BASE_LABEL} on {task}",
                          evaluate_base, (task, c.base_path, c.data_root, c.size, c.work_dir)) for task in tasks]
         return plan + fine_tuning_items(
             specs, tasks, seeds, size=c.size, common=common, title_prefix="", run=train_one,
+            learning_rates=c.learning_rates,
             run_args=lambda spec, task, seed: (spec, task, seed, c.base_path, c.data_root, c.size, c.work_dir,
                                                c.progress))

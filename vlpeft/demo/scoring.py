@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from vlpeft.report.demo_results import DemoRunResult
 from vlpeft.training import TrainConfig, run_training
 
-__all__ = ["StepTimer", "run_folder", "train_and_score"]
+__all__ = ["StepTimer", "folder_name", "run_folder", "train_and_score"]
 
 
 class StepTimer(TrainerCallback):
@@ -38,9 +38,14 @@ class StepTimer(TrainerCallback):
         return statistics.median(values) if values else None
 
 
+def folder_name(task: str, label: str) -> str:
+    """``vqa-routed_LoRA_matmul``: a (task, method) as a folder name."""
+    return f"{task}-{label.replace(' ', '_').replace('(', '').replace(')', '')}"
+
+
 def run_folder(work_dir: Path, task: str, label: str, seed: int) -> Path:
     """The scratch folder of one run (removed when the run is scored)."""
-    return work_dir / f"{task}-{label.replace(' ', '_').replace('(', '').replace(')', '')}-s{seed}"
+    return work_dir / f"{folder_name(task, label)}-s{seed}"
 
 
 def train_and_score(config: TrainConfig, label: str, task: str, seed: int) -> DemoRunResult:
@@ -56,4 +61,5 @@ def train_and_score(config: TrainConfig, label: str, task: str, seed: int) -> De
                            f"(got {sorted(test)})")
     shutil.rmtree(output_dir, ignore_errors=True)
     return DemoRunResult(label, task, seed, float(test[result.metric]), result.trainable_params,
-                         result.total_params, timer.median(), round(result.wall_time_s, 2))
+                         result.total_params, timer.median(), round(result.wall_time_s, 2),
+                         learning_rate=config.optim.learning_rate)

@@ -12,24 +12,32 @@ from vlpeft.demo.specs import TASKS, DemoSize, MethodSpec
 __all__ = ["schedule_sections", "task_section"]
 
 
-def task_section(task: str, data_root: Path, size: DemoSize) -> dict[str, Any]:
-    """The ``task:`` section of a training config for ``task`` on the benchmark in ``data_root``."""
+def task_section(task: str, data_root: Path, size: DemoSize, *, with_eval: bool = False) -> dict[str, Any]:
+    """The ``task:`` section of a training config for ``task`` on the benchmark in ``data_root``; ``with_eval``
+    adds the benchmark's validation split as the eval split (learning-rate selection), evaluated on as many
+    items as the test split (``max_eval_samples`` caps both)."""
     files = benchmark_files(data_root)
     if task == "vqa":
-        return {"type": "vqa", "train": str(files.vqa_questions("train")),
-                "train_annotations": str(files.vqa_annotations("train")),
-                "test": str(files.vqa_questions("test")), "test_annotations": str(files.vqa_annotations("test")),
-                "images": str(files.coco_images), "inference": "rank", "max_length": 32,
-                "max_train_samples": size.train_vqa, "max_eval_samples": size.test_vqa}
-    if task == "snli_ve":
-        return {"type": "snli_ve", "train": str(files.ve_jsonl["train"]), "test": str(files.ve_jsonl["test"]),
-                "images": str(files.ve_images), "inference": "rank", "max_length": 32,
-                "max_train_samples": size.train_ve, "max_eval_samples": size.test_ve}
-    if task == "caption":
-        return {"type": "caption", "train": str(files.karpathy_json), "test": str(files.karpathy_json),
-                "images": str(files.coco_images), "max_length": 48,
-                "max_train_samples": size.train_caption, "max_eval_samples": size.test_caption}
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        section = {"type": "vqa", "train": str(files.vqa_questions("train")),
+                   "train_annotations": str(files.vqa_annotations("train")),
+                   "test": str(files.vqa_questions("test")), "test_annotations": str(files.vqa_annotations("test")),
+                   "images": str(files.coco_images), "inference": "rank", "max_length": 32,
+                   "max_train_samples": size.train_vqa, "max_eval_samples": size.test_vqa}
+        evaluation = {"eval": str(files.vqa_questions("val")), "eval_annotations": str(files.vqa_annotations("val"))}
+    elif task == "snli_ve":
+        section = {"type": "snli_ve", "train": str(files.ve_jsonl["train"]), "test": str(files.ve_jsonl["test"]),
+                   "images": str(files.ve_images), "inference": "rank", "max_length": 32,
+                   "max_train_samples": size.train_ve, "max_eval_samples": size.test_ve}
+        evaluation = {"eval": str(files.ve_jsonl["val"])}
+    elif task == "caption":
+        # one Karpathy file: train / val / test are its splits
+        section = {"type": "caption", "train": str(files.karpathy_json), "test": str(files.karpathy_json),
+                   "images": str(files.coco_images), "max_length": 48,
+                   "max_train_samples": size.train_caption, "max_eval_samples": size.test_caption}
+        evaluation = {"eval": str(files.karpathy_json)}
+    else:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    return {**section, **evaluation} if with_eval else section
 
 
 def schedule_sections(method: MethodSpec, task: str, seed: int, size: DemoSize, output_dir: Path,

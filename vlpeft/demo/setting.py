@@ -6,6 +6,7 @@ prepares from the pretrained BLIP base, and the training config of each run. Two
 (the routing paper's frozen ViT + text model). The runner, :func:`vlpeft.demo.run.run_demo`, calls a setting's
 methods in this order: :meth:`~DemoSetting.default_tasks`, :meth:`~DemoSetting.check_inputs`,
 :meth:`~DemoSetting.method_specs`, (benchmark and base are made ready), :meth:`~DemoSetting.prepare`,
+(with learning-rate selection: :meth:`~DemoSetting.selection_config` per method and task, and the selections run),
 :meth:`~DemoSetting.build_plan`, (the plan runs), :meth:`~DemoSetting.payload_extras` and
 :meth:`~DemoSetting.markdown_lines`.
 """
@@ -14,23 +15,27 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from vlpeft.demo.runlog import PlanItem, fingerprint
 from vlpeft.demo.specs import DemoSize, MethodSpec
+from vlpeft.training import TrainConfig
 
 __all__ = ["DemoSetting", "PlanContext", "fine_tuning_items"]
 
 
 @dataclass(frozen=True)
 class PlanContext:
-    """What every run of one demo invocation shares: the base model, the benchmark and the sizes.
+    """What every run of one demo invocation shares: the base model, the benchmark, the sizes and the learning
+    rates.
 
     ``base_digest`` and ``synth_settings`` (the benchmark preset) enter every run's fingerprint; ``progress`` is
-    whether runs show progress bars (only when they run one at a time)."""
+    whether runs show progress bars (only when they run one at a time); ``learning_rates``: each (method label,
+    task)'s learning rate before the size's ``lr_scale`` (:mod:`vlpeft.demo.learning_rates`; a pair that is not
+    there trains at the method's shared rate)."""
 
     base_path: Path
     base_digest: str
@@ -39,6 +44,7 @@ class PlanContext:
     size: DemoSize
     work_dir: Path
     progress: bool
+    learning_rates: Mapping[tuple[str, str], float] = field(default_factory=dict)
 
     def fingerprint_settings(self) -> dict[str, Any]:
         """The settings of this context that decide a run's result."""
@@ -71,6 +77,15 @@ class DemoSetting(ABC):
     def prepare(self, base_path: Path, log: Callable[[str], None]) -> None:  # noqa: B027  (optional step)
         """Derive what the runs need from the pretrained base in ``base_path`` (nothing by default)."""
 
+    def run_settings(self, context: PlanContext) -> dict[str, Any]:
+        """The settings of this invocation that decide every run's result (they enter the fingerprints)."""
+        return context.fingerprint_settings()
+
+    @abstractmethod
+    def selection_config(self, spec: MethodSpec, task: str, context: PlanContext, output_dir: Path) -> TrainConfig:
+        """The training config of ``spec`` on ``task`` with the eval split, for learning-rate selection
+        (:mod:`vlpeft.demo.selection`; the sweep sets the learning rate, seed and output folder of each run)."""
+
     @abstractmethod
     def build_plan(self, specs: Sequence[MethodSpec], tasks: Sequence[str], seeds: Sequence[int],
                    context: PlanContext) -> list[PlanItem]:
@@ -87,16 +102,21 @@ class DemoSetting(ABC):
 
 def fine_tuning_items(specs: Sequence[MethodSpec], tasks: Sequence[str], seeds: Sequence[int], *, size: DemoSize,
                       common: dict[str, Any], title_prefix: str, run: Callable[..., Any],
-                      run_args: Callable[[MethodSpec, str, int], tuple[Any, ...]]) -> list[PlanItem]:
-    """One plan item per (seed, task, method), in that nesting order: ``run(*run_args(spec, task, seed))``.
+                      run_args: Callable[[MethodSpec, str, int], tuple[Any, ...]],
+                      learning_rates: Mapping[tuple[str, str], float] | None = None) -> list[PlanItem]:
+    """One plan item per (seed, task, method), in that nesting order: ``run(*run_args(spec, task, seed))``, where
+    ``spec`` carries the task's learning rate from ``learning_rates`` (:attr:`PlanContext.learning_rates`).
 
     The fingerprint covers the method spec, task, seed, effective learning rate and ``common`` (the settings of
     the invocation that decide a result, :meth:`PlanContext.fingerprint_settings` and the setting's own).
     ``run`` must be a module-level function: with ``--jobs N`` items are sent to worker processes."""
     plan = []
+    rates = learning_rates or {}
     for seed in seeds:
         for task in tasks:
-            for spec in specs:
+            for listed in specs:
+                rate = rates.get((listed.label, task))
+                spec = listed if rate is None else dataclasses.replace(listed, learning_rate=rate)
                 settings = {"kind": "train", "method": dataclasses.asdict(spec), "task": task, "seed": seed,
                             "learning_rate": size.learning_rate(spec), **common}
                 plan.append(PlanItem(fingerprint(settings), f"{title_prefix}{spec.label} on {task} (seed {seed})",

@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vlpeft.metrics.intervals import mean_ci95
 from vlpeft.report.demo_results import (
     REFERENCE_LABELS,
     TASK_ORDER,
     TASK_TITLES,
     DemoRunResult,
-    mean_std,
     row_order,
 )
 from vlpeft.report.run_folders import RunRow
@@ -68,8 +68,9 @@ def plot_runs(rows: Sequence[RunRow], path: str | os.PathLike) -> None:
 
 
 def plot_metric_vs_params(results: Sequence[DemoRunResult], path: str | Path, title: str = "") -> Path:
-    """One panel per task: the main metric (mean, with a std error bar) against trainable parameters (log
-    scale); reference scores as dashed horizontal lines. Written as PNG (matplotlib, Agg backend)."""
+    """One panel per task: the main metric (mean over seeds, with the 95 % confidence half-width as error bar; none
+    for one seed) against trainable parameters (log scale); reference scores as dashed horizontal lines. Written as
+    PNG (matplotlib, Agg backend)."""
     plt = _pyplot()
 
     tasks = [t for t in TASK_ORDER if any(r.task == t for r in results)]
@@ -84,9 +85,9 @@ def plot_metric_vs_params(results: Sequence[DemoRunResult], path: str | Path, ti
             runs = [r for r in results if r.label == label and r.task == task and r.trainable]
             if not runs:
                 continue
-            mean, std = mean_std([r.metric for r in runs])
+            interval = mean_ci95([r.metric for r in runs])
             x = statistics.median(r.trainable for r in runs)
-            ax.errorbar([x], [mean], yerr=[std or 0.0], fmt="o", color=colours[label], label=label, capsize=3)
+            ax.errorbar([x], [interval.mean], yerr=[interval.ci95 or 0.0], fmt="o", color=colours[label], label=label, capsize=3)
         for style, ref in zip(("--", ":"), REFERENCE_LABELS):
             values = [r.metric for r in results if r.label == ref and r.task == task]
             if values:

@@ -1,0 +1,97 @@
+"""The demo's learning rates: the selection grid, the table (reading, merging, entries from a sweep record), the
+choice per method and task under each policy, and the committed table itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlpeft.demo.blip import SIZES
+from vlpeft.demo.learning_rates import (
+    NOT_IN_TABLE,
+    PEFT_GRID,
+    grid_for,
+    load_table,
+    merge_entries,
+    resolve_learning_rates,
+    selection_markdown,
+    table_entry,
+    write_table,
+)
+from vlpeft.demo.specs import MethodSpec
+
+LORA = MethodSpec("LoRA", "lora", {"r": 8})
+FULL = MethodSpec("full fine-tuning", "full", {}, 5e-4)
+
+
+def _entry(label, task, rate, preset="default", setting="blip"):
+    return {"setting": setting, "label": label, "task": task, "learning_rate": rate, "base_preset": preset,
+            "eval_scores": {f"{rate:g}": 1.0}, "command": "c", "git": {"commit": "a" * 40, "dirty": False}}
+
+
+def _sweep(scores, lr_scale=1.0):
+    per_value = [{"learning_rate": lr * lr_scale, "status": "finished" if s is not None else "diverged",
+                  "eval": None if s is None else {"n": 1, "mean": s, "std": None, "ci95": None}}
+                 for lr, s in scores.items()]
+    best = max((v for v in per_value if v["eval"]), key=lambda v: v["eval"]["mean"])
+    return {"metric": "accuracy", "grid": {"learning_rates": [v["learning_rate"] for v in per_value], "seeds": [0]},
+            "per_value": per_value, "selected": {"learning_rate": best["learning_rate"], "eval": best["eval"],
+                                                 "test": {"scores": {"0": 50.0}}},
+            "command": "vlpeft demo --select-learning-rates", "git": {"commit": "b" * 40, "dirty": False},
+            "written_at": "2026-12-07T00:00:00+0000"}
+
+
+def test_grid_is_the_peft_grid_and_ten_times_lower_for_full_fine_tuning():
+    assert grid_for(LORA) == PEFT_GRID == (1e-3, 3e-3, 1e-2, 3e-2)
+    assert grid_for(FULL) == (1e-4, 3e-4, 1e-3, 3e-3)
+    assert grid_for(LORA, (2e-3, 5e-3)) == (2e-3, 5e-3)
+
+
+def test_table_entry_from_a_sweep_record():
+    size = SIZES["default"]
+    entry = table_entry(setting="blip", spec=LORA, task="snli_ve", size_name="default", size=size,
+                        base_digest="d", sweep=_sweep({1e-3: 40.0, 3e-3: 55.0, 1e-2: 50.0, 3e-2: None}))
+    assert entry["learning_rate"] == 3e-3 and not entry["at_grid_edge"]
+    assert entry["eval_scores"] == {"0.001": 40.0, "0.003": 55.0, "0.01": 50.0, "0.03": None}
+    assert entry["steps"] == size.steps_ve and entry["base_preset"] == "default" and entry["base_digest"] == "d"
+    assert entry["git"]["commit"] == "b" * 40 and entry["test_of_selected"] == {"0": 50.0}
+    edge = table_entry(setting="blip", spec=LORA, task="vqa", size_name="smoke",
+                       size=SIZES["smoke"].__class__(**{**SIZES["smoke"].__dict__, "lr_scale": 2.0}),
+                       base_digest="d", sweep=_sweep({1e-3: 10.0, 3e-2: 20.0}, lr_scale=2.0))
+    assert edge["learning_rate"] == 3e-2 and edge["at_grid_edge"]  # stored before lr_scale
+    assert "**0.06: 20.000**" in selection_markdown([edge]) and "(edge)" in selection_markdown([edge])
+
+
+def test_table_round_trip_merge_and_errors(tmp_path):
+    path = tmp_path / "t.json"
+    assert load_table(path) == []
+    write_table(path, [_entry("LoRA", "vqa", 1e-3), _entry("Adapter", "vqa", 3e-3)])
+    merged = merge_entries(load_table(path), [_entry("LoRA", "vqa", 1e-2), _entry("LoRA", "caption", 3e-2)])
+    assert [(e["label"], e["task"], e["learning_rate"]) for e in merged] == [
+        ("LoRA", "vqa", 1e-2), ("Adapter", "vqa", 3e-3), ("LoRA", "caption", 3e-2)]
+    with pytest.raises(ValueError, match="needs the keys"):
+        write_table(path, [{"label": "LoRA"}])
+    path.write_text(json.dumps({"format_version": 99, "entries": []}))
+    with pytest.raises(ValueError, match="not a learning-rate table"):
+        load_table(path)
+
+
+def test_choice_per_policy():
+    table = [_entry("LoRA", "vqa", 1e-2), _entry("LoRA", "caption", 3e-2, preset="smoke"),
+             _entry("Adapter", "vqa", 3e-3, setting="composite")]
+    specs, tasks = [LORA, MethodSpec("Adapter", "adapter"), FULL], ["vqa", "caption"]
+    chosen = resolve_learning_rates("table", specs, tasks, setting="blip", size=SIZES["default"], table=table)
+    assert (chosen[("LoRA", "vqa")].learning_rate, chosen[("LoRA", "vqa")].source) == (1e-2, "table")
+    assert chosen[("LoRA", "vqa")].to_json()["selected_by"]["command"] == "c"
+    for key, rate in ((("LoRA", "caption"), 5e-3), (("Adapter", "vqa"), 5e-3), (("full fine-tuning", "vqa"), 5e-4)):
+        assert (chosen[key].learning_rate, chosen[key].source) == (rate, NOT_IN_TABLE)  # other base / setting
+    shared = resolve_learning_rates("shared", specs, tasks, setting="blip", size=SIZES["default"], table=table)
+    assert {c.source for c in shared.values()} == {"shared"} and "selected_by" not in shared[("LoRA", "vqa")].to_json()
+    selected = resolve_learning_rates("select", [LORA], ["vqa"], setting="blip", size=SIZES["default"],
+                                      selected=[_entry("LoRA", "vqa", 3e-2)])
+    assert selected[("LoRA", "vqa")].learning_rate == 3e-2
+    with pytest.raises(ValueError, match="no selected learning rate for LoRA on caption"):
+        resolve_learning_rates("select", [LORA], ["caption"], setting="blip", size=SIZES["default"], selected=[])
+    with pytest.raises(ValueError, match="unknown learning-rate policy"):
+        resolve_learning_rates("best", [LORA], ["vqa"], setting="blip", size=SIZES["default"])
