@@ -22,7 +22,7 @@ def measured(query_nodes, value_nodes, attn, *args, **kwargs):
     result = original(query_nodes, value_nodes, attn, *args, **kwargs)
     u = (result[0] if isinstance(result, tuple) else result).squeeze(1)
     q, v = query_nodes.squeeze(1), value_nodes.squeeze(1)
-    if q.shape[1] == 1 and v.shape[-2] == attn.shape[-1]:  # paper (one graph), not the grouped-value basis form
+    if query_nodes.shape[1] == 1 and v.shape[-2] == attn.shape[-1]:  # paper (one graph, no grouped-value basis)
         o = attn.mean(1) @ v
         rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
         causal = float(attn.mean(1).triu(1).abs().max()) == 0.0  # self-attention of the causal decoder
