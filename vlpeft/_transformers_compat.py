@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from transformers import TrainingArguments
 from transformers.generation import utils as _generation_utils
 
 #: The keyword transformers' generation passes the cache under, and the output field it reads it from.
@@ -73,8 +74,6 @@ def activation_checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     transformers 5.25 renamed ``gradient_checkpointing(_kwargs)`` to ``activation_checkpointing(_kwargs)`` (the old
     names warn and go in v6).
     """
-    from transformers import TrainingArguments
-
     fields = getattr(TrainingArguments, "__dataclass_fields__", {})
     name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 __all__ = ["TIMERS", "Timing", "peak_memory_bytes", "time_round_robin", "synchronize"]
 
@@ -111,8 +112,6 @@ def peak_memory_bytes(fn: Callable[[], object], *, device: str | torch.device = 
         fn()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     records = [event for event in prof.profiler.kineto_results.events() if event.name() == "[memory]"]

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from vlpeft.benchmarking import long_sequence, p_laplacian, training_step
+from vlpeft.benchmarking.measure import TIMERS
 from vlpeft.functional.p_laplacian import cpu_kernels as p_laplacian_cpu
 
 SUITES: tuple[str, ...] = ("p_laplacian", "training", "long")
@@ -100,9 +102,6 @@ def run_suites(suites: Sequence[str] = SUITES, *, profile: str = "default", devi
 
     Returns the JSON-ready result.
     """
-    from vlpeft.benchmarking import long_sequence, p_laplacian, training_step
-    from vlpeft.benchmarking.measure import TIMERS
-
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise ValueError(f"unknown suites {unknown}; expected names from {SUITES}")
@@ -176,8 +175,6 @@ def compare(result: dict[str, Any], previous: dict[str, Any]) -> list[dict]:
 
 def markdown_report(result: dict[str, Any], comparison: list[dict] | None = None) -> str:
     """The tables of a :func:`run_suites` result as markdown."""
-    from vlpeft.benchmarking import long_sequence, p_laplacian, training_step
-
     machine = result["machine"]
     lines = [
         f"Machine: {machine['processor']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "

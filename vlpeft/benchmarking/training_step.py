@@ -51,12 +51,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from vlpeft import AdapterConfig, PAdapterConfig, RoutedLoraConfig  # registers the methods with PEFT
 from vlpeft.benchmarking.measure import TIMERS, peak_memory_bytes, time_round_robin
 from vlpeft.functional import ROUTING_KINDS
 from vlpeft.functional.p_laplacian.cpu_kernels import cpu_kernels_disabled
+from vlpeft.glue.attention import PADAPTER_ATTENTION
+from vlpeft.glue.families import detect_family
 from vlpeft.models.tiny import build_tiny_model
+from vlpeft.tuners.routed_lora.routing_support import target_regex
 
 __all__ = [
     "MODELS",
@@ -168,15 +173,10 @@ def build_model(spec: ModelSpec, *, seed: int = 0) -> tuple[nn.Module, dict[str,
 
 
 def _language_qv_regex(model: nn.Module) -> str:
-    from vlpeft.glue.families import detect_family
-    from vlpeft.tuners.routed_lora.routing_support import target_regex
-
     return target_regex(detect_family(model), None, ("self_attn", "cross_attn"), ("query", "value"))
 
 
 def _p_adapter_positions(model: nn.Module) -> list[str]:
-    from vlpeft.glue.families import detect_family
-
     family = detect_family(model)
     positions: list[str] = []
     for tower_positions in family.default_placement().values():
@@ -190,10 +190,6 @@ def method_config(name: str, model: nn.Module, spec: ModelSpec, *, chunk_size: i
     Raises:
         ValueError: an unknown method name.
     """
-    from peft import LoraConfig
-
-    from vlpeft import AdapterConfig, PAdapterConfig, RoutedLoraConfig  # registers the methods with PEFT
-
     if name not in METHOD_NAMES:
         raise ValueError(f"unknown benchmark method {name!r}; expected one of {METHOD_NAMES}")
     if name == "frozen":
@@ -238,8 +234,6 @@ class _GradientEntry:
 
 def build_method(name: str, base: nn.Module, spec: ModelSpec, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> nn.Module:
     """A copy of ``base`` with method ``name`` applied (train mode); ``frozen`` freezes every parameter."""
-    from peft import get_peft_model
-
     model = copy.deepcopy(base)
     if name == "adapter_eager":
         request = padapter_attention_request(base, spec)
@@ -256,10 +250,6 @@ def build_method(name: str, base: nn.Module, spec: ModelSpec, *, chunk_size: int
 def padapter_attention_request(base: nn.Module, spec: ModelSpec) -> dict[str, Any]:
     """``set_attn_implementation`` request switching to eager the sub-configs p-adapter runs on its eager
     ``"padapter"`` attention (found by applying p-adapter to a copy of ``base``); empty when there are none."""
-    from peft import get_peft_model
-
-    from vlpeft.glue.attention import PADAPTER_ATTENTION
-
     adapted = get_peft_model(copy.deepcopy(base), method_config("p_adapter_paper", base, spec))
     request: dict[str, Any] = {}
 

@@ -34,6 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
+from vlpeft.data.baselines import text_only_baselines
 from vlpeft.data.language import (
     make_captions,
     make_hypotheses,
@@ -175,8 +178,6 @@ def benchmark_files(root: str | os.PathLike) -> BenchmarkFiles:
 
 
 def _progress(total: int, description: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=description, disable=not enabled, unit="img", leave=False)
 
 
@@ -208,8 +209,6 @@ def generate_benchmark(
     The text-only baselines (:func:`vlpeft.data.baselines.text_only_baselines`) are computed and stored in the
     meta file under ``"text_only_baselines"``.
     """
-    from vlpeft.data.baselines import text_only_baselines
-
     config = config or SynthConfig()
     files = benchmark_files(out_dir)
     started = time.perf_counter()

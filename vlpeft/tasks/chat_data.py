@@ -22,7 +22,9 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
+
+import datasets
 
 from vlpeft.tasks._io import iter_jsonl, read_json
 from vlpeft.tasks.bad_input import BadInputError, BadInputPolicy
@@ -35,9 +37,6 @@ from vlpeft.tasks.chat_records import (
     record_label,
 )
 from vlpeft.tasks.images import load_image, validate_image_check
-
-if TYPE_CHECKING:
-    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -137,16 +136,12 @@ def load_chat_dataset(path: str | os.PathLike, **kwargs: Any) -> datasets.Datase
     Arrow gives image parts a ``text`` of ``None``; :class:`~vlpeft.tasks.chat_collator.ChatCollator` accepts
     such rows as they are.
     """
-    import datasets
-
     return datasets.Dataset.from_list(list(read_chat_records(path, **kwargs)), features=chat_features())
 
 
 def chat_features() -> datasets.Features:
     """The ``datasets`` schema of normalised records: ``id`` string, ``images`` list of strings, ``messages`` list
     of ``{role, content: list of {type, text}}``."""
-    import datasets
-
     part = {"type": datasets.Value("string"), "text": datasets.Value("string")}
     message = {"role": datasets.Value("string"), "content": datasets.List(part)}
     return datasets.Features({
@@ -197,8 +192,6 @@ def _read_rows(path: Path, fmt: ChatFormat, policy: BadInputPolicy, split: str |
 
 
 def _load_with_datasets(path: Path, builder: str, cache_dir: str | os.PathLike | None) -> datasets.Dataset:
-    import datasets
-
     kwargs: dict[str, Any] = {"cache_dir": os.fspath(cache_dir)} if cache_dir is not None else {}
     if builder == "parquet":
         try:
@@ -209,8 +202,6 @@ def _load_with_datasets(path: Path, builder: str, cache_dir: str | os.PathLike |
 
 
 def _load_folder(path: Path, split: str | None) -> datasets.Dataset:
-    import datasets
-
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as err:

@@ -22,7 +22,7 @@ from typing import Any
 
 from vlpeft.tasks._io import RecordError, iter_jsonl
 from vlpeft.tasks._io import field as get_field
-from vlpeft.tasks.bad_input import BadInputPolicy
+from vlpeft.tasks.bad_input import BadInputError, BadInputPolicy
 from vlpeft.tasks.framing import TextExample, format_prompt
 from vlpeft.tasks.images import load_image, validate_image_check
 from vlpeft.tasks.record_dataset import RecordDataset
@@ -157,8 +157,6 @@ def _find(root: Path, name: str, split: str, directory: str | int | None) -> Pat
 
 def _check(paths: list[Path | None], names: tuple[str, str], root: Path, where: str, policy: BadInputPolicy,
            decode: bool) -> bool:
-    from vlpeft.tasks.bad_input import BadInputError
-
     for path, name in zip(paths, names, strict=True):
         if path is None:
             policy.handle("missing_image", f"no image file {name!r} for {where} under {str(root)!r} (looked in "

@@ -19,8 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import transformers
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    Blip2Processor,
+    BlipImageProcessorPil,
+    BlipProcessor,
+    CLIPImageProcessorPil,
+    GitProcessor,
+    LlavaProcessor,
+    PaliGemmaProcessor,
+    PreTrainedTokenizerFast,
+    SiglipImageProcessorPil,
+    ViTImageProcessorPil,
+)
 
 from vlpeft.tasks.framing import (
     DEFAULT_CAPTION_PROMPT,
@@ -85,8 +99,6 @@ class ImageTextProcessor:
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> ImageTextProcessor:
         """Load a folder written by :meth:`save_pretrained` (the same image-processor class is rebuilt)."""
-        import transformers
-
         folder = Path(folder)
         if not cls.is_saved_in(folder):
             raise ValueError(f"{folder} holds no {cls.MARKER_FILE}; it was not written by ImageTextProcessor")
@@ -101,8 +113,6 @@ class ImageTextProcessor:
     @classmethod
     def from_parts(cls, vision: str, text: str, **kwargs: Any) -> ImageTextProcessor:
         """The vision model's image processor and the text model's (fast) tokenizer, by hub name or path."""
-        from transformers import AutoImageProcessor, AutoTokenizer
-
         return cls(AutoImageProcessor.from_pretrained(vision, **kwargs),
                    AutoTokenizer.from_pretrained(text, use_fast=True, **kwargs))
 
@@ -157,13 +167,6 @@ def build_tiny_image_processor(kind: str, image_size: int = 32, image_seq_length
     centre crop), ``"siglip"`` (SiglipImageProcessorPil; ``image_seq_length`` is set for PaliGemma) or
     ``"vit"`` (ViTImageProcessorPil).
     """
-    from transformers import (
-        BlipImageProcessorPil,
-        CLIPImageProcessorPil,
-        SiglipImageProcessorPil,
-        ViTImageProcessorPil,
-    )
-
     square = {"height": image_size, "width": image_size}
     if kind == "blip":
         return BlipImageProcessorPil(size=square)
@@ -184,38 +187,28 @@ TokenizerFactory = Callable[..., PreTrainedTokenizerFast]
 
 
 def _blip(tokenizer: TokenizerFactory, image_size: int, patch_size: int, num_query_tokens: int) -> Any:
-    from transformers import BlipProcessor
-
     tok = tokenizer()
     return BlipProcessor(build_tiny_image_processor("blip", image_size), tok)
 
 
 def _blip2(tokenizer: TokenizerFactory, image_size: int, patch_size: int, num_query_tokens: int) -> Any:
-    from transformers import Blip2Processor
-
     tok = tokenizer(image_token_attribute=False)  # Blip2Processor adds <image> itself
     return Blip2Processor(build_tiny_image_processor("blip", image_size), tok, num_query_tokens=num_query_tokens)
 
 
 def _llava(tokenizer: TokenizerFactory, image_size: int, patch_size: int, num_query_tokens: int) -> Any:
-    from transformers import LlavaProcessor
-
     tok = tokenizer()
     return LlavaProcessor(build_tiny_image_processor("clip", image_size), tok, patch_size=patch_size,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
 def _paligemma(tokenizer: TokenizerFactory, image_size: int, patch_size: int, num_query_tokens: int) -> Any:
-    from transformers import PaliGemmaProcessor
-
     tok = tokenizer()
     num_patches = (image_size // patch_size) ** 2
     return PaliGemmaProcessor(build_tiny_image_processor("siglip", image_size, num_patches), tok)
 
 
 def _git(tokenizer: TokenizerFactory, image_size: int, patch_size: int, num_query_tokens: int) -> Any:
-    from transformers import GitProcessor
-
     tok = tokenizer()
     return GitProcessor(build_tiny_image_processor("clip", image_size), tok)
 

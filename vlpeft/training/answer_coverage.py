@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from vlpeft.tasks.vqa import AnswerVocab
 from vlpeft.training.config import ConfigError, TrainConfig
 from vlpeft.training.task_scores import _items, _unanswerable_count
 
@@ -35,8 +36,6 @@ def answer_list(config: TrainConfig, train: Any) -> list[str] | None:
         return data
     if train is None:
         return None
-    from vlpeft.tasks.vqa import AnswerVocab
-
     return list(AnswerVocab.build(_items(train).records).label2ans)
 
 

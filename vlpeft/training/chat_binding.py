@@ -15,7 +15,45 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from datasets.utils import logging as datasets_logging
+
+from vlpeft.metrics.vqa_normalize import normalize_answer
+from vlpeft.tasks.bad_input import BadInputError, BadInputPolicy
+from vlpeft.tasks.chat_collator import ChatCollator
+from vlpeft.tasks.chat_data import read_chat_records
+from vlpeft.tasks.chat_tasks import (
+    ChatTaskCollator,
+    chat_generate,
+    chat_rank,
+    conversation_losses,
+    prompt_records,
+)
+from vlpeft.tasks.framing import (
+    DEFAULT_CAPTION_PROMPT,
+    DEFAULT_ENTAILMENT_PROMPT,
+    DEFAULT_LABEL_WORDS,
+    DEFAULT_VQA_PROMPT,
+    caption_examples,
+    clean_hypothesis,
+    entailment_examples,
+    format_prompt,
+    vqa_examples,
+)
+from vlpeft.tasks.losses import TokenObjective, WeightedSequenceObjective
+from vlpeft.tasks.nlvr2 import DEFAULT_NLVR2_PROMPT, DEFAULT_NLVR2_WORDS, nlvr2_examples
 from vlpeft.training.config import ConfigError, TrainConfig
+from vlpeft.training.task_binding import (
+    DEFAULT_METRICS,
+    VQA_LIKE_TASKS,
+    TaskBinding,
+    _caption_score,
+    _entailment_score,
+    _generation_kwargs,
+    _gqa_score,
+    _nlvr2_score,
+    _vqa_score,
+    allowed_inference,
+)
 
 __all__ = ["SHORT_ANSWER_WORDS", "bind_chat_template", "load_chat_datasets"]
 
@@ -27,9 +65,6 @@ def load_chat_datasets(config: TrainConfig, policy: Any, image_check: str = "dec
     """(train, eval, test) conversation records of ``task.type: chat`` (``None`` for files not given); with
     ``image_check="decode"`` every image is decoded here, before any model is loaded (see
     :func:`~vlpeft.training.task_binding.load_datasets`)."""
-    from vlpeft.tasks.bad_input import BadInputError
-    from vlpeft.tasks.chat_data import read_chat_records
-
     task = config.task
     root = config.resolve_path(task.images) if task.images is not None else None
     out = []
@@ -52,8 +87,6 @@ def load_chat_datasets(config: TrainConfig, policy: Any, image_check: str = "dec
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """No "Generating train split" progress bars from ``datasets`` while reading the files."""
-    from datasets.utils import logging as datasets_logging
-
     enabled = datasets_logging.is_progress_bar_enabled()
     datasets_logging.disable_progress_bar()
     try:
@@ -69,11 +102,6 @@ def _short_answers(chat: Any, records: Sequence[Any]) -> bool:
 
 
 def _bind_conversations(config: TrainConfig, chat: Any, datasets: tuple[Any, Any, Any]) -> Any:
-    from vlpeft.metrics.vqa_normalize import normalize_answer
-    from vlpeft.tasks.chat_tasks import chat_generate, conversation_losses
-    from vlpeft.tasks.losses import TokenObjective
-    from vlpeft.training.task_binding import TaskBinding, _generation_kwargs
-
     batch_size = config.optim.eval_batch_size or config.optim.batch_size
     train, evaluation, test = datasets
 
@@ -114,33 +142,6 @@ def _bind_conversations(config: TrainConfig, chat: Any, datasets: tuple[Any, Any
 def bind_chat_template(config: TrainConfig, processor: Any, datasets: tuple[Any, Any, Any],
                        answers: list[str] | None) -> Any:
     """The :class:`~vlpeft.training.task_binding.TaskBinding` of ``config.task`` for a chat-template model."""
-    from vlpeft.tasks.bad_input import BadInputPolicy
-    from vlpeft.tasks.chat_collator import ChatCollator
-    from vlpeft.tasks.chat_tasks import ChatTaskCollator, chat_generate, chat_rank, prompt_records
-    from vlpeft.tasks.framing import (
-        DEFAULT_CAPTION_PROMPT,
-        DEFAULT_ENTAILMENT_PROMPT,
-        DEFAULT_LABEL_WORDS,
-        DEFAULT_VQA_PROMPT,
-        caption_examples,
-        clean_hypothesis,
-        entailment_examples,
-        format_prompt,
-        vqa_examples,
-    )
-    from vlpeft.tasks.losses import TokenObjective, WeightedSequenceObjective
-    from vlpeft.training.task_binding import (
-        DEFAULT_METRICS,
-        VQA_LIKE_TASKS,
-        TaskBinding,
-        _caption_score,
-        _entailment_score,
-        _generation_kwargs,
-        _gqa_score,
-        _vqa_score,
-        allowed_inference,
-    )
-
     task = config.task
     policy = BadInputPolicy(task.bad_input)
     chat = ChatCollator(processor, task.max_length, policy=policy)
@@ -236,11 +237,6 @@ def _bind_nlvr2(config: TrainConfig, chat: Any, datasets: tuple[Any, Any, Any], 
     """NLVR2 on a chat model: both images of the pair in one user turn (left, then right), the sentence in
     ``task.prompt`` (``{sentence}``), target ``True`` / ``False``; inference ranks the two words as the assistant
     turn. Metrics: ``accuracy`` and ``consistency`` (official NLVR2 script)."""
-    from vlpeft.tasks.chat_tasks import ChatTaskCollator, chat_rank
-    from vlpeft.tasks.framing import format_prompt
-    from vlpeft.tasks.nlvr2 import DEFAULT_NLVR2_PROMPT, DEFAULT_NLVR2_WORDS, nlvr2_examples
-    from vlpeft.training.task_binding import TaskBinding, _nlvr2_score
-
     template = config.task.prompt or DEFAULT_NLVR2_PROMPT
     labels = list(DEFAULT_NLVR2_WORDS)
     words = [DEFAULT_NLVR2_WORDS[label] for label in labels]

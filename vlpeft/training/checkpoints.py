@@ -18,6 +18,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+from safetensors import safe_open
 from transformers import TrainerCallback
 
 __all__ = [
@@ -116,8 +118,6 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
 def safetensors_problem(path: str | os.PathLike) -> str | None:
     """Why the safetensors file ``path`` cannot be read (truncated, corrupt header), or ``None`` if every tensor's
     header and data range are in the file. Reads the header only, not the tensors."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118  (safe_open handles are not iterable)
@@ -166,8 +166,6 @@ class CheckpointCompletionCallback(TrainerCallback):
     """Mark each checkpoint complete once the Trainer has written all of it (main process only)."""
 
     def on_save(self, args, state, control, **kwargs):
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every process has written its part (e.g. its RNG state)
         if state.is_world_process_zero:

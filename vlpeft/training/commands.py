@@ -6,7 +6,11 @@ import argparse
 import json
 import sys
 
-from vlpeft.training.config import ConfigError, load_config
+from vlpeft.tasks.bad_input import BadInputPolicy
+from vlpeft.training.config import ConfigError, load_config, use_tiny_twin
+from vlpeft.training.run import evaluate, predict, run_training
+from vlpeft.training.task_binding import answer_list, check_answer_coverage, load_datasets
+from vlpeft.training.validation import validate_config
 
 __all__ = ["add_parser"]
 
@@ -30,8 +34,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from vlpeft.training.config import use_tiny_twin
-
     config = load_config(args.config, args.overrides)
     return use_tiny_twin(config) if args.tiny_twin else config
 
@@ -39,8 +41,6 @@ def _load(args: argparse.Namespace):
 def _check_answer_coverage(config) -> None:
     """``train --check`` on VQA: read the data files (image files checked to exist, not decoded) and the answer
     list, print how many questions it cannot answer, and refuse as training would (no model is loaded)."""
-    from vlpeft.training.task_binding import answer_list, check_answer_coverage, load_datasets
-
     datasets = load_datasets(config, image_check="exists")
     coverage = check_answer_coverage(config, datasets, answer_list(config, datasets[0]))
     if coverage is not None:
@@ -51,9 +51,6 @@ def _check_data(config) -> None:
     """``train --check --deep``: read every data file and decode every image as training would (no model is
     loaded), then report the answer-list coverage (VQA) and what ``task.bad_input: skip``/``warn`` would leave out.
     Under ``raise`` the first bad record stops the check with its file and record named."""
-    from vlpeft.tasks.bad_input import BadInputPolicy
-    from vlpeft.training.task_binding import answer_list, check_answer_coverage, load_datasets
-
     policy = BadInputPolicy(config.task.bad_input)
     datasets = load_datasets(config, image_check="decode", policy=policy)
     sizes = {split: len(d) for split, d in zip(("train", "eval", "test"), datasets, strict=True) if d is not None}
@@ -67,9 +64,6 @@ def _check_data(config) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from vlpeft.training.run import run_training
-    from vlpeft.training.validation import validate_config
-
     config = _load(args)
     if args.deep and not args.check:
         raise ConfigError("--deep goes with --check (train always reads and decodes its data before loading a model)")
@@ -87,16 +81,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from vlpeft.training.run import evaluate
-
     metrics = evaluate(_load(args), args.checkpoint, split=args.split)
     print(json.dumps(metrics, indent=1))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from vlpeft.training.run import predict
-
     records = predict(_load(args), args.checkpoint, split=args.split,
                       output=args.output)
     print(f"vlpeft predict: wrote {len(records)} predictions to {args.output}", file=sys.stderr)

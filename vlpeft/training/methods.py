@@ -14,11 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
+import vlpeft  # noqa: F401  (registers vlpeft's methods with PEFT)
 from vlpeft.glue.families import FAMILIES
 from vlpeft.tasks.layouts import LAYOUTS
 from vlpeft.training.config import ConfigError
+from vlpeft.tuners.p_adapter.config import TASK_DEFAULTS
+from vlpeft.tuners.routed_lora.routing_support import preset_family, target_regex
 
 __all__ = [
     "MethodEntry",
@@ -134,8 +138,6 @@ def _lora_targets(task: str, family_name: str | None) -> dict[str, Any]:
 
 def _p_adapter_defaults(task: str, family_name: str | None) -> dict[str, Any]:
     """The tuner's per-task constants (p-adapter.md §5.1: p init, mu0, key pooling, reduction 8)."""
-    from vlpeft.tuners.p_adapter.config import TASK_DEFAULTS
-
     return dict(TASK_DEFAULTS.get(task, {}))
 
 
@@ -258,14 +260,8 @@ def apply_method(model: nn.Module, method_type: str, method_config: Any, family:
             param.requires_grad_(True)
         _freeze_for_full(model, family, method_config.get("freeze", []))
         return model
-    from peft import LoraConfig, get_peft_model
-
-    import vlpeft  # noqa: F401  (registers vlpeft's methods with PEFT)
-
     if isinstance(method_config, LoraConfig) and method_config.target_modules is None:
         # LoRA's usual placement from the model's own description: q/v of the language model's attention.
-        from vlpeft.tuners.routed_lora.routing_support import preset_family, target_regex
-
         described = preset_family(model, "LoraConfig")
         method_config.target_modules = target_regex(described, None, ("self_attn", "cross_attn"), ("query", "value"))
     return get_peft_model(model, method_config)

@@ -9,10 +9,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+from vlpeft.models import VisionPrefixLMPreTrainedModel
 from vlpeft.models.tiny import FAMILIES, build_tiny_model
 from vlpeft.tasks.layouts import LAYOUTS, families_where
+from vlpeft.tasks.processors import ImageTextProcessor, build_tiny_processor
 from vlpeft.training.config import ConfigError, TrainConfig
 from vlpeft.training.image_pairs import install_image_pairs, uses_two_images
 
@@ -129,7 +132,6 @@ def _twins() -> dict[str, Any]:
 
 def tiny_names() -> list[str]:
     """Allowed ``model.tiny`` / ``model.tiny_twin`` values: the tiny families and the chat-VLM twins."""
-
     return sorted({*FAMILIES, *_twins()})
 
 
@@ -166,7 +168,6 @@ def _load_model(config: TrainConfig, family: str, num_labels: int | None) -> nn.
             twin.set_attn_implementation(model.attn_implementation)
         return twin
     if model.tiny is not None:
-
         overrides = dict(model.tiny_overrides)
         if _composite_task(family) is not None:
             overrides = {**model.options, **overrides}
@@ -207,8 +208,6 @@ def _assemble_parts(config: TrainConfig, family: str, kwargs: dict[str, Any], nu
         composite = _import(FAMILY_CLASSES[family])
         return composite.from_pretrained_parts(model.vision, model.text, vision_kwargs=kwargs, text_kwargs=kwargs,
                                                **model.options)
-    from vlpeft.models import VisionPrefixLMPreTrainedModel
-
     labels = {"num_labels": num_labels} if num_labels is not None else {}
     return VisionPrefixLMPreTrainedModel.from_pretrained_parts(
         model.vision, model.text, task=task or "classification",
@@ -221,8 +220,6 @@ def load_processor(config: TrainConfig, family: str, texts: list[str]) -> Any:
     if model.tiny is not None and model.tiny in _twins():
         return _twins()[model.tiny].build_processor()
     if model.tiny is not None:
-        from vlpeft.tasks.processors import build_tiny_processor
-
         sizes = model.tiny_overrides
         return build_tiny_processor(
             model.tiny,
@@ -231,14 +228,10 @@ def load_processor(config: TrainConfig, family: str, texts: list[str]) -> Any:
             image_size=int(sizes.get("image_size", LAYOUTS[family].tiny_image_size if family in LAYOUTS else 32)),
             patch_size=int(sizes.get("patch_size", 8)),
         )
-    from vlpeft.tasks.processors import ImageTextProcessor
-
     kwargs = {"revision": model.revision} if model.revision is not None else {}
     if model.vision is not None and model.processor is None:
         return ImageTextProcessor.from_parts(model.vision, model.text, **kwargs)
     source = model.processor or model.name
     if ImageTextProcessor.is_saved_in(source):
         return ImageTextProcessor.from_pretrained(source)
-    from transformers import AutoProcessor
-
     return AutoProcessor.from_pretrained(source, **kwargs)

@@ -55,6 +55,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlpeft.tasks.losses import TrainingObjective
 from vlpeft.training.config import CHOICES, ConfigError, TaskConfig, TrainConfig, _coerce
+from vlpeft.training.task_binding import (
+    TaskBinding,
+    answer_list,
+    build_task,
+    check_answer_coverage,
+    load_datasets,
+)
 from vlpeft.training.trainer import VLPeftTrainer
 
 __all__ = [
@@ -329,8 +336,6 @@ class MultiTaskTrainer(VLPeftTrainer):
 # -------------------------------------------------------------------------------------------- bindings
 def load_multitask_datasets(config: TrainConfig, image_check: str, policy: Any) -> tuple[Any, Any, Any]:
     """(train, eval, test) :class:`MultiTaskDataset` s; a split is ``None`` when no sub-task has it."""
-    from vlpeft.training.task_binding import load_datasets
-
     names, loaded = [], []
     for i, (name, sub) in enumerate(subtasks(config)):
         try:
@@ -352,8 +357,6 @@ def _scaled(metric: str, value: float) -> float:
 def build_multitask(config: TrainConfig, processor: Any, family: str, model_config: Any,
                     datasets: tuple[Any, Any, Any]) -> Any:
     """One :class:`~vlpeft.training.task_binding.TaskBinding` over the sub-tasks' own bindings."""
-    from vlpeft.training.task_binding import TaskBinding, answer_list, build_task, check_answer_coverage
-
     train, evaluation, test = datasets
     subs = subtasks(config)
     bindings = {}

@@ -6,6 +6,7 @@ everything that can be checked is checked before any model is loaded (:func:`val
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -19,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments, set_seed
 
+import vlpeft  # noqa: F401  (registers vlpeft methods with PEFT)
 from vlpeft._transformers_compat import activation_checkpointing_arguments
 from vlpeft.training.checkpoints import (
     CheckpointCompletionCallback,
@@ -181,8 +186,6 @@ def _training_arguments(config: TrainConfig, plan: ValidatedPlan, has_eval: bool
 
 def _tensorboard_available() -> bool:
     """Whether a TensorBoard writer can be imported; warns (and the logger is skipped) when it cannot."""
-    import importlib.util
-
     if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
         return True
     warnings.warn("run.report_to lists 'tensorboard' but TensorBoard is not installed (pip install "
@@ -226,10 +229,6 @@ def _load_trained(model: Any, config: TrainConfig, folder: Path) -> Any:
     if problem is not None:
         raise ConfigError(f"--checkpoint: {folder} cannot be loaded: {problem}")
     if (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        import vlpeft  # noqa: F401  (registers vlpeft methods with PEFT)
-
         peft_model = PeftModel.from_pretrained(model, str(folder))
         unused = unused_adapter_keys(peft_model, folder)
         if unused:
@@ -240,8 +239,6 @@ def _load_trained(model: Any, config: TrainConfig, folder: Path) -> Any:
         return peft_model
     weights = folder / "model.safetensors"
     if weights.is_file():
-        from safetensors.torch import load_file
-
         missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
         if unexpected:
             raise ValueError(f"{weights}: unexpected keys {unexpected[:5]} (is this checkpoint for this model?)")
@@ -252,9 +249,6 @@ def _load_trained(model: Any, config: TrainConfig, folder: Path) -> Any:
 def unused_adapter_keys(peft_model: Any, folder: str | os.PathLike) -> list[str]:
     """Tensor names of ``folder``'s ``adapter_model.safetensors`` that ``peft_model`` (just loaded from it) did not
     take: PEFT drops them silently, e.g. the extra layers' weights of an adapter trained on a deeper model."""
-    from peft import get_peft_model_state_dict
-    from safetensors import safe_open
-
     weights = Path(folder) / "adapter_model.safetensors"
     if not weights.is_file():
         return []

@@ -34,7 +34,24 @@ from typing import Any
 
 import torch
 
+from vlpeft.tasks import collators, inference
+from vlpeft.tasks._io import read_json
+from vlpeft.tasks.bad_input import BadInputPolicy
+from vlpeft.tasks.captions import CaptionDataset
+from vlpeft.tasks.framing import DEFAULT_CAPTION_PROMPT, DEFAULT_ENTAILMENT_PROMPT, DEFAULT_VQA_PROMPT
+from vlpeft.tasks.gqa import GQADataset
 from vlpeft.tasks.layouts import LAYOUTS, families_where
+from vlpeft.tasks.losses import (
+    ClassificationObjective,
+    ModelLossObjective,
+    TokenObjective,
+    WeightedSequenceObjective,
+)
+from vlpeft.tasks.nlvr2 import NLVR2Dataset
+from vlpeft.tasks.snli_ve import SNLI_VE_LABELS, SNLIVEDataset
+from vlpeft.tasks.textcaps import is_textcaps, load_textcaps
+from vlpeft.tasks.vizwiz import VizWizVQADataset, is_vizwiz_captions, is_vizwiz_vqa, load_vizwiz_captions
+from vlpeft.tasks.vqa import AnswerVocab, VQADataset
 from vlpeft.training.answer_coverage import (  # noqa: F401  (also read from here)
     MAX_UNANSWERABLE_TRAIN_SHARE,
     AnswerCoverage,
@@ -161,21 +178,14 @@ class TaskBinding:
 
 
 def _policy(mode: str):
-    from vlpeft.tasks.bad_input import BadInputPolicy
-
     return BadInputPolicy(mode)
 
 
 def _load_vqa(path: Path, annotations: Path | None, images: Path, policy, image_check: str = "decode") -> Any:
-    from vlpeft.tasks.vqa import VQADataset
-
     with open(path) as handle:
         start = handle.read(4096)
     head = start.lstrip()[:64]
     if head.startswith("["):
-        from vlpeft.tasks._io import read_json
-        from vlpeft.tasks.vizwiz import VizWizVQADataset, is_vizwiz_vqa
-
         # VizWiz-VQA: records keyed by "image", scored by the VizWiz evaluation; the whole file is parsed to
         # decide only when its start could be VizWiz (a Karpathy file names "img_id" in its first record)
         if '"image"' in start and '"img_id"' not in start and is_vizwiz_vqa(read_json(path)):
@@ -186,11 +196,6 @@ def _load_vqa(path: Path, annotations: Path | None, images: Path, policy, image_
 
 
 def _load_captions(path: Path, images: Path, split: str, view: str, policy, image_check: str = "decode") -> Any:
-    from vlpeft.tasks._io import read_json
-    from vlpeft.tasks.captions import CaptionDataset
-    from vlpeft.tasks.textcaps import is_textcaps, load_textcaps
-    from vlpeft.tasks.vizwiz import is_vizwiz_captions, load_vizwiz_captions
-
     data = read_json(path)  # a truncated file raises BadInputError naming it
     if is_vizwiz_captions(data):
         return load_vizwiz_captions(path, images, view=view, policy=policy, image_check=image_check)
@@ -220,10 +225,12 @@ def load_datasets(config: TrainConfig, image_check: str = "decode", policy: Any 
     task = config.task
     policy = _policy(task.bad_input) if policy is None else policy
     if task.type == "multitask":
+        # lazy: cycle (multitask imports this module)
         from vlpeft.training.multitask import load_multitask_datasets
 
         return load_multitask_datasets(config, image_check, policy)
     if task.type == "chat":
+        # lazy: cycle (chat_binding imports this module)
         from vlpeft.training.chat_binding import load_chat_datasets
 
         train, evaluation, test = load_chat_datasets(config, policy, image_check=image_check)
@@ -240,16 +247,10 @@ def load_datasets(config: TrainConfig, image_check: str = "decode", policy: Any 
             ann = config.resolve_path(getattr(task, f"{split}_annotations"))
             out.append(_load_vqa(path, ann, images, policy, image_check))
         elif task.type == "snli_ve":
-            from vlpeft.tasks.snli_ve import SNLIVEDataset
-
             out.append(SNLIVEDataset.from_jsonl(path, images, policy=policy, image_check=image_check))
         elif task.type == "gqa":
-            from vlpeft.tasks.gqa import GQADataset
-
             out.append(GQADataset.from_balanced(path, images, policy=policy, image_check=image_check))
         elif task.type == "nlvr2":
-            from vlpeft.tasks.nlvr2 import NLVR2Dataset
-
             out.append(NLVR2Dataset.from_jsonl(path, images, policy=policy, image_check=image_check))
         else:
             karpathy_split = {"train": "train", "eval": "val", "test": "test"}[split]
@@ -289,8 +290,6 @@ def _generation_kwargs(config: TrainConfig) -> dict[str, Any]:
 
 
 def _token_objective(config: TrainConfig, encoder: Any) -> Any:
-    from vlpeft.tasks.losses import ModelLossObjective, TokenObjective
-
     if encoder.layout.model_computes_loss:
         return ModelLossObjective()
     return TokenObjective(config.optim.label_smoothing, encoder.prefix_predicts_first_token)
@@ -298,10 +297,6 @@ def _token_objective(config: TrainConfig, encoder: Any) -> Any:
 
 def _bind_generative(config: TrainConfig, processor: Any, family: str, model_config: Any,
                      datasets: tuple[Any, Any, Any], answers: list[str] | None) -> TaskBinding:
-    from vlpeft.tasks import collators, inference
-    from vlpeft.tasks.framing import DEFAULT_CAPTION_PROMPT, DEFAULT_ENTAILMENT_PROMPT, DEFAULT_VQA_PROMPT
-    from vlpeft.tasks.losses import WeightedSequenceObjective
-
     task = config.task
     mode = task.inference or allowed_inference(task.type, task.framing, family)[0]
     batch_size = config.optim.eval_batch_size or config.optim.batch_size
@@ -370,12 +365,6 @@ def _bind_generative(config: TrainConfig, processor: Any, family: str, model_con
 
 def _bind_discriminative(config: TrainConfig, processor: Any, datasets: tuple[Any, Any, Any],
                          answers: list[str] | None) -> TaskBinding:
-    from vlpeft.tasks import collators, inference
-    from vlpeft.tasks.framing import DEFAULT_VQA_PROMPT
-    from vlpeft.tasks.losses import ClassificationObjective
-    from vlpeft.tasks.snli_ve import SNLI_VE_LABELS
-    from vlpeft.tasks.vqa import AnswerVocab
-
     task = config.task
     batch_size = config.optim.eval_batch_size or config.optim.batch_size
     train, evaluation, test = datasets
@@ -419,12 +408,14 @@ def build_task(config: TrainConfig, processor: Any, family: str, model_config: A
     binds each sub-task with this function (:func:`vlpeft.training.multitask.build_multitask`).
     """
     if config.task.type == "multitask":
+        # lazy: cycle (multitask imports this module)
         from vlpeft.training.multitask import build_multitask
 
         return build_multitask(config, processor, family, model_config, datasets)
     if config.task.framing == "discriminative":
         return _bind_discriminative(config, processor, datasets, answers)
     if LAYOUTS[family].sequence == "chat_template":
+        # lazy: cycle (chat_binding imports this module)
         from vlpeft.training.chat_binding import bind_chat_template
 
         return bind_chat_template(config, processor, datasets, answers)

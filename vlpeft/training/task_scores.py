@@ -9,6 +9,11 @@ from typing import Any
 
 import torch
 
+from vlpeft.metrics import caption_scores, entailment_accuracy, vqa_accuracy, vqa_label_accuracy
+from vlpeft.metrics.exact_match import gqa_accuracy
+from vlpeft.metrics.nlvr2 import nlvr2_scores
+from vlpeft.metrics.vizwiz import vizwiz_accuracy
+
 __all__ = ["CAPTION_EVAL_METRICS"]
 
 CAPTION_EVAL_METRICS = ("Bleu", "ROUGE_L", "CIDEr")
@@ -42,8 +47,6 @@ def _vqa_score(records: list[dict[str, Any]], dataset: Any,
 
 
 def _vqa_accuracy(records: list[dict[str, Any]], dataset: Any) -> dict[str, float]:
-    from vlpeft.metrics import vqa_accuracy, vqa_label_accuracy
-
     by_id = {r.question_id: r for r in _items(dataset).records}
     predicted = {p["question_id"]: p["answer"] for p in records}
     if getattr(_items(dataset), "official_metric", None) == "vizwiz":
@@ -61,8 +64,6 @@ def _vizwiz_accuracy(predicted: dict[Any, str], records: list[Any]) -> dict[str,
     """VizWiz-VQA data: the official VizWiz evaluation (:mod:`vlpeft.metrics.vizwiz`) under the VQA metric name
     ``vqa_accuracy`` (the selection metric of ``task.type: vqa``) and as ``vizwiz_accuracy``, plus
     ``vizwiz_accuracy_<answer type>``. Questions without answers (the test split) are not scored."""
-    from vlpeft.metrics.vizwiz import vizwiz_accuracy
-
     records = [r for r in records if r.answers]
     if not records:
         return {}
@@ -77,8 +78,6 @@ def _vizwiz_accuracy(predicted: dict[Any, str], records: list[Any]) -> dict[str,
 def _gqa_score(records: list[dict[str, Any]], dataset: Any) -> dict[str, float]:
     """GQA exact-match accuracy: ``accuracy`` after the VQA answer normalisation of both sides, ``accuracy_strict``
     as the official ``eval.py`` (raw strings), and per structural type (:mod:`vlpeft.metrics.exact_match`)."""
-    from vlpeft.metrics.exact_match import gqa_accuracy
-
     by_id = {r.question_id: r for r in _items(dataset).records}
     predicted = {p["question_id"]: p["answer"] for p in records if by_id[p["question_id"]].answer is not None}
     if not predicted:
@@ -95,8 +94,6 @@ def _nlvr2_score(records: list[dict[str, Any]], dataset: Any, generated: bool = 
     """NLVR2 ``accuracy`` and ``consistency`` (:mod:`vlpeft.metrics.nlvr2`, as the official eval script). With
     ``generated`` (labels generated as text) a prediction other than True/False counts wrong, and ``invalid``
     reports how many there were."""
-    from vlpeft.metrics.nlvr2 import nlvr2_scores
-
     gold = {r.identifier: r.label for r in _items(dataset).records}
     predicted = {p["identifier"]: p["label"] for p in records}
     score = nlvr2_scores(predicted, {k: gold[k] for k in predicted}, invalid="wrong" if generated else "raise")
@@ -107,8 +104,6 @@ def _nlvr2_score(records: list[dict[str, Any]], dataset: Any, generated: bool = 
 
 
 def _entailment_score(records: list[dict[str, Any]], dataset: Any) -> dict[str, float]:
-    from vlpeft.metrics import entailment_accuracy
-
     gold = {r.pair_id: r.label for r in _items(dataset).records}
     predicted = {p["pair_id"]: p["label"] for p in records}
     score = entailment_accuracy(predicted, {k: gold[k] for k in predicted})
@@ -118,8 +113,6 @@ def _entailment_score(records: list[dict[str, Any]], dataset: Any) -> dict[str, 
 
 
 def _caption_score(records: list[dict[str, Any]], dataset: Any, use_java: bool | None) -> dict[str, float]:
-    from vlpeft.metrics import caption_scores
-
     references = _items(dataset).references()
     predicted = {p["image_id"]: p["caption"] for p in records}
     scores = caption_scores(predicted, {k: references[k] for k in predicted}, use_java=use_java,

@@ -23,11 +23,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from vlpeft.tasks.collators import split_model_inputs
 from vlpeft.training.config import ConfigError
 from vlpeft.training.task_binding import TaskBinding
+from vlpeft.tuners.param_groups import split_decay_parameters
 
 __all__ = [
     "VLPeftTrainer",
@@ -40,11 +44,10 @@ __all__ = [
     "non_finite_inputs",
 ]
 
+
 def decay_parameter_names(model: nn.Module) -> list[str]:
     """Names of trainable parameters that get weight decay (``vlpeft.tuners.param_groups``): no decay for biases,
     norm parameters, and p-adapter's p and mu offsets (p-adapter.md H12, ecosystem.md §6 item 6)."""
-    from vlpeft.tuners.param_groups import split_decay_parameters
-
     return split_decay_parameters(model)[0]
 
 
@@ -67,9 +70,6 @@ def enable_fsdp_on_cpu(accelerator: Any) -> bool:
     accelerate does) and marks the state as FSDP. Only FSDP2 (``fsdp_version: 2``, the tested path,
     ``tests/test_training_fsdp.py``) is switched on; an FSDP1 config raises. Returns whether it switched FSDP on.
     """
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
     state = accelerator.state
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or state.distributed_type != DistributedType.MULTI_CPU:
         return False
@@ -221,8 +221,6 @@ class VLPeftTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        from vlpeft.tasks.collators import split_model_inputs
-
         objective = self.task.objective
         model_inputs, info = split_model_inputs(inputs)
         labels = model_inputs["labels"] if objective.model_computes_loss else model_inputs.pop("labels")

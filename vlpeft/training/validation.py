@@ -15,6 +15,7 @@ from vlpeft.training.config import ConfigError, TrainConfig
 from vlpeft.training.image_pairs import TWO_IMAGE_TASKS, two_image_problem
 from vlpeft.training.methods import resolve_method_options
 from vlpeft.training.models import check_model_options, resolve_family
+from vlpeft.training.multitask import validate_multitask
 from vlpeft.training.task_binding import (
     CLASSIFIER_FAMILIES,
     DEFAULT_METRICS,
@@ -144,8 +145,6 @@ def validate_config(config: TrainConfig, *, for_training: bool = True) -> Valida
 
     # --- task and data
     if task.type == "multitask":
-        from vlpeft.training.multitask import validate_multitask
-
         if task.framing is None:
             task.framing = "generative"
         validate_multitask(config, family, for_training, _validate_task)
