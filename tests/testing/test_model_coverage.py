@@ -11,7 +11,7 @@ import transformers
 
 from vlpeft.testing.coverage import METHODS, coverage, render_markdown
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "models.md"
 START, END = "<!-- coverage:start -->", "<!-- coverage:end -->"
 
 

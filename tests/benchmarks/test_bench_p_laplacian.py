@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_p_laplacian.py"
+BENCH_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_p_laplacian.py"
 
 
 @pytest.fixture(scope="module")
