@@ -2,7 +2,10 @@
 
 Labels are the SNLI-VE strings ``entailment``, ``neutral`` and ``contradiction``. Other spellings (for example
 the label words the p-adapter code generates, :data:`PADAPTER_LABEL_WORDS`) are accepted only through an
-explicit ``label_map``; anything else raises, so a typo never counts silently as a wrong answer.
+explicit ``label_map``; anything else raises, so a typo never counts silently as a wrong answer. Generated text
+(an encoder-decoder model writing the label word) is scored with ``invalid="wrong"``: a prediction that is no label
+counts wrong and is counted in ``num_invalid``, as :func:`vlpeft.metrics.nlvr2.nlvr2_scores` scores generated
+True/False.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ class EntailmentScore:
             ``None`` for a class with no gold examples.
         support: gold class -> number of gold examples.
         num_examples: number of evaluated examples.
+        num_invalid: predictions that are no label (counted wrong; only with ``invalid="wrong"``).
     """
 
     overall: float
     per_class: dict[str, float | None]
     support: dict[str, int]
     num_examples: int
+    num_invalid: int = 0
 
 
 def _canonical(label: object, label_map: Mapping[str, str] | None, role: str, key: object) -> str:
@@ -71,6 +76,7 @@ def entailment_accuracy(
     labels: Mapping[Hashable, str] | Sequence[str],
     *,
     label_map: Mapping[str, str] | None = None,
+    invalid: str = "raise",
 ) -> EntailmentScore:
     """Accuracy of entailment predictions, overall and per gold class, in percent.
 
@@ -79,11 +85,17 @@ def entailment_accuracy(
         labels: gold labels in the same form.
         label_map: optional mapping from other spellings to the canonical labels, applied to both sides
             (e.g. :data:`PADAPTER_LABEL_WORDS`). Canonical labels pass through unchanged.
+        invalid: what a predicted label outside the labels gets: ``"raise"`` (the default: a typo is an error), or
+            ``"wrong"`` (generated text: counted wrong for its gold class, and in ``num_invalid``). Gold labels
+            outside the labels always raise.
 
     Raises:
-        ValueError: on an unknown label (naming it and the expected ones), mismatched ids/lengths, or no examples.
+        ValueError: on an unknown label (naming it and the expected ones; predictions only with
+            ``invalid="raise"``), mismatched ids/lengths, no examples, or an ``invalid`` other than raise/wrong.
         TypeError: when one side is a mapping and the other is not.
     """
+    if invalid not in ("raise", "wrong"):
+        raise ValueError(f"invalid must be 'raise' or 'wrong', got {invalid!r}")
     if label_map is not None:
         bad_targets = {v for v in label_map.values() if v not in ENTAILMENT_LABELS}
         if bad_targets:
@@ -94,9 +106,16 @@ def entailment_accuracy(
 
     correct = dict.fromkeys(ENTAILMENT_LABELS, 0)
     support = dict.fromkeys(ENTAILMENT_LABELS, 0)
+    num_invalid = 0
     for key, predicted, gold in pairs:
         gold_label = _canonical(gold, label_map, "gold", key)
-        predicted_label = _canonical(predicted, label_map, "predicted", key)
+        try:
+            predicted_label = _canonical(predicted, label_map, "predicted", key)
+        except ValueError:
+            if invalid == "raise":
+                raise
+            predicted_label = None
+            num_invalid += 1
         support[gold_label] += 1
         correct[gold_label] += int(predicted_label == gold_label)
 
@@ -106,4 +125,5 @@ def entailment_accuracy(
         per_class={c: (100.0 * correct[c] / support[c] if support[c] else None) for c in ENTAILMENT_LABELS},
         support=support,
         num_examples=len(pairs),
+        num_invalid=num_invalid,
     )

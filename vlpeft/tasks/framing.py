@@ -23,6 +23,9 @@ DEFAULT_CAPTION_PROMPT = "a picture of"
 #: Label words of the release SNLI-VE framing.
 DEFAULT_LABEL_WORDS: Mapping[str, str] = {"entailment": "Correct", "neutral": "Ambiguous",
                                           "contradiction": "Incorrect"}
+#: Label words of generated SNLI-VE (encoder-decoder models, ``inference: generate``): each label is its own word.
+GENERATED_LABEL_WORDS: Mapping[str, str] = {"entailment": "entailment", "neutral": "neutral",
+                                            "contradiction": "contradiction"}
 
 
 @dataclass(frozen=True)

@@ -325,34 +325,43 @@ def predict_entailment(
     classify_inputs: Any = None,
     indices: Sequence[int] | None = None,
     batch_size: int = 8,
+    **generate_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """SNLI-VE predictions ``[{"pair_id", "label"}]`` (canonical labels ``entailment``/``neutral``/``contradiction``).
 
     ``mode="rank"`` scores the label words (e.g. Correct / Ambiguous / Incorrect) after the prompt and picks the most
-    likely; ``mode="classify"`` takes the argmax of a 3-way classifier whose classes follow ``label_words`` order.
+    likely; ``mode="classify"`` takes the argmax of a 3-way classifier whose classes follow ``label_words`` order;
+    ``mode="generate"`` generates after the prompt (encoder-decoder models) and maps the text to the label whose word
+    it is, as NLVR2 does (:func:`predict_nlvr2`): any other text is kept as the ``label``, which the entailment
+    metric with ``invalid="wrong"`` counts as wrong and invalid. ``generate_kwargs`` go to ``model.generate``.
     """
+    if mode not in ("rank", "classify", "generate"):
+        raise ValueError(f"entailment inference mode must be rank, classify or generate, got {mode!r}")
+    if mode in ("rank", "generate") and encoder is None:
+        raise ValueError(f"entailment mode {mode!r} needs a prompt encoder")
     training = _was_training(model)
     labels = list(label_words)
     indices = list(range(len(dataset))) if indices is None else list(indices)
-    if mode == "rank" and encoder is None:
-        raise ValueError("entailment mode 'rank' needs a prompt encoder")
     candidates = [encoder.encode_target(label_words[lab]) for lab in labels] if mode == "rank" else None
     results: list[dict[str, Any]] = []
     try:
         for batch in _batches(indices, batch_size):
             items = [dataset[i] for i in batch]
-            if mode == "rank":
+            if mode == "classify":
+                if classify_inputs is None:
+                    raise ValueError("entailment mode 'classify' needs classify_inputs")
+                picked = [labels[c] for c in classifier_argmax(model, classify_inputs(items))]
+            else:
                 prompts = [format_prompt(prompt_template, hypothesis=clean_hypothesis(item["hypothesis"]))
                            for item in items]
                 extra, prompt_ids = encoder.encode_prompts(items, prompts)
-                picks = rank_candidates(model, encoder, extra, prompt_ids, candidates, len(labels))
-            elif mode == "classify":
-                if classify_inputs is None:
-                    raise ValueError("entailment mode 'classify' needs classify_inputs")
-                picks = classifier_argmax(model, classify_inputs(items))
-            else:
-                raise ValueError(f"entailment inference mode must be rank or classify, got {mode!r}")
-            results.extend({"pair_id": it["pair_id"], "label": labels[c]} for it, c in zip(items, picks))
+                if mode == "rank":
+                    picked = [labels[c] for c in rank_candidates(model, encoder, extra, prompt_ids, candidates,
+                                                                 len(labels))]
+                else:
+                    texts = generate_texts(model, encoder, extra, prompt_ids, **generate_kwargs)
+                    picked = [_label_of(text, label_words) for text in texts]
+            results.extend({"pair_id": it["pair_id"], "label": p} for it, p in zip(items, picked))
     finally:
         model.train(training)
     return results

@@ -46,6 +46,7 @@ from vlpeft.training.task_binding import (
     check_answer_coverage,
     load_datasets,
     num_labels_for,
+    target_texts,
     tokenizer_texts,
 )
 from vlpeft.training.trainer import CsvLoggerCallback, VLPeftTrainer
@@ -209,7 +210,8 @@ def _assemble(config: TrainConfig, plan: ValidatedPlan, checkpoint: str | os.Pat
     coverage = check_answer_coverage(config, datasets, answers, training=checkpoint is None)
     if coverage is not None and _is_main_process():
         print(f"vlpeft: {coverage.line()}", file=sys.stderr)
-    processor = load_processor(config, plan.family, tokenizer_texts(datasets) + list(answers or ()))
+    processor = load_processor(config, plan.family, tokenizer_texts(datasets) + list(answers or ())
+                               + target_texts(config, plan.family))
     set_seed(config.run.seed)
     model = load_model(config, plan.family, num_labels_for(config, answers))
     _, total = count_parameters(model)

@@ -14,7 +14,8 @@ generative         target after the prompt in ``input_ids``    vqa (rank, genera
                    blip2, llava, paligemma, vit_gpt2           generate; blip_caption and blip2 only)
 generative         prompt inference without ranking:           vqa, gqa, caption, nlvr2 (generate; with
                    blip_vqa, clip_bart                         ``model_computes_loss`` (blip_vqa) the model
-                                                               computes its own loss)
+                                                               computes its own loss); snli_ve (generate the
+                                                               label word; ``seq2seq``: clip_bart only)
 generative         ``chat_template`` (:mod:`.chat_binding`)    vqa, gqa (generate, rank), snli_ve, nlvr2 (rank),
                                                                caption (generate), chat
 discriminative     ``classifier``: vit_roberta, vit_bert       vqa, gqa (classify: BCE on soft scores over the
@@ -38,7 +39,13 @@ from vlpeft.tasks import collators, inference
 from vlpeft.tasks._io import read_json
 from vlpeft.tasks.bad_input import BadInputPolicy
 from vlpeft.tasks.captions import CaptionDataset
-from vlpeft.tasks.framing import DEFAULT_CAPTION_PROMPT, DEFAULT_ENTAILMENT_PROMPT, DEFAULT_VQA_PROMPT
+from vlpeft.tasks.framing import (
+    DEFAULT_CAPTION_PROMPT,
+    DEFAULT_ENTAILMENT_PROMPT,
+    DEFAULT_LABEL_WORDS,
+    DEFAULT_VQA_PROMPT,
+    GENERATED_LABEL_WORDS,
+)
 from vlpeft.tasks.gqa import GQADataset
 from vlpeft.tasks.layouts import LAYOUTS, families_where
 from vlpeft.tasks.losses import (
@@ -87,6 +94,7 @@ __all__ = [
     "allowed_inference",
     "default_framing",
     "num_labels_for",
+    "target_texts",
     "tokenizer_texts",
 ]
 
@@ -137,6 +145,8 @@ def allowed_inference(task_type: str, framing: str, family: str) -> tuple[str, .
         if layout.sequence == "chat_template":  # True/False ranked as the assistant turn
             return ("rank",)
         return ("rank", "generate") if ranking else ("generate",)  # VL-T5 / VL-Adapter generate true/false
+    if task_type == "snli_ve" and not ranking and layout is not None and layout.sequence == "seq2seq":
+        return ("generate",)  # encoder-decoder (CLIP-BART): the label word generated, as NLVR2's true/false
     return ("rank",) if ranking else ()
 
 
@@ -284,6 +294,24 @@ def tokenizer_texts(datasets: Sequence[Any], limit: int = 2000) -> list[str]:
     return texts
 
 
+def target_texts(config: TrainConfig, family: str) -> list[str]:
+    """Target words the data does not hold but generated tasks train on (so a tiny twin's tokenizer, trained on
+    :func:`tokenizer_texts`, knows them): the SNLI-VE labels of a task (or multi-task sub-task) that generates them
+    (``GENERATED_LABEL_WORDS``). The other label words are in the tokenizer's template texts."""
+    if config.task.type == "multitask":
+        # lazy: cycle (multitask imports this module)
+        from vlpeft.training.multitask import subtasks
+
+        return [text for _, sub in subtasks(config) for text in target_texts(sub, family)]
+    task = config.task
+    if task.type != "snli_ve":
+        return []
+    framing = task.framing or default_framing(family)
+    modes = allowed_inference(task.type, framing, family)
+    mode = task.inference or (modes[0] if modes else None)
+    return list(GENERATED_LABEL_WORDS.values()) if mode == "generate" else []
+
+
 def _generation_kwargs(config: TrainConfig) -> dict[str, Any]:
     ev = config.eval
     return {"num_beams": ev.num_beams, "max_new_tokens": ev.max_new_tokens, "min_new_tokens": ev.min_new_tokens}
@@ -326,16 +354,23 @@ def _bind_generative(config: TrainConfig, processor: Any, family: str, model_con
                            encoder, {"answer_list": answers})
     if task.type == "snli_ve":
         template = task.prompt or DEFAULT_ENTAILMENT_PROMPT
-        collate = collators.EntailmentGenerativeCollator(processor, family, prompt_template=template, **common)
+        generated = mode == "generate"  # the label itself is the target word (CLIP-BART)
+        words = GENERATED_LABEL_WORDS if generated else DEFAULT_LABEL_WORDS
+        collate = collators.EntailmentGenerativeCollator(processor, family, prompt_template=template,
+                                                         label_words=words, **common)
         encoder = collate.encoder
+        generation = _generation_kwargs(config) if generated else {}
 
         def predict(model, dataset, indices=None):
             return inference.predict_entailment(model, dataset, mode=mode, label_words=collate.label_words,
                                                 prompt_template=template, encoder=encoder, indices=indices,
-                                                batch_size=batch_size)
+                                                batch_size=batch_size, **generation)
+
+        def score_entailment(records, dataset):
+            return _entailment_score(records, dataset, generated=generated)
 
         return TaskBinding(train, evaluation, test, collate, _token_objective(config, encoder), predict,
-                           _entailment_score, "accuracy", encoder)
+                           score_entailment, "accuracy", encoder)
     if task.type == "nlvr2":
         collate = collators.NLVR2GenerativeCollator(processor, family, prompt_template=task.prompt, **common)
         encoder = collate.encoder

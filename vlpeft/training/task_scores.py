@@ -103,12 +103,17 @@ def _nlvr2_score(records: list[dict[str, Any]], dataset: Any, generated: bool = 
     return out
 
 
-def _entailment_score(records: list[dict[str, Any]], dataset: Any) -> dict[str, float]:
+def _entailment_score(records: list[dict[str, Any]], dataset: Any, generated: bool = False) -> dict[str, float]:
+    """SNLI-VE ``accuracy`` overall and per gold class (:mod:`vlpeft.metrics.entailment`). With ``generated``
+    (labels generated as text) a prediction other than the three labels counts wrong, and ``invalid`` reports how
+    many there were (as :func:`_nlvr2_score`)."""
     gold = {r.pair_id: r.label for r in _items(dataset).records}
     predicted = {p["pair_id"]: p["label"] for p in records}
-    score = entailment_accuracy(predicted, {k: gold[k] for k in predicted})
+    score = entailment_accuracy(predicted, {k: gold[k] for k in predicted}, invalid="wrong" if generated else "raise")
     out = {"accuracy": score.overall}
     out.update({f"accuracy_{k}": v for k, v in score.per_class.items() if v is not None})
+    if generated:
+        out["invalid"] = float(score.num_invalid)
     return out
 
 
