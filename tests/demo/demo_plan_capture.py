@@ -303,7 +303,9 @@ def _cli_calls() -> list[Any]:
     os.environ["COLUMNS"] = "120"
     helps = []
     try:
-        with _replaced({"run_demo": run.run_demo}, {"run_demo": fake_run_demo}):
+        # the default --jobs depends on the machine's cores: recorded as on two cores
+        with _replaced({"run_demo": run.run_demo, "default_jobs": run.default_jobs},
+                       {"run_demo": fake_run_demo, "default_jobs": lambda: 2}):
             for argv in CLI_ARGVS:
                 sys.argv = ["vlpeft", *argv]
                 args = parser.parse_args(argv)

@@ -4,14 +4,17 @@ choice per method and task under each policy, and the committed table itself."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from vlpeft.demo.blip import SIZES
+from vlpeft.demo.blip import DEFAULT_METHODS, SIZES, method_specs
 from vlpeft.demo.learning_rates import (
     NOT_IN_TABLE,
     PEFT_GRID,
+    TABLE_FILE,
     grid_for,
+    learning_rate_lines,
     load_table,
     merge_entries,
     resolve_learning_rates,
@@ -19,7 +22,7 @@ from vlpeft.demo.learning_rates import (
     table_entry,
     write_table,
 )
-from vlpeft.demo.specs import MethodSpec
+from vlpeft.demo.specs import ROUTING_KINDS, TASKS, MethodSpec
 
 LORA = MethodSpec("LoRA", "lora", {"r": 8})
 FULL = MethodSpec("full fine-tuning", "full", {}, 5e-4)
@@ -95,3 +98,36 @@ def test_choice_per_policy():
         resolve_learning_rates("select", [LORA], ["caption"], setting="blip", size=SIZES["default"], selected=[])
     with pytest.raises(ValueError, match="unknown learning-rate policy"):
         resolve_learning_rates("best", [LORA], ["vqa"], setting="blip", size=SIZES["default"])
+
+
+def test_page_lines_name_the_provenance_and_a_table_selected_on_another_base():
+    entry = {**_entry("LoRA", "vqa", 1e-2), "base_digest": "old", "size": "default", "selection_seeds": [0]}
+    choices = resolve_learning_rates("table", [LORA, MethodSpec("Adapter", "adapter")], ["vqa"], setting="blip",
+                                     size=SIZES["default"], table=[entry])
+    record = {"policy": "table", "table": "x/learning_rates.json"}
+    lines = learning_rate_lines(record, choices, "new")
+    assert any(f"selected by `c` at commit {'a' * 40}, size default, selection seed(s) [0]" in line for line in lines)
+    assert any("another build" in line and "old" in line for line in lines)
+    assert any(line.endswith("shared rate: Adapter on vqa") for line in lines)
+    assert not any("another build" in line for line in learning_rate_lines(record, choices, "old"))
+
+
+def test_committed_table_covers_the_default_demo_and_records_each_selection():
+    entries = load_table(TABLE_FILE)
+    specs = {spec.label: spec for spec in method_specs(ROUTING_KINDS)}
+    keys = [(e["setting"], e["label"], e["task"]) for e in entries]
+    assert len(set(keys)) == len(keys)
+    assert {("blip", label, task) for label in DEFAULT_METHODS for task in TASKS} <= set(keys)
+    for entry in entries:
+        grid = entry["grid"]
+        assert entry["base_preset"] == "default" and entry["split"] == "eval" and entry["label"] in specs
+        assert entry["method"]["type"] == specs[entry["label"]].type
+        assert entry["learning_rate"] in grid and entry["lr_scale"] == 1.0
+        scores = entry["eval_scores"]
+        assert list(scores) == [f"{value:g}" for value in grid]
+        finite = [(value, scores[f"{value:g}"]) for value in grid if scores[f"{value:g}"] is not None]
+        assert entry["learning_rate"] == max(finite, key=lambda pair: pair[1])[0]  # best on eval, first on ties
+        assert entry["at_grid_edge"] == (entry["learning_rate"] in (min(grid), max(grid)))
+        assert re.fullmatch(r"[0-9a-f]{40}", entry["git"]["commit"]) and entry["git"]["dirty"] is False
+        assert entry["command"].startswith("vlpeft demo --select-learning-rates")
+        assert entry["size"] == "default" and entry["selection_seeds"] == [0]

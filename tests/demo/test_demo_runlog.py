@@ -9,7 +9,7 @@ import pytest
 
 from vlpeft.data import PRESETS, ensure_benchmark
 from vlpeft.demo.base import BASE_PRESETS, ensure_base
-from vlpeft.demo.run import add_parser, run_demo
+from vlpeft.demo.run import add_parser, default_jobs, run_demo
 from vlpeft.demo.runlog import (
     RUNS_FILE,
     PlanItem,
@@ -18,6 +18,7 @@ from vlpeft.demo.runlog import (
     fingerprint,
     read_runs,
     threads_per_job,
+    usable_cores,
 )
 from vlpeft.report.demo_results import DemoRunResult
 
@@ -154,4 +155,5 @@ def test_cli_takes_jobs():
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
     assert parser.parse_args(["demo", "--jobs", "2"]).jobs == 2
-    assert parser.parse_args(["demo"]).jobs == 1
+    assert parser.parse_args(["demo"]).jobs is None  # resolved by default_jobs(): 2, 1 on a single core
+    assert default_jobs() == min(2, usable_cores())

@@ -266,8 +266,10 @@ def learning_rate_record(policy: str, choices: dict[tuple[str, str], LearningRat
     return record
 
 
-def learning_rate_lines(record: dict[str, Any], choices: dict[tuple[str, str], LearningRateChoice]) -> list[str]:
-    """How the learning rates were chosen, for ``results.md``."""
+def learning_rate_lines(record: dict[str, Any], choices: dict[tuple[str, str], LearningRateChoice],
+                        base_digest: str | None = None) -> list[str]:
+    """How the learning rates were chosen, for ``results.md`` (``base_digest``: this run's base, to say when table
+    values were selected on another build of the base preset)."""
     policy = record["policy"]
     if policy == "shared":
         return ["Old protocol (`--lr shared`): one learning rate for every parameter-efficient method and a 10x "
@@ -281,6 +283,10 @@ def learning_rate_lines(record: dict[str, Any], choices: dict[tuple[str, str], L
     lines = [f"From the committed table `{Path(record['table']).name}` (`--lr table`), values selected on the eval "
              "split; each entry records the command and commit that selected it and the eval score of every grid "
              "value:", *provenance_lines(used)]
+    other_base = sorted({e.get("base_digest") for e in used if e.get("base_digest") not in (None, base_digest)})
+    if base_digest is not None and other_base:
+        lines.append(f"- Note: values selected on another build of this base preset (digest {', '.join(other_base)}; "
+                     f"this run's base: {base_digest}): select again to be sure they still hold")
     missing = [f"{c.label} on {c.task}" for c in choices.values() if c.source == NOT_IN_TABLE]
     if missing:
         lines.append(f"- No table entry for this base, trained at the shared rate: {', '.join(missing)}")
