@@ -88,6 +88,18 @@ def test_composite_demo_trains_and_scores_every_kind_of_method(assets):
                  text_model=text, tasks=["caption"], methods=["LoRA"], progress=False, log=lambda _: None)
 
 
+def test_composite_selects_learning_rates_on_its_eval_split(assets):
+    root, base_path, text = assets
+    payload = run_demo(root / "out-select", data_dir=root / "data", base_dir=base_path, size_name="smoke",
+                       setting="composite", text_model=text, methods=["LoRA"], tasks=["snli_ve"], seeds=[0],
+                       learning_rates="select", lr_grid=(0.001, 0.01), progress=False, log=lambda _: None)
+    [entry] = payload["learning_rates"]["selection"]
+    assert (entry["setting"], entry["label"], entry["task"], entry["split"]) == ("composite", "LoRA", "snli_ve", "eval")
+    assert set(entry["eval_scores"]) == {"0.001", "0.01"} and entry["learning_rate"] in (0.001, 0.01)
+    [record] = [r for r in payload["results"] if r["label"] == "LoRA"]
+    assert record["learning_rate"] == entry["learning_rate"] and record["learning_rate_source"] == "selected on eval"
+
+
 def test_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="unknown demo setting 'clip'"):
         run_demo(tmp_path, setting="clip")

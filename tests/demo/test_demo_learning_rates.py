@@ -131,3 +131,12 @@ def test_committed_table_covers_the_default_demo_and_records_each_selection():
         assert re.fullmatch(r"[0-9a-f]{40}", entry["git"]["commit"]) and entry["git"]["dirty"] is False
         assert entry["command"].startswith("vlpeft demo --select-learning-rates")
         assert entry["size"] == "default" and entry["selection_seeds"] == [0]
+
+
+def test_cli_refuses_update_table_without_a_table_or_a_selection(capsys):
+    from vlpeft.cli import main
+
+    assert main(["demo", "--update-table", "--select-learning-rates"]) == 2
+    assert "--update-table needs --lr-table" in capsys.readouterr().err
+    assert main(["demo", "--update-table", "--lr-table", "t.json"]) == 2
+    assert "use it with --select-learning-rates" in capsys.readouterr().err

@@ -72,6 +72,7 @@ from vlpeft.report.demo_results import (
     text_table,
 )
 from vlpeft.report.plots import plot_metric_vs_params
+from vlpeft.training.config import ConfigError
 
 __all__ = ["SETTINGS", "add_parser", "make_setting", "resolve_size", "run_demo", "select_methods"]
 
@@ -343,7 +344,10 @@ def run_demo_command(args: argparse.Namespace) -> int:
         methods = list(DEFAULT_METHODS)
     policy = args.lr or ("select" if args.full else "table")
     if args.update_table and not args.lr_table:
-        raise ValueError("--update-table needs --lr-table (the file to merge the selected values into)")
+        raise ConfigError("--update-table needs --lr-table (the file to merge the selected values into)")
+    if args.update_table and not (args.select_learning_rates or policy == "select"):
+        raise ConfigError("--update-table merges selected learning rates: use it with --select-learning-rates, "
+                          "--lr select or --full")
     run_demo(args.out, data_dir=args.data, base_dir=args.base, size_name=size, seeds=seeds, routing_kinds=routing,
              methods=methods, tasks=args.tasks, progress=not args.no_progress,
              jobs=default_jobs() if args.jobs is None else args.jobs,
