@@ -88,9 +88,10 @@ class LearningRateChoice:
 
 def grid_for(spec: MethodSpec, grid: Sequence[float] = PEFT_GRID) -> tuple[float, ...]:
     """The grid of ``spec``: ``grid`` times the ratio of the method's shared rate to the parameter-efficient one
-    (1 for every parameter-efficient method, 0.1 for full fine-tuning), to 6 significant digits."""
+    (1 for every parameter-efficient method, 0.1 for full fine-tuning), to 6 significant digits, in ascending order
+    (the sweep breaks ties in grid order: the smaller rate wins)."""
     scale = spec.base_learning_rate() / PEFT_LEARNING_RATE
-    return tuple(float(f"{value * scale:.6g}") for value in grid)
+    return tuple(sorted(float(f"{value * scale:.6g}") for value in grid))
 
 
 # ---------------------------------------------------------------------------------------------------- the table
