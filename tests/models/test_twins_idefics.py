@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import _twin_checks as checks
 import torch
+from vlpeft.testing.twins.base import Sample
 
 from vlpeft.testing.twins import Twin, tiny_image
 from vlpeft.testing.twins import idefics3 as idefics3_twin
 from vlpeft.testing.twins import smolvlm as smolvlm_twin
-from vlpeft.testing.twins.base import Sample
 
 MODULES = {"idefics3": idefics3_twin, "smolvlm": smolvlm_twin}
 BOS = {"idefics3": "<|begin_of_text|>", "smolvlm": "<|im_start|>"}

@@ -9,9 +9,9 @@ from transformers.models.mllama.modeling_mllama import (
     MllamaCrossAttentionDecoderLayer,
     MllamaSelfAttentionDecoderLayer,
 )
+from vlpeft.testing.twins.mllama import CROSS_ATTENTION_LAYERS
 
 from vlpeft.testing.twins import Twin, build_twin
-from vlpeft.testing.twins.mllama import CROSS_ATTENTION_LAYERS
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import _twin_checks as checks
 import pytest
 import torch
 from transformers.vision_utils import get_vision_window_index
+from vlpeft.testing.twins._qwen import MERGE, PATCH
 
 from vlpeft.testing.twins import Twin, build_twin
-from vlpeft.testing.twins._qwen import MERGE, PATCH
 
 QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
