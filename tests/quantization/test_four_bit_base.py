@@ -104,7 +104,7 @@ def test_method_trains_saves_and_loads_over_a_four_bit_base(saved_twins, twin_na
     assert four_bit
     frozen = {name: p.detach().clone() for name, p in wrapped.named_parameters() if not p.requires_grad}
 
-    # Two Adam steps (as tests/test_twin_methods.py): finite loss, finite gradients, and every trainable tensor
+    # Two Adam steps (as tests/tuners/test_twin_methods.py): finite loss, finite gradients, and every trainable tensor
     # reached in one of the steps (LoRA's A only once B has moved off zero).
     wrapped.train()
     optimizer = torch.optim.Adam(trainable.values(), lr=1e-3)

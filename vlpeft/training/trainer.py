@@ -68,7 +68,7 @@ def enable_fsdp_on_cpu(accelerator: Any) -> bool:
     torch's FSDP (``fully_shard``, FSDP2) itself runs on CPU with gloo, so when ``ACCELERATE_USE_FSDP`` is set and
     the state is ``MULTI_CPU`` this builds the plugin from the launcher's environment (``FSDP_*`` variables, as
     accelerate does) and marks the state as FSDP. Only FSDP2 (``fsdp_version: 2``, the tested path,
-    ``tests/test_training_fsdp.py``) is switched on; an FSDP1 config raises. Returns whether it switched FSDP on.
+    ``tests/training/test_training_fsdp.py``) is switched on; an FSDP1 config raises. Returns whether it switched FSDP on.
     """
     state = accelerator.state
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or state.distributed_type != DistributedType.MULTI_CPU:

@@ -3,7 +3,7 @@
 PEFT 0.21 keeps its method registry in four module-level dicts in ``peft.mapping``. Its public
 ``register_peft_method`` only accepts members of the closed ``peft.PeftType`` enum, so out-of-tree methods
 register by writing those dicts directly (see ``ecosystem.md`` §2.2). Every other vlpeft module goes through
-:func:`register_method`, which only :func:`vlpeft.registration.register_all` calls; ``tests/test_peft_registry.py``
+:func:`register_method`, which only :func:`vlpeft.registration.register_all` calls; ``tests/tuners/test_peft_registry.py``
 fails loudly when PEFT changes these internals.
 """
 

@@ -322,7 +322,7 @@ def test_a_multitask_run_on_two_processes_trains_and_evaluates_every_task(data, 
     config.optim.max_steps, config.optim.batch_size = 3, 1
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vlpeft.cli",
            "train", str(path)]

@@ -126,7 +126,7 @@ def test_tensorboard_missing_is_skipped_with_a_warning(monkeypatch):
 
 
 def test_tiny_twin_flag_swaps_the_model(tmp_path, capsys):
-    recipe = Path(__file__).resolve().parents[1] / "configs" / "blip_padapter_vqav2.yaml"
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "blip_padapter_vqav2.yaml"
     data = write_vqa_data(tmp_path / "d", 2, 2)
     sets = [f"task.train={data['train']}", f"task.train_annotations={data['train_annotations']}",
             f"task.eval={data['val']}", f"task.eval_annotations={data['val_annotations']}",

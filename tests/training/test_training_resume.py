@@ -21,7 +21,7 @@ from vlpeft.cli import main as cli_main
 from vlpeft.training import CorruptCheckpointWarning, load_config, run_training
 from vlpeft.training.checkpoints import COMPLETION_MARKER, checkpoint_problem
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 KILLER = textwrap.dedent(
     """

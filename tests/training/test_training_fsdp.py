@@ -17,7 +17,7 @@ import torch
 from _training_data import write_chat_data
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ACCELERATE_CONFIG = REPO / "configs" / "accelerate" / "fsdp2_cpu.yaml"
 # recipe -> its tiny twin (model.tiny_twin)
 RECIPES = {"smolvlm_256m_padapter_chat": "smolvlm", "qwen2_5_vl_7b_routed_lora_chat": "qwen2_5_vl"}

@@ -19,7 +19,7 @@ from vlpeft.tasks.framing import vqa_examples
 from vlpeft.tasks.vqa import VQADataset
 from vlpeft.testing.twins import build_twin
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHAT_RECIPES = ["qwen2_5_vl_7b_routed_lora_chat", "smolvlm_256m_padapter_chat"]
 FAST = ["--set", "optim.max_steps=2", "--set", "optim.batch_size=2", "--set", "optim.gradient_accumulation_steps=1",
         "--set", "eval.strategy=no", "--set", "eval.max_new_tokens=3", "--set", "run.report_to=[csv]",

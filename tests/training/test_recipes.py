@@ -14,7 +14,7 @@ from test_tasks_gqa_nlvr2 import write_gqa, write_nlvr2
 from vlpeft.training import load_config, run_training
 from vlpeft.training.config import use_tiny_twin
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from vlpeft.testing.twins import Sample, Twin, build_twin
 
 trl = pytest.importorskip("trl")
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 FAMILIES = ("qwen2_5_vl", "smolvlm")
 CONFIGS: dict[str, Callable[[], peft.PeftConfig]] = {

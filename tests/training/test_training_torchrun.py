@@ -13,7 +13,7 @@ import torch
 from _training_data import tiny_caption_config, write_caption_data, write_config
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _train(config_path: Path, nproc: int) -> None:
