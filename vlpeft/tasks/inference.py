@@ -354,17 +354,30 @@ def predict_entailment(
             else:
                 prompts = [format_prompt(prompt_template, hypothesis=clean_hypothesis(item["hypothesis"]))
                            for item in items]
-                extra, prompt_ids = encoder.encode_prompts(items, prompts)
-                if mode == "rank":
-                    picked = [labels[c] for c in rank_candidates(model, encoder, extra, prompt_ids, candidates,
-                                                                 len(labels))]
-                else:
-                    texts = generate_texts(model, encoder, extra, prompt_ids, **generate_kwargs)
-                    picked = [_label_of(text, label_words) for text in texts]
+                picked = _labels_by_prompt(model, encoder, items, prompts, candidates, label_words, generate_kwargs)
             results.extend({"pair_id": it["pair_id"], "label": p} for it, p in zip(items, picked))
     finally:
         model.train(training)
     return results
+
+
+def _labels_by_prompt(
+    model: nn.Module,
+    encoder: PromptEncoder,
+    items: Sequence[Mapping[str, Any]],
+    prompts: list[str],
+    candidates: list[Any] | None,
+    label_words: Mapping[str, str],
+    generate_kwargs: Mapping[str, Any],
+) -> list[str]:
+    """One label per item after its prompt: ranked over the encoded label words ``candidates`` (in the order of
+    ``label_words``), or, when ``candidates`` is None, generated and mapped by :func:`_label_of`."""
+    extra, prompt_ids = encoder.encode_prompts(items, prompts)
+    labels = list(label_words)
+    if candidates is not None:
+        return [labels[c] for c in rank_candidates(model, encoder, extra, prompt_ids, candidates, len(labels))]
+    texts = generate_texts(model, encoder, extra, prompt_ids, **generate_kwargs)
+    return [_label_of(text, label_words) for text in texts]
 
 
 def _label_of(text: str, label_words: Mapping[str, str]) -> str:
@@ -407,13 +420,7 @@ def predict_nlvr2(
         for batch in _batches(indices, batch_size):
             items = [dataset[i] for i in batch]
             prompts = [format_prompt(prompt_template, sentence=item["sentence"].strip()) for item in items]
-            extra, prompt_ids = encoder.encode_prompts(items, prompts)
-            if mode == "rank":
-                picked = [labels[c] for c in rank_candidates(model, encoder, extra, prompt_ids, candidates,
-                                                             len(labels))]
-            else:
-                texts = generate_texts(model, encoder, extra, prompt_ids, **generate_kwargs)
-                picked = [_label_of(text, label_words) for text in texts]
+            picked = _labels_by_prompt(model, encoder, items, prompts, candidates, label_words, generate_kwargs)
             results.extend({"identifier": it["identifier"], "label": p} for it, p in zip(items, picked))
     finally:
         model.train(training)
