@@ -2,7 +2,7 @@
 # Issue #20's GPU checks in one run on a lent GPU machine (see benchmarks/gpu/README.md):
 #   kernel correctness tests, 4-bit train/save/load on CUDA, fused kernel vs SDPA at n = 512 and 4096, and the
 #   end-to-end training step of the Qwen2.5-VL-3B-config model; results under $OUT (summary.json, e2e.json, ...).
-# Wheels carried in .whl/ (benchmarks/gpu/prepare_wheels.sh) are installed into /tmp/site first, so the machine's
+# Wheels carried in .whl/ (benchmarks/gpu/prepare_wheels.sh) are installed into .whl-site/ (in the checkout) first, so the machine's
 # Python runs the transformers / PEFT / bitsandbytes versions this checkout is tested with.
 # Usage: OUT=/some/dir BUDGET_S=330 bash benchmarks/gpu/device_checks.sh
 set -uo pipefail
@@ -13,9 +13,9 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .whl-site .whl/*.whl \
     >"$OUT/device_checks.log" 2>&1 || { echo "installing the carried wheels failed"; tail -20 "$OUT/device_checks.log"; exit 3; }
-  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$PWD/.whl-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi

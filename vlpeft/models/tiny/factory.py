@@ -135,6 +135,7 @@ def build_tiny_model(family: str, *, seed: int = 0, **overrides: Any) -> TinyMod
         image_size=sizes["image_size"],
         image_token_id=info.get("image_token_id"),
         num_image_tokens=info.get("num_image_tokens", 0),
+        token_type_ids=info.get("token_type_ids", False),
         is_generative=family in GENERATIVE_FAMILIES,
         num_labels=info.get("num_labels"),
         seed=seed,

@@ -34,6 +34,8 @@ class TinyModel:
         num_image_tokens: how many placeholder tokens one image occupies in ``input_ids`` (0 if none).
         is_generative: whether ``model.generate`` is supported.
         num_labels: classifier width for ``prefix_classifier`` models, else ``None``.
+        token_type_ids: whether the model takes ``token_type_ids`` marking the suffix (answer) tokens (PaliGemma's
+            prefix-LM mask); set by the family's recipe.
         inputs: example forward inputs with labels (batch 2, distinct images), from :meth:`example_inputs`.
         seed: the seed the model and ``inputs`` were made with.
     """
@@ -47,6 +49,7 @@ class TinyModel:
     num_image_tokens: int = 0
     is_generative: bool = True
     num_labels: int | None = None
+    token_type_ids: bool = False
     seed: int = 0
     pad_token_id: int = PAD_TOKEN_ID
     bos_token_id: int = BOS_TOKEN_ID
@@ -225,7 +228,7 @@ class TinyModel:
                 ids[-1] = torch.cat([torch.full((num_padding,), self.pad_token_id), keep])
                 mask[-1, :num_padding] = 0
             inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
-            if self.family == "paligemma":
+            if self.token_type_ids:
                 inputs["token_type_ids"] = torch.zeros_like(ids)
             return inputs
 
@@ -241,7 +244,7 @@ class TinyModel:
         is_answer[:, answer_start:] = True
         is_answer &= padded["attention_mask"].bool()
         inputs = {"pixel_values": pixel_values, **padded}
-        if self.family == "paligemma":
+        if self.token_type_ids:
             inputs["token_type_ids"] = is_answer.long()
         if with_labels:
             inputs["labels"] = padded["input_ids"].masked_fill(~is_answer, -100)

@@ -206,7 +206,8 @@ def _build_paligemma(sizes: dict[str, int], extra: dict[str, Any]) -> Recipe:
     return (
         config,
         PaliGemmaForConditionalGeneration,
-        {"layout": "image_tokens", "image_token_id": IMAGE_TOKEN_ID, "num_image_tokens": num_image_tokens},
+        {"layout": "image_tokens", "image_token_id": IMAGE_TOKEN_ID, "num_image_tokens": num_image_tokens,
+         "token_type_ids": True},
     )
 
 
