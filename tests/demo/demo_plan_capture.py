@@ -120,7 +120,8 @@ def _stand_ins(root: Path, events: list[Any]) -> tuple[dict[str, Any], dict[str,
         path = root / "base"
         path.mkdir(parents=True, exist_ok=True)
         vision = {"image_size": spec.image_size, "patch_size": spec.patch_size}
-        (path / "config.json").write_text(json.dumps({"vision_config": vision}), encoding="utf-8")
+        config = {"model_type": "blip", "architectures": ["BlipForConditionalGeneration"], "vision_config": vision}
+        (path / "config.json").write_text(json.dumps(config), encoding="utf-8")
         events.append(["ensure_base", dataclasses.asdict(spec), None if root_dir is None else str(root_dir)])
         return path, {"digest": spec.digest(), "parameters": 12345, "train_seconds": 7.0,
                       "caption_scores": {"CIDEr": 0.75, "Bleu_4": 0.5}, "spec": dataclasses.asdict(spec)}

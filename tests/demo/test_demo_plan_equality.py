@@ -4,7 +4,9 @@ log, the same ``run_demo`` arguments from the CLI and the same errors.
 
 The reference, ``data/demo_plans.json``, was written by ``demo_plan_capture.py``: first on the code before the
 settings were split (issue #19, a change that had to build the same), then again for the intended changes of
-issue #17 (seeds and intervals, per-method learning rates, learning-rate selection, 100 caption steps).
+issue #17 (seeds and intervals, per-method learning rates, learning-rate selection, 100 caption steps; later
+the resolved method config and the benchmark format version in the fingerprints, which also builds one more
+config per method and task).
 Training, evaluation, the sweeps, data and the base model are stand-ins (see that module)."""
 
 from __future__ import annotations

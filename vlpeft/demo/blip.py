@@ -132,5 +132,6 @@ class BlipSetting(DemoSetting):
         return plan + fine_tuning_items(
             specs, tasks, seeds, size=c.size, common=common, title_prefix="", run=train_one,
             learning_rates=c.learning_rates,
+            method_settings=lambda spec, task: self.method_settings(spec, task, c),
             run_args=lambda spec, task, seed: (spec, task, seed, c.base_path, c.data_root, c.size, c.work_dir,
                                                c.progress))

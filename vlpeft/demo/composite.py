@@ -199,6 +199,7 @@ class CompositeSetting(DemoSetting):
         return fine_tuning_items(
             specs, tasks, seeds, size=c.size, common=common, title_prefix="composite: ", run=train_composite,
             learning_rates=c.learning_rates,
+            method_settings=lambda spec, task: self.method_settings(spec, task, c),
             run_args=lambda spec, task, seed: (spec, task, seed, vision_dir, text_dir, c.data_root, c.size,
                                                c.work_dir, c.progress))
 

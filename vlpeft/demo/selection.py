@@ -62,14 +62,16 @@ def select_learning_rate(config: TrainConfig, label: str, task: str, grid: tuple
 def selection_items(demo: DemoSetting, specs: Sequence[MethodSpec], tasks: Sequence[str], context: PlanContext, *,
                     grid: Sequence[float], seeds: Sequence[int], command: str,
                     common: dict[str, Any]) -> list[PlanItem]:
-    """One selection per (task, method), in that nesting order. The fingerprint covers the method, task, grid,
-    seeds and ``common`` (the invocation's settings that decide a result)."""
+    """One selection per (task, method), in that nesting order. The fingerprint covers the method, its resolved
+    config (:meth:`DemoSetting.method_settings`), task, grid, seeds and ``common`` (the invocation's settings that
+    decide a result)."""
     items = []
     for task in tasks:
         for spec in specs:
             values = tuple(float(f"{v * context.size.lr_scale:.6g}") for v in grid_for(spec, grid))
             settings = {"kind": "select", "method": dataclasses.asdict(spec), "task": task, "grid": list(values),
-                        "seeds": list(seeds), **common}
+                        "resolved_method": demo.method_settings(spec, task, context), "seeds": list(seeds),
+                        **common}
             out_dir = context.work_dir.parent / SELECTION_DIR / folder_name(task, spec.label)
             config = demo.selection_config(spec, task, context, out_dir)
             items.append(PlanItem(fingerprint(settings), f"learning rate of {spec.label} on {task}",

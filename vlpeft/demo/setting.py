@@ -20,9 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from vlpeft.data.synth import FORMAT_VERSION as BENCHMARK_FORMAT
 from vlpeft.demo.runlog import PlanItem, fingerprint
 from vlpeft.demo.specs import DemoSize, MethodSpec
 from vlpeft.training import TrainConfig
+from vlpeft.training.methods import resolve_method_options
+from vlpeft.training.models import resolve_family
 
 __all__ = ["DemoSetting", "PlanContext", "fine_tuning_items"]
 
@@ -47,8 +50,10 @@ class PlanContext:
     learning_rates: Mapping[tuple[str, str], float] = field(default_factory=dict)
 
     def fingerprint_settings(self) -> dict[str, Any]:
-        """The settings of this context that decide a run's result."""
-        return {"size": dataclasses.asdict(self.size), "base": self.base_digest, "benchmark": self.synth_settings}
+        """The settings of this context that decide a run's result (the benchmark's file format version too: a
+        changed generator gives other data from the same preset)."""
+        return {"size": dataclasses.asdict(self.size), "base": self.base_digest, "benchmark": self.synth_settings,
+                "benchmark_format": BENCHMARK_FORMAT}
 
 
 class DemoSetting(ABC):
@@ -86,6 +91,15 @@ class DemoSetting(ABC):
         """The training config of ``spec`` on ``task`` with the eval split, for learning-rate selection
         (:mod:`vlpeft.demo.selection`; the sweep sets the learning rate, seed and output folder of each run)."""
 
+    def method_settings(self, spec: MethodSpec, task: str, context: PlanContext) -> dict[str, Any]:
+        """The method's config on ``task`` with every default of the library resolved, as JSON values (the PEFT
+        config's ``to_dict()``; the checked options of full fine-tuning). It enters the fingerprints, so that a
+        changed library default (say the p-adapter's mu0) makes earlier records of the same spec unusable."""
+        config = self.selection_config(spec, task, context, context.work_dir / "unused")
+        resolved = resolve_method_options(config.method.type, dict(config.method.options), config.task.type,
+                                          resolve_family(config))
+        return _json_values(resolved.to_dict() if hasattr(resolved, "to_dict") else resolved)
+
     @abstractmethod
     def build_plan(self, specs: Sequence[MethodSpec], tasks: Sequence[str], seeds: Sequence[int],
                    context: PlanContext) -> list[PlanItem]:
@@ -103,22 +117,40 @@ class DemoSetting(ABC):
 def fine_tuning_items(specs: Sequence[MethodSpec], tasks: Sequence[str], seeds: Sequence[int], *, size: DemoSize,
                       common: dict[str, Any], title_prefix: str, run: Callable[..., Any],
                       run_args: Callable[[MethodSpec, str, int], tuple[Any, ...]],
+                      method_settings: Callable[[MethodSpec, str], dict[str, Any]],
                       learning_rates: Mapping[tuple[str, str], float] | None = None) -> list[PlanItem]:
     """One plan item per (seed, task, method), in that nesting order: ``run(*run_args(spec, task, seed))``, where
     ``spec`` carries the task's learning rate from ``learning_rates`` (:attr:`PlanContext.learning_rates`).
 
-    The fingerprint covers the method spec, task, seed, effective learning rate and ``common`` (the settings of
-    the invocation that decide a result, :meth:`PlanContext.fingerprint_settings` and the setting's own).
+    The fingerprint covers the method spec, its resolved config (``method_settings(spec, task)``,
+    :meth:`DemoSetting.method_settings`), task, seed, effective learning rate and ``common`` (the settings of the
+    invocation that decide a result, :meth:`PlanContext.fingerprint_settings` and the setting's own).
     ``run`` must be a module-level function: with ``--jobs N`` items are sent to worker processes."""
     plan = []
     rates = learning_rates or {}
+    resolved = {(spec.label, task): method_settings(spec, task) for task in tasks for spec in specs}
     for seed in seeds:
         for task in tasks:
             for listed in specs:
                 rate = rates.get((listed.label, task))
                 spec = listed if rate is None else dataclasses.replace(listed, learning_rate=rate)
                 settings = {"kind": "train", "method": dataclasses.asdict(spec), "task": task, "seed": seed,
+                            "resolved_method": resolved[(listed.label, task)],
                             "learning_rate": size.learning_rate(spec), **common}
                 plan.append(PlanItem(fingerprint(settings), f"{title_prefix}{spec.label} on {task} (seed {seed})",
                                      run, run_args(spec, task, seed)))
     return plan
+
+
+def _json_values(value: Any) -> Any:
+    """``value`` with sets as sorted lists and every other non-JSON leaf as its ``str`` (a stable digest input:
+    the order of a set of strings changes between processes)."""
+    if isinstance(value, dict):
+        return {str(k): _json_values(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_json_values(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_json_values(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
