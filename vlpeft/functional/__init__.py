@@ -7,7 +7,8 @@
 - :func:`choose_backend`: which backend (fused Triton / blocked or eager torch attention; fused C kernels or torch
   for the aggregation) computes a p-Laplacian block, as a :class:`BackendChoice` with its reason; override with
   ``VLPEFT_BACKEND=torch|cpu|triton``.
-- :func:`route`: the routing functions of the routing paper (:data:`ROUTING_KINDS`).
+- :func:`route`: the routing functions of the routing paper (:data:`ROUTING_KINDS`); :func:`project_visual`:
+  x_R through the shared down-projection, optionally without gradient into it.
 - :class:`PBounds`, :func:`p_from_theta`, :func:`theta_from_p`, :func:`mu_from_offset`: parametrisations
   of the learnable p and mu.
 """
@@ -33,7 +34,7 @@ from vlpeft.functional.parameters import (
     theta_from_p,
 )
 from vlpeft.functional.pooling import adaptive_bins, pool_keys
-from vlpeft.functional.routing import POOLINGS, ROUTING_KINDS, route
+from vlpeft.functional.routing import POOLINGS, ROUTING_KINDS, project_visual, route
 
 __all__ = [
     "DEFAULT_P_BOUNDS",
@@ -55,6 +56,7 @@ __all__ = [
     "p_from_theta",
     "p_laplacian_aggregate",
     "pool_keys",
+    "project_visual",
     "route",
     "theta_from_p",
 ]

@@ -17,11 +17,25 @@ rules (ViT pooler, CLS) select features upstream, before the down-projection.
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor
 
 ROUTING_KINDS: tuple[str, ...] = ("mul", "add", "matmul", "matmul_expand")
 POOLINGS: tuple[str | None, ...] = (None, "none", "mean")
 _SINGLE_VECTOR_KINDS = ("mul", "add", "matmul_expand")
+
+
+def project_visual(features: Tensor, weight: Tensor, bias: Tensor | None = None, *, grad: bool = True) -> Tensor:
+    """x_v = x_R W^T + b: the visual features (batch, m, d) through the bottleneck's shared down-projection
+    (weight (r, d), bias (r,)) -> (batch, m, r).
+
+    ``grad=False`` gives the same values with ``weight`` and ``bias`` detached: the projection then learns from
+    the text path only, while the features still receive gradients. The released code trains it through both
+    paths (routing.md §3, §4); this is an opt-in deviation (the tuners' ``visual_projection_grad``)."""
+    if not grad:
+        weight = weight.detach()
+        bias = None if bias is None else bias.detach()
+    return F.linear(features, weight, bias)
 
 
 def route(

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
-from vlpeft.functional import route
+from vlpeft.functional import project_visual, route
 from vlpeft.glue.visual_features import VisualFeatureContext
 from vlpeft.tuners.adapter.config import AdapterConfig
 
@@ -39,6 +39,7 @@ class BottleneckAdapterLayer(BaseTunerLayer):
         "routing",
         "pooling",
         "matmul_reshape_quirk",
+        "visual_projection_grad",
         "visual_source",
     )
 
@@ -51,6 +52,7 @@ class BottleneckAdapterLayer(BaseTunerLayer):
         self.routing: dict[str, str | None] = {}
         self.pooling: dict[str, str] = {}
         self.matmul_reshape_quirk: dict[str, bool] = {}
+        self.visual_projection_grad: dict[str, bool] = {}
         self.visual_source: dict[str, str | None] = {}
         self.bottleneck_adapter_down = nn.ModuleDict({})
         self.bottleneck_adapter_up = nn.ModuleDict({})
@@ -92,6 +94,7 @@ class BottleneckAdapterLayer(BaseTunerLayer):
         self.routing[adapter_name] = config.routing
         self.pooling[adapter_name] = config.pooling
         self.matmul_reshape_quirk[adapter_name] = config.matmul_reshape_quirk
+        self.visual_projection_grad[adapter_name] = config.visual_projection_grad
         self.visual_source[adapter_name] = visual_source
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -126,7 +129,8 @@ class BottleneckAdapterLayer(BaseTunerLayer):
         features, mask = context.visual_input(
             source, self.pooling[adapter], y.shape[0], requester=self.module_name, width=self.width
         )
-        visual = down(features.to(down.weight.dtype))
+        visual = project_visual(features.to(down.weight.dtype), down.weight, down.bias,
+                                grad=self.visual_projection_grad[adapter])
         if mask is not None:
             visual = visual * mask.unsqueeze(-1).to(visual.dtype)
         shape = hidden.shape

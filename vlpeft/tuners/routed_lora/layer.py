@@ -23,7 +23,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from vlpeft.functional import route
+from vlpeft.functional import project_visual, route
 from vlpeft.glue.visual_features import VisualFeatureContext
 from vlpeft.tuners._quantized import is_quantized_weight
 from vlpeft.tuners.routed_lora.config import FUSED_SLICES, RoutedLoraConfig
@@ -43,6 +43,7 @@ class RoutedLoraLayer(BaseTunerLayer):
         "fused_slices",
         "fused_qv_bottleneck",
         "matmul_reshape_quirk",
+        "visual_projection_grad",
         "visual_source",
     )
 
@@ -59,6 +60,7 @@ class RoutedLoraLayer(BaseTunerLayer):
         self.fused_slices: dict[str, list[int] | None] = {}
         self.fused_qv_bottleneck: dict[str, bool] = {}
         self.matmul_reshape_quirk: dict[str, bool] = {}
+        self.visual_projection_grad: dict[str, bool] = {}
         self.visual_source: dict[str, str | None] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -113,6 +115,7 @@ class RoutedLoraLayer(BaseTunerLayer):
         self.fused_slices[adapter_name] = slices
         self.fused_qv_bottleneck[adapter_name] = bool(config.fused_qv_bottleneck and slices is not None)
         self.matmul_reshape_quirk[adapter_name] = config.matmul_reshape_quirk
+        self.visual_projection_grad[adapter_name] = config.visual_projection_grad
         self.visual_source[adapter_name] = visual_source
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -239,7 +242,8 @@ class Linear(nn.Module, RoutedLoraLayer):
         features, mask = context.visual_input(
             source, self.pooling[adapter], x.shape[0], requester=self.module_name, width=self.in_features
         )
-        visual = lora_a(dropout(features.to(lora_a.weight.dtype)))
+        visual = project_visual(dropout(features.to(lora_a.weight.dtype)), lora_a.weight, lora_a.bias,
+                                grad=self.visual_projection_grad[adapter])
         if mask is not None:
             visual = visual * mask.unsqueeze(-1).to(visual.dtype)
         shape = text.shape

@@ -46,6 +46,11 @@ class RoutingOptions:
             model family's choice (``vlpeft.glue.families``).
         matmul_reshape_quirk: quirk Q1, faithful reproduction of the released ``reshape`` in ``"matmul"``
             (differs from the true transpose only with several visual tokens).
+        visual_projection_grad: ``True`` (the released code): the shared down-projection (LoRA's A, the
+            adapter's W_d and b_d) learns through the text and the visual term. ``False``: the visual term is
+            computed with it detached (same forward values), so it learns from the text term only. An opt-in
+            deviation: with ``"add"`` the visual term's gradient into W_d is 3-5x the text term's and routed
+            Adapter collapses on the demo's VQA (docs/instabilities.md).
     """
 
     routing: str | None = field(default=None, metadata={"help": f"Routing function: one of {ROUTING_KINDS} or None."})
@@ -57,6 +62,9 @@ class RoutingOptions:
     )
     pooler_module: str | None = field(default=None, metadata={"help": "Module whose output is the pooled x_R."})
     matmul_reshape_quirk: bool = field(default=False, metadata={"help": "Quirk Q1 (released reshape in matmul)."})
+    visual_projection_grad: bool = field(
+        default=True, metadata={"help": "False: the down-projection gets no gradient through the visual term."}
+    )
 
     def _validate_routing(self) -> None:
         if self.routing is not None and self.routing not in ROUTING_KINDS:
@@ -68,6 +76,8 @@ class RoutingOptions:
                 f"routing={self.routing!r} needs one visual vector per sample; pooling='none' keeps all visual "
                 "tokens. Use pooling='pooler', 'cls' or 'mean' (or routing='matmul')."
             )
+        if not self.visual_projection_grad and self.routing is None:
+            raise ValueError("visual_projection_grad=False applies to a routed tuner only (routing is None)")
         if self.matmul_reshape_quirk and self.routing != "matmul":
             raise ValueError(f"matmul_reshape_quirk=True applies to routing='matmul' only, got routing={self.routing!r}")
         if self.visual_feature_output is not None and self.visual_feature_output not in FEATURE_OUTPUTS:
