@@ -129,8 +129,11 @@ def test_committed_table_covers_the_default_demo_and_records_each_selection():
         assert entry["learning_rate"] == max(finite, key=lambda pair: pair[1])[0]  # best on eval, first on ties
         assert entry["at_grid_edge"] == (entry["learning_rate"] in (min(grid), max(grid)))
         assert re.fullmatch(r"[0-9a-f]{40}", entry["git"]["commit"]) and entry["git"]["dirty"] is False
-        assert entry["command"].startswith("vlpeft demo --select-learning-rates")
-        assert entry["size"] == "default" and entry["selection_seeds"] == [0]
+        # selected by a full run (``vlpeft demo --full``) or a selection-only one; the size follows the command
+        assert entry["command"].startswith(("vlpeft demo --full", "vlpeft demo --select-learning-rates"))
+        full = entry["command"].startswith("vlpeft demo --full") or " --size full" in entry["command"]
+        assert entry["size"] == ("full" if full else "default") and entry["selection_seeds"] == [0]
+        assert "/tmp/" not in entry["command"] and "/work/" not in entry["command"]  # no machine paths
 
 
 def test_cli_refuses_update_table_without_a_table_or_a_selection(capsys):
