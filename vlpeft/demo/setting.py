@@ -94,7 +94,9 @@ class DemoSetting(ABC):
     def method_settings(self, spec: MethodSpec, task: str, context: PlanContext) -> dict[str, Any]:
         """The method's config on ``task`` with every default of the library resolved, as JSON values (the PEFT
         config's ``to_dict()``; the checked options of full fine-tuning). It enters the fingerprints, so that a
-        changed library default (say the p-adapter's mu0) makes earlier records of the same spec unusable."""
+        changed library default (say the p-adapter's mu0) makes earlier records of the same spec unusable. A new
+        config field does too, even one whose default changes nothing: the fingerprint errs on the side of
+        training again."""
         config = self.selection_config(spec, task, context, context.work_dir / "unused")
         resolved = resolve_method_options(config.method.type, dict(config.method.options), config.task.type,
                                           resolve_family(config))
