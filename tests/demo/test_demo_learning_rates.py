@@ -133,7 +133,7 @@ def test_committed_table_covers_the_default_demo_and_records_each_selection():
         assert entry["command"].startswith(("vlpeft demo --full", "vlpeft demo --select-learning-rates"))
         full = entry["command"].startswith("vlpeft demo --full") or " --size full" in entry["command"]
         assert entry["size"] == ("full" if full else "default") and entry["selection_seeds"] == [0]
-        assert "/tmp/" not in entry["command"] and "/work/" not in entry["command"]  # no machine paths
+        assert not any(word.startswith("/") for word in entry["command"].split())  # no absolute paths
 
 
 def test_cli_refuses_update_table_without_a_table_or_a_selection(capsys):

@@ -193,6 +193,23 @@ def test_config_digest_ignores_what_the_sweep_varies(tmp_path):
     assert sweep_module.config_digest(base) != sweep_module.config_digest(other)
 
 
+def test_config_digest_follows_the_library_defaults(tmp_path, monkeypatch):
+    """A run folder trained under another default of the method (here the p-adapter paper variant's mu0) is not
+    the same config, although the yaml is."""
+    import vlpeft.tuners.p_adapter.config as p_adapter_config
+
+    data = write_caption_data(tmp_path / "data", 2, 2)
+    config = _config(data, tmp_path / "run")
+    config["method"] = {"type": "p_adapter", "variant": "paper"}
+    path = write_config(tmp_path / "c.yaml", config)
+    original = p_adapter_config.PAPER_MU0
+    before = sweep_module.config_digest(sweep_module.load_sweep_config(path)[0])
+    monkeypatch.setattr(p_adapter_config, "PAPER_MU0", original * 5)
+    assert sweep_module.config_digest(sweep_module.load_sweep_config(path)[0]) != before
+    monkeypatch.setattr(p_adapter_config, "PAPER_MU0", original)
+    assert sweep_module.config_digest(sweep_module.load_sweep_config(path)[0]) == before
+
+
 def test_grid_parsers():
     assert sweep_module.parse_learning_rates("1e-4, 2e-4,5e-4") == (1e-4, 2e-4, 5e-4)
     assert sweep_module.parse_learning_rates([1e-3, "2e-3"]) == (1e-3, 2e-3)

@@ -57,44 +57,40 @@ def _routed_lora(flag: bool, routing: str):
     return get_peft_model(Toy(), config)
 
 
-@pytest.mark.parametrize("routing", ROUTING_KINDS)
-@pytest.mark.parametrize("flag", [True, False])
-def test_adapter_down_projection_gradient(routing, flag):
-    model = _adapter(flag, routing)
-    x, image = _inputs()
-    layer = model.base_model.model.proj
+def _adapter_reference(layer: nn.Module, x: torch.Tensor, feats: torch.Tensor, routing: str, flag: bool):
+    """routing.md §4 written out: (output, [W_d, b_d] as fresh leaves, the tuner's [W_d, b_d])."""
     down, up = layer.bottleneck_adapter_down["default"], layer.bottleneck_adapter_up["default"]
-    model(x, image).square().sum().backward()
-    got = (down.weight.grad.clone(), down.bias.grad.clone(), image.grad.clone())
-
     w, b = down.weight.detach().clone().requires_grad_(), down.bias.detach().clone().requires_grad_()
-    feats = image.detach().clone().requires_grad_()
+    visual = feats.mean(1, keepdim=True) @ (w if flag else w.detach()).T + (b if flag else b.detach())
     y = layer.base_layer(x).detach()
-    pooled = feats.mean(1, keepdim=True)
-    visual = pooled @ (w if flag else w.detach()).T + (b if flag else b.detach())
-    expected = y + up(ACT2FN["gelu"](route(y @ w.T + b, visual, routing)))
-    expected.square().sum().backward()
-    for actual, reference in zip(got, (w.grad, b.grad, feats.grad), strict=True):
-        torch.testing.assert_close(actual, reference)
+    return y + up(ACT2FN["gelu"](route(y @ w.T + b, visual, routing))), [w, b], [down.weight, down.bias]
+
+
+def _routed_lora_reference(layer: nn.Module, x: torch.Tensor, feats: torch.Tensor, routing: str, flag: bool):
+    """routing.md §3 written out (s = alpha / r = 2): (output, [A, B] as fresh leaves, the tuner's [A, B])."""
+    lora_a, lora_b = layer.routed_lora_A["default"], layer.routed_lora_B["default"]
+    a, b_up = lora_a.weight.detach().clone().requires_grad_(), lora_b.weight.detach().clone().requires_grad_()
+    visual = feats.mean(1, keepdim=True) @ (a if flag else a.detach()).T
+    output = layer.base_layer(x).detach() + route(x @ a.T, visual, routing) @ b_up.T * (6 / 3)
+    return output, [a, b_up], [lora_a.weight, lora_b.weight]
 
 
 @pytest.mark.parametrize("routing", ROUTING_KINDS)
 @pytest.mark.parametrize("flag", [True, False])
-def test_routed_lora_a_gradient(routing, flag):
-    model = _routed_lora(flag, routing)
+@pytest.mark.parametrize(("build", "reference"), [(_adapter, _adapter_reference),
+                                                  (_routed_lora, _routed_lora_reference)], ids=["adapter", "lora"])
+def test_gradients_match_the_formula(build, reference, routing, flag):
+    """The shared down-projection's gradient (and the up-projection's and x_R's) equals the formula's, where
+    ``flag=False`` detaches the down-projection in the visual term only."""
+    model = build(flag, routing)
     x, image = _inputs()
     layer = model.base_model.model.proj
-    lora_a, lora_b = layer.routed_lora_A["default"], layer.routed_lora_B["default"]
-    model(x, image).square().sum().backward()
-    got = (lora_a.weight.grad.clone(), lora_b.weight.grad.clone(), image.grad.clone())
-
-    a, b_up = lora_a.weight.detach().clone().requires_grad_(), lora_b.weight.detach().clone().requires_grad_()
     feats = image.detach().clone().requires_grad_()
-    visual = feats.mean(1, keepdim=True) @ (a if flag else a.detach()).T
-    expected = layer.base_layer(x).detach() + route(x @ a.T, visual, routing) @ b_up.T * (6 / 3)
+    expected, leaves, params = reference(layer, x, feats, routing, flag)
+    model(x, image).square().sum().backward()
     expected.square().sum().backward()
-    for actual, reference in zip(got, (a.grad, b_up.grad, feats.grad), strict=True):
-        torch.testing.assert_close(actual, reference)
+    for actual, wanted in zip([*params, image], [*leaves, feats], strict=True):
+        torch.testing.assert_close(actual.grad, wanted.grad)
 
 
 def test_the_flag_changes_the_gradient_not_the_output():

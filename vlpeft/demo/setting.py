@@ -24,8 +24,7 @@ from vlpeft.data.synth import FORMAT_VERSION as BENCHMARK_FORMAT
 from vlpeft.demo.runlog import PlanItem, fingerprint
 from vlpeft.demo.specs import DemoSize, MethodSpec
 from vlpeft.training import TrainConfig
-from vlpeft.training.methods import resolve_method_options
-from vlpeft.training.models import resolve_family
+from vlpeft.training.validation import resolved_method_settings
 
 __all__ = ["DemoSetting", "PlanContext", "fine_tuning_items"]
 
@@ -92,15 +91,9 @@ class DemoSetting(ABC):
         (:mod:`vlpeft.demo.selection`; the sweep sets the learning rate, seed and output folder of each run)."""
 
     def method_settings(self, spec: MethodSpec, task: str, context: PlanContext) -> dict[str, Any]:
-        """The method's config on ``task`` with every default of the library resolved, as JSON values (the PEFT
-        config's ``to_dict()``; the checked options of full fine-tuning). It enters the fingerprints, so that a
-        changed library default (say the p-adapter's mu0) makes earlier records of the same spec unusable. A new
-        config field does too, even one whose default changes nothing: the fingerprint errs on the side of
-        training again."""
-        config = self.selection_config(spec, task, context, context.work_dir / "unused")
-        resolved = resolve_method_options(config.method.type, dict(config.method.options), config.task.type,
-                                          resolve_family(config))
-        return _json_values(resolved.to_dict() if hasattr(resolved, "to_dict") else resolved)
+        """The method's config on ``task`` with every library default resolved
+        (:func:`~vlpeft.training.validation.resolved_method_settings`); it enters the fingerprints."""
+        return resolved_method_settings(self.selection_config(spec, task, context, context.work_dir / "unused"))
 
     @abstractmethod
     def build_plan(self, specs: Sequence[MethodSpec], tasks: Sequence[str], seeds: Sequence[int],
@@ -142,17 +135,3 @@ def fine_tuning_items(specs: Sequence[MethodSpec], tasks: Sequence[str], seeds: 
                 plan.append(PlanItem(fingerprint(settings), f"{title_prefix}{spec.label} on {task} (seed {seed})",
                                      run, run_args(spec, task, seed)))
     return plan
-
-
-def _json_values(value: Any) -> Any:
-    """``value`` with sets as sorted lists and every other non-JSON leaf as its ``str`` (a stable digest input:
-    the order of a set of strings changes between processes)."""
-    if isinstance(value, dict):
-        return {str(k): _json_values(v) for k, v in value.items()}
-    if isinstance(value, (set, frozenset)):
-        return sorted(_json_values(v) for v in value)
-    if isinstance(value, (list, tuple)):
-        return [_json_values(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)

@@ -10,6 +10,7 @@ from pathlib import Path
 from vlpeft.report.paper_deltas import claims_report
 from vlpeft.report.plots import plot_runs
 from vlpeft.report.run_folders import RunFolderError, markdown_table, read_run
+from vlpeft.training.checkpoints import atomic_write_text
 
 __all__ = ["add_parser"]
 
@@ -18,10 +19,10 @@ def _run_report(args: argparse.Namespace) -> int:
     if (args.papers is None) == (not args.runs):
         raise RunFolderError("give run folders or --papers RESULTS_JSON (one of the two)")
     if args.papers is not None:
-        report = claims_report(args.papers)
+        markdown = claims_report(args.papers)
         if args.output:
-            Path(args.output).write_text(report["markdown"], encoding="utf-8")
-        print(report["markdown"], end="")
+            atomic_write_text(Path(args.output), markdown)
+        print(markdown, end="")
         return 0
     rows = [read_run(folder) for folder in args.runs]
     table = markdown_table(rows)

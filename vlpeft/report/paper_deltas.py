@@ -21,7 +21,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from vlpeft.metrics.intervals import compare
 from vlpeft.training.config import ConfigError
@@ -167,15 +166,15 @@ def claims_markdown(checks: Sequence[ClaimCheck]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def claims_report(results_json: str | Path) -> dict[str, Any]:
-    """``{"markdown": ..., "checks": [...]}`` for a demo's ``results.json``."""
+def claims_report(results_json: str | Path) -> str:
+    """The markdown of :func:`claims_markdown` for a demo's ``results.json``.
+
+    Raises:
+        ResultsFileError: the file is not a demo results file, or none of the claims can be checked with it.
+    """
     checks = check_claims(load_demo_scores(results_json))
     if not checks:
-        raise ResultsFileError(f"{results_json}: none of the papers' comparisons can be made: the file needs per-seed "
-                         "results of at least one method and its baseline on the same task (e.g. p-adapter and "
-                         "Adapter)")
-    return {"markdown": claims_markdown(checks),
-            "checks": [{"source": c.claim.source, "task": c.claim.task, "method": c.claim.method,
-                        "baseline": c.claim.baseline, "paper_delta": c.claim.delta, "paper_sign": c.claim.sign,
-                        "diff": c.diff, "ci95": c.ci95, "resolved": c.resolved, "verdict": c.verdict}
-                       for c in checks]}
+        raise ResultsFileError(f"{results_json}: none of the papers' comparisons can be made: the file needs "
+                               "per-seed results of at least one method and its baseline on the same task (e.g. "
+                               "p-adapter and Adapter)")
+    return claims_markdown(checks)

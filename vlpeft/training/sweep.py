@@ -194,8 +194,13 @@ def _resolved_task_paths(task: dict[str, Any], config: TrainConfig) -> dict[str,
 def config_digest(config: TrainConfig) -> str:
     """SHA-256 (16 hex digits) of the resolved config without what a sweep varies or what does not change a
     result: ``optim.learning_rate``, ``run.seed``, ``run.output_dir``, ``run.resume``, ``run.progress_bar``. Data
-    paths are made absolute first."""
+    paths are made absolute first; the method's options enter with the library's defaults resolved
+    (:func:`~vlpeft.training.validation.resolved_method_settings`), so a run folder trained under another default
+    is refused rather than reused."""
+    from vlpeft.training.validation import resolved_method_settings
+
     data = config_to_dict(config)
+    data["method_resolved"] = resolved_method_settings(config)
     data["task"] = _resolved_task_paths(data["task"], config)
     data["optim"] = {k: v for k, v in data["optim"].items() if k != "learning_rate"}
     data["run"] = {k: v for k, v in data["run"].items() if k not in ("seed", "output_dir", "resume", "progress_bar")}

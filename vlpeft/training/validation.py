@@ -24,7 +24,7 @@ from vlpeft.training.task_binding import (
     default_framing,
 )
 
-__all__ = ["ValidatedPlan", "check_output_dir", "validate_config"]
+__all__ = ["ValidatedPlan", "check_output_dir", "resolved_method_settings", "validate_config"]
 
 
 @dataclass
@@ -199,3 +199,32 @@ def validate_config(config: TrainConfig, *, for_training: bool = True) -> Valida
     # --- method (also checks method/model compatibility)
     method_config = resolve_method_options(config.method.type, config.method.options, task.type, family)
     return ValidatedPlan(family=family, method_config=method_config, metric=metric)
+
+
+def resolved_method_settings(config: TrainConfig) -> dict[str, Any]:
+    """``config.method`` with every default of the library resolved, as plain JSON values: the PEFT config's
+    ``to_dict()`` (the checked options for full fine-tuning). Digests of a run's settings include it (the sweep's
+    ``config_digest``, the demo's fingerprints), so that a changed library default, say the p-adapter paper
+    variant's mu0, is never mistaken for the same run. A new config field changes it too: digests err on the side
+    of training again. Needs no data and no model, only the model family.
+
+    Raises:
+        ConfigError: as :func:`~vlpeft.training.methods.resolve_method_options`.
+    """
+    resolved = resolve_method_options(config.method.type, dict(config.method.options), config.task.type,
+                                      resolve_family(config))
+    return _json_values(resolved.to_dict() if hasattr(resolved, "to_dict") else resolved)
+
+
+def _json_values(value: Any) -> Any:
+    """``value`` with sets as sorted lists and every other non-JSON leaf as its ``str`` (a stable digest input:
+    the order of a set of strings changes between processes)."""
+    if isinstance(value, dict):
+        return {str(k): _json_values(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_json_values(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_json_values(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
